@@ -1,0 +1,1 @@
+//! hybrid-worker: the execution tier under Power Platform.
