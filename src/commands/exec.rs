@@ -1,0 +1,108 @@
+//! `hybrid-worker exec WORKER --input FILE`: one job through the same executor and runner the
+//! daemon uses, without a broker. The worker author's inner loop.
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use serde_json::Value;
+use tracing::Instrument;
+
+use super::{UsageError, install_runtime, ready_python, scan, workers_dir};
+use crate::cli::ExecArgs;
+use crate::config::Settings;
+use crate::engine::executor::{Executor, ProcessExecutor, ReadyWorker};
+use crate::job::{Envelope, ErrorKind, Job, JobError, JobResult, MessageProperties};
+use crate::runner::{RunOutcome, Runner};
+use crate::worker::python::Interpreter;
+
+pub async fn run(settings: &Settings, args: &ExecArgs) -> anyhow::Result<ExitCode> {
+    let input = read_input(args.input.as_deref())?;
+    if let Some(t) = args.timeout.filter(|t| !(t.is_finite() && *t > 0.0)) {
+        return Err(UsageError(format!(
+            "--timeout {t} must be a positive number of seconds"
+        ))
+        .into());
+    }
+    let dir = workers_dir(settings, &args.dir.workers_dir);
+    let catalog = scan(&dir)?;
+    let worker = catalog.get(&args.worker)?.clone();
+    let interpreter = Interpreter::resolve(&settings.workers.python)?;
+    let python = ready_python(&worker, &interpreter, settings, &dir)?;
+    let runner = Runner::new(install_runtime(settings)?, settings.engine.temp_dir());
+    let executor = ProcessExecutor::new(
+        vec![ReadyWorker {
+            worker: worker.clone(),
+            python,
+        }],
+        &catalog,
+        runner,
+    );
+    let envelope = Envelope::from_properties(&MessageProperties {
+        message_id: Some(format!("exec-{}", uuid::Uuid::new_v4())),
+        ..Default::default()
+    });
+    let job = Job {
+        envelope,
+        worker: worker.name.clone(),
+        input,
+        timeout_s: args.timeout,
+    };
+    let stop = crate::shutdown::on_signals()?;
+    let span = tracing::info_span!("job", job_id = %job.envelope.job_id, worker = %job.worker, attempt = 1);
+    let report = executor.execute(&job, stop).instrument(span).await;
+    for (name, captured) in [("stdout", &report.stdout), ("stderr", &report.stderr)] {
+        if captured.total > 0 {
+            eprintln!("--- handler {name} ---\n{}", captured.text().trim_end());
+        }
+    }
+    let millis = u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX);
+    let result = match report.outcome {
+        RunOutcome::Succeeded(output) => {
+            JobResult::succeeded(&job.envelope, &job.worker, output, millis, report.resources)
+        }
+        RunOutcome::Failed(error) => JobResult::failed(
+            &job.envelope,
+            Some(&job.worker),
+            &error,
+            millis,
+            report.resources,
+        ),
+        RunOutcome::Stopped => JobResult::failed(
+            &job.envelope,
+            Some(&job.worker),
+            &JobError::new(ErrorKind::Crashed, "stopped by a signal before it finished"),
+            millis,
+            report.resources,
+        ),
+    };
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(match result.error {
+        None => ExitCode::SUCCESS,
+        Some(_) => ExitCode::from(super::EXIT_FAILED),
+    })
+}
+
+/// The input document: a file, standard input (`-`), or `null` when none is given.
+fn read_input(source: Option<&str>) -> anyhow::Result<Value> {
+    let (name, text) = match source {
+        None => return Ok(Value::Null),
+        Some("-") => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| UsageError(format!("cannot read the input from stdin: {e}")))?;
+            ("stdin".to_owned(), text)
+        }
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| UsageError(format!("cannot read --input {path}: {e}")))?;
+            (path.to_owned(), text)
+        }
+    };
+    serde_json::from_str(&text).map_err(|e| {
+        UsageError(format!(
+            "--input {name} is not JSON: {e} (the file holds the job's `input` value)"
+        ))
+        .into()
+    })
+}

@@ -1,0 +1,103 @@
+//! What each command does. A command returns its exit code; an error is mapped to exit code 2
+//! when it is the user's to fix (usage, configuration, a missing venv), else 1.
+
+pub mod config_show;
+pub mod exec;
+pub mod workers;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::config::Settings;
+use crate::runtime::Runtime;
+use crate::worker::python::Interpreter;
+use crate::worker::venv::{VenvPlan, VenvState};
+use crate::worker::{Catalog, Worker};
+
+/// An error the user fixes by changing what they typed or configured (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Exit codes of `design.md`.
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+
+/// The exit code for an error that ended a command.
+pub fn exit_code_for(error: &anyhow::Error) -> ExitCode {
+    let usage = error.chain().any(|cause| {
+        cause.is::<UsageError>()
+            || cause.is::<crate::config::ConfigError>()
+            || cause.is::<crate::worker::WorkerError>()
+            || cause.is::<crate::worker::python::PythonError>()
+            || cause.is::<crate::worker::VenvError>()
+    });
+    ExitCode::from(if usage { EXIT_USAGE } else { EXIT_FAILED })
+}
+
+/// The workers folder: `--workers-dir`, else the configured one.
+pub fn workers_dir(settings: &Settings, flag: &Option<PathBuf>) -> PathBuf {
+    flag.clone().unwrap_or_else(|| settings.workers.dir.clone())
+}
+
+/// The command that (re)builds a worker's venv, quoted in every refusal.
+pub fn build_command(worker: &str, dir: &std::path::Path) -> String {
+    if dir == std::path::Path::new("workers") {
+        format!("hybrid-worker workers build {worker}")
+    } else {
+        format!(
+            "hybrid-worker workers build {worker} --workers-dir {}",
+            dir.display()
+        )
+    }
+}
+
+/// A worker whose venv is ready, or the reason it is not, naming the fixing command.
+pub fn ready_python(
+    worker: &Worker,
+    python: &Interpreter,
+    settings: &Settings,
+    dir: &std::path::Path,
+) -> anyhow::Result<PathBuf> {
+    let plan = VenvPlan::new(worker, python, &settings.workers.venv_root())?;
+    match plan.state() {
+        VenvState::Ready { python, .. } => Ok(python),
+        VenvState::Missing { expected, stale } => {
+            let what = match stale {
+                Some(old) => format!(
+                    "its venv {} does not match requirements.txt and Python {} (a stale one is at {})",
+                    expected.display(),
+                    python.version,
+                    old.display()
+                ),
+                None => format!("its venv {} has not been built", expected.display()),
+            };
+            Err(UsageError(format!(
+                "worker {:?} cannot run: {what}; run `{}`",
+                worker.name,
+                build_command(&worker.name, dir)
+            ))
+            .into())
+        }
+    }
+}
+
+/// The runtime installed under the configured temp folder.
+pub fn install_runtime(settings: &Settings) -> anyhow::Result<Runtime> {
+    let base = settings.engine.temp_dir();
+    Runtime::install(&base).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot write the Python runtime under {}: {e} (set HYBRID__ENGINE__TEMP_DIR to a writable folder)",
+            base.display()
+        )
+    })
+}
+
+/// Scans the workers folder, refusing broken workers loudly.
+pub fn scan(dir: &std::path::Path) -> anyhow::Result<Catalog> {
+    let catalog = Catalog::scan(dir)?;
+    for broken in &catalog.broken {
+        tracing::warn!(error = %broken, "A worker cannot be loaded.");
+    }
+    Ok(catalog)
+}

@@ -1,0 +1,175 @@
+//! `hybrid-worker workers list|build|verify`: the workers and their pinned venvs.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use super::{EXIT_FAILED, UsageError, build_command, scan, workers_dir};
+use crate::cli::WorkersCommand;
+use crate::config::Settings;
+use crate::worker::python::Interpreter;
+use crate::worker::venv::{VenvPlan, VenvState};
+use crate::worker::{Catalog, Worker};
+
+pub fn run(settings: &Settings, command: &WorkersCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        WorkersCommand::List { dir } => list(settings, &workers_dir(settings, &dir.workers_dir)),
+        WorkersCommand::Build { name, force, dir } => build(
+            settings,
+            &workers_dir(settings, &dir.workers_dir),
+            name.as_deref(),
+            *force,
+        ),
+        WorkersCommand::Verify { dir } => {
+            verify(settings, &workers_dir(settings, &dir.workers_dir))
+        }
+    }
+}
+
+fn plan(settings: &Settings, worker: &Worker, python: &Interpreter) -> anyhow::Result<VenvPlan> {
+    Ok(VenvPlan::new(
+        worker,
+        python,
+        &settings.workers.venv_root(),
+    )?)
+}
+
+fn state_word(plan: &Result<VenvPlan, anyhow::Error>) -> String {
+    match plan {
+        Ok(p) => match p.state() {
+            VenvState::Ready { .. } => "ready".into(),
+            VenvState::Missing { stale: Some(_), .. } => "stale".into(),
+            VenvState::Missing { stale: None, .. } => "missing".into(),
+        },
+        Err(_) => "invalid".into(),
+    }
+}
+
+fn list(settings: &Settings, dir: &Path) -> anyhow::Result<ExitCode> {
+    let catalog = scan(dir)?;
+    let python = Interpreter::resolve(&settings.workers.python)?;
+    println!(
+        "{:<20} {:<28} {:<8} {:>8} {:>8} {:>8} {:<7} DESCRIPTION",
+        "NAME", "ENTRYPOINT", "VENV", "TIMEOUT", "MEMORY", "ATTEMPTS", "NETWORK"
+    );
+    for worker in catalog.workers.values() {
+        let limits = worker.limits();
+        println!(
+            "{:<20} {:<28} {:<8} {:>7}s {:>6}MB {:>8} {:<7} {}",
+            worker.name,
+            worker.spec.entrypoint,
+            state_word(&plan(settings, worker, &python)),
+            limits.timeout_s,
+            limits.memory_mb,
+            limits.max_attempts,
+            format!("{:?}", limits.network).to_lowercase(),
+            worker.spec.description
+        );
+    }
+    for broken in &catalog.broken {
+        println!("BROKEN {broken}");
+    }
+    println!(
+        "\nvenv root: {}  python: {} ({})",
+        settings.workers.venv_root().display(),
+        python.path.display(),
+        python.version
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn selected<'a>(catalog: &'a Catalog, name: Option<&str>) -> anyhow::Result<Vec<&'a Worker>> {
+    Ok(match name {
+        Some(name) => vec![catalog.get(name)?],
+        None => catalog.workers.values().collect(),
+    })
+}
+
+fn build(
+    settings: &Settings,
+    dir: &Path,
+    name: Option<&str>,
+    force: bool,
+) -> anyhow::Result<ExitCode> {
+    let catalog = scan(dir)?;
+    if catalog.workers.is_empty() {
+        return Err(UsageError(format!("no workers in {}", dir.display())).into());
+    }
+    let python = Interpreter::resolve(&settings.workers.python)?;
+    let mut failed = 0;
+    for worker in selected(&catalog, name)? {
+        let plan = plan(settings, worker, &python)?;
+        if plan.state().is_ready() && !force {
+            println!("{}: up to date at {}", worker.name, plan.dir.display());
+            continue;
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_prefix(worker.name.clone());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {prefix}: {wide_msg} [{elapsed}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        let started = std::time::Instant::now();
+        let result = plan.build(&python, &|step| {
+            bar.set_message(step.to_owned());
+            if bar.is_hidden() {
+                println!("{}: {step}", worker.name);
+            }
+        });
+        bar.finish_and_clear();
+        match result {
+            Ok(()) => println!(
+                "{}: built {} in {:.1}s",
+                worker.name,
+                plan.dir.display(),
+                started.elapsed().as_secs_f64()
+            ),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{}: {e}", worker.name);
+            }
+        }
+    }
+    Ok(if failed == 0 && catalog.broken.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    })
+}
+
+fn verify(settings: &Settings, dir: &Path) -> anyhow::Result<ExitCode> {
+    let catalog = scan(dir)?;
+    let python = Interpreter::resolve(&settings.workers.python)?;
+    let mut bad = 0;
+    for worker in catalog.workers.values() {
+        match plan(settings, worker, &python).map(|p| p.state()) {
+            Ok(VenvState::Ready { dir, .. }) => {
+                println!("ok      {:<20} {}", worker.name, dir.display())
+            }
+            Ok(VenvState::Missing { expected, stale }) => {
+                bad += 1;
+                let why = if stale.is_some() { "stale" } else { "missing" };
+                println!(
+                    "{why:<7} {:<20} {} — run `{}`",
+                    worker.name,
+                    expected.display(),
+                    build_command(&worker.name, dir)
+                );
+            }
+            Err(e) => {
+                bad += 1;
+                println!("invalid {:<20} {e}", worker.name);
+            }
+        }
+    }
+    for broken in &catalog.broken {
+        bad += 1;
+        println!("broken  {broken}");
+    }
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    })
+}

@@ -1,0 +1,68 @@
+//! Keeping a running job's lock: renew it before it runs out, until the job ends or the
+//! renewal ceiling is reached; if it is lost, stop the job (another delivery will run it).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::broker::{Broker, BrokerError};
+
+/// How a lock keeper ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockEnd {
+    /// The job ended first (the keeper was cancelled).
+    JobEnded,
+    /// The lock is gone: the job must be stopped and its message left alone.
+    Lost,
+    /// The ceiling was reached; the lock will run out on its own.
+    CeilingReached,
+}
+
+/// Renews `lock_token` until `done` is cancelled. Renews at half the remaining lock time, so a
+/// failed renewal still leaves time for another try; transient errors are retried every second
+/// while the lock lasts.
+pub async fn keep_lock(
+    broker: Arc<dyn Broker>,
+    lock_token: Uuid,
+    mut locked_until: Instant,
+    ceiling: Duration,
+    done: CancellationToken,
+) -> LockEnd {
+    let give_up = Instant::now() + ceiling;
+    loop {
+        let now = Instant::now();
+        if now >= give_up {
+            return LockEnd::CeilingReached;
+        }
+        let remaining = locked_until.saturating_duration_since(now);
+        let renew_at = (now + remaining / 2).min(give_up);
+        tokio::select! {
+            () = done.cancelled() => return LockEnd::JobEnded,
+            () = tokio::time::sleep_until(renew_at) => {}
+        }
+        if Instant::now() >= give_up {
+            return LockEnd::CeilingReached;
+        }
+        match broker.renew_lock(lock_token).await {
+            Ok(until) => {
+                tracing::debug!("Renewed the job's lock.");
+                locked_until = until;
+            }
+            Err(BrokerError::LockLost) => return LockEnd::Lost,
+            Err(e) if Instant::now() + Duration::from_secs(1) < locked_until => {
+                tracing::warn!(error = %e, "Renewing the job's lock failed; trying again.");
+                tokio::select! {
+                    () = done.cancelled() => return LockEnd::JobEnded,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Renewing the job's lock failed and the lock ran out.");
+                return LockEnd::Lost;
+            }
+        }
+    }
+}

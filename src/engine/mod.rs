@@ -1,0 +1,283 @@
+//! The engine: receive jobs with credit equal to free slots, run each with its lock kept, and
+//! settle each outcome in one place; on shutdown, stop receiving, drain, then stop what is left
+//! and abandon it.
+
+pub mod executor;
+pub mod lock;
+pub mod retry;
+pub mod settle;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::broker::{Broker, Delivery};
+use crate::job::{Envelope, Job};
+use crate::runner::RunOutcome;
+use executor::Executor;
+use lock::{LockEnd, keep_lock};
+use settle::{Outcome, Queues, Settled, settle};
+
+/// What the engine needs to know, taken from the configuration.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub concurrency: usize,
+    pub queues: Queues,
+    /// How long running jobs may go on after a stop signal.
+    pub drain_timeout: Duration,
+    pub max_lock_renewal: Duration,
+    pub max_body_bytes: usize,
+    pub receive_wait: Duration,
+}
+
+/// Counts of what the engine did, for its caller and tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EngineStats {
+    pub received: u64,
+}
+
+/// Runs jobs from a broker until `shutdown` is cancelled, then drains.
+pub struct Engine {
+    broker: Arc<dyn Broker>,
+    executor: Arc<dyn Executor>,
+    options: EngineOptions,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    pub fn new(
+        broker: Arc<dyn Broker>,
+        executor: Arc<dyn Executor>,
+        options: EngineOptions,
+    ) -> Self {
+        Self {
+            broker,
+            executor,
+            options,
+        }
+    }
+
+    /// The receive loop. Returns once `shutdown` was cancelled and every job ended: within the
+    /// drain timeout on its own, or stopped and abandoned after it.
+    pub async fn run(&self, shutdown: CancellationToken) -> EngineStats {
+        let slots = Arc::new(Semaphore::new(self.options.concurrency));
+        let tracker = TaskTracker::new();
+        // Cancelled when the drain timeout runs out: every running job is then stopped.
+        let hard_stop = CancellationToken::new();
+        let mut stats = EngineStats::default();
+        let mut failures = 0u32;
+        tracing::info!(concurrency = self.options.concurrency, queue = %self.options.queues.jobs, "The engine is receiving jobs.");
+        loop {
+            let first = tokio::select! {
+                () = shutdown.cancelled() => break,
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let mut permits = vec![first];
+            while let Ok(p) = slots.clone().try_acquire_owned() {
+                permits.push(p);
+            }
+            let received = tokio::select! {
+                () = shutdown.cancelled() => break,
+                r = self.broker.receive(permits.len(), self.options.receive_wait) => r,
+            };
+            match received {
+                Ok(deliveries) => {
+                    failures = 0;
+                    for delivery in deliveries {
+                        let Some(permit) = permits.pop() else {
+                            // A broker that ignores `max`: the message is released by its lock.
+                            tracing::error!(
+                                "The broker delivered more messages than were asked for."
+                            );
+                            break;
+                        };
+                        stats.received += 1;
+                        let job = JobTask {
+                            broker: self.broker.clone(),
+                            executor: self.executor.clone(),
+                            options: self.options.clone(),
+                            hard_stop: hard_stop.clone(),
+                        };
+                        tracker.spawn(job.handle(delivery, permit));
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    let pause = Duration::from_millis(200 * 2u64.pow(failures.min(6)));
+                    tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "Receiving jobs failed.");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+        tracker.close();
+        let running = tracker.len();
+        if running > 0 {
+            tracing::info!(
+                running,
+                drain_timeout_s = self.options.drain_timeout.as_secs(),
+                "Stopped receiving; waiting for running jobs to finish."
+            );
+        }
+        if tokio::time::timeout(self.options.drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = tracker.len(),
+                "The drain timeout ran out; stopping the remaining jobs and abandoning their messages."
+            );
+            hard_stop.cancel();
+            tracker.wait().await;
+        }
+        tracing::info!("The engine has stopped.");
+        stats
+    }
+}
+
+/// One received message on its way to a settled outcome.
+struct JobTask {
+    broker: Arc<dyn Broker>,
+    executor: Arc<dyn Executor>,
+    options: EngineOptions,
+    hard_stop: CancellationToken,
+}
+
+impl JobTask {
+    async fn handle(self, delivery: Delivery, _slot: OwnedSemaphorePermit) {
+        let envelope = Envelope::from_properties(&delivery.properties);
+        let span = tracing::info_span!(
+            "job",
+            job_id = %envelope.job_id,
+            correlation_id = envelope.correlation_id.as_deref().unwrap_or(""),
+            worker = tracing::field::Empty,
+            attempt = envelope.attempt,
+            flow_run_id = envelope.flow_run_id.as_deref().unwrap_or(""),
+            traceparent = envelope.traceparent.as_deref().unwrap_or(""),
+        );
+        async move {
+            let outcome = self.outcome(&delivery, &envelope).await;
+            let result = settle(
+                self.broker.as_ref(),
+                &self.options.queues,
+                &delivery,
+                &envelope,
+                outcome,
+            )
+            .await;
+            match result {
+                Ok(Settled::Replied) => tracing::info!("The job succeeded; reply sent and message completed."),
+                Ok(Settled::RetryScheduled { attempt, delay }) => tracing::info!(next_attempt = attempt, delay_ms = delay.as_millis() as u64, "The job failed and will be retried."),
+                Ok(Settled::DeadLettered { reason }) => tracing::warn!(reason = %reason, "The job failed; reply sent and message dead-lettered."),
+                Ok(Settled::Abandoned) => tracing::info!("The job was interrupted; its message was abandoned for redelivery."),
+                Ok(Settled::LeftToExpire) => tracing::warn!("The job's lock was lost; it was stopped and will be delivered again."),
+                Err(e) => tracing::warn!(error = %e, "Settling the job failed; the message will be delivered again."),
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// Parses, checks and runs the job, with its lock kept while it runs.
+    async fn outcome(&self, delivery: &Delivery, envelope: &Envelope) -> Outcome {
+        let job = match Job::parse(
+            envelope.clone(),
+            &delivery.body,
+            self.options.max_body_bytes,
+        ) {
+            Ok(job) => job,
+            Err(error) => {
+                return Outcome::Failed {
+                    worker: None,
+                    error,
+                    policy: None,
+                    duration: Duration::ZERO,
+                    resources: Default::default(),
+                };
+            }
+        };
+        tracing::Span::current().record("worker", job.worker.as_str());
+        let policy = match self.executor.policy(&job) {
+            Ok(policy) => policy,
+            Err(error) => {
+                return Outcome::Failed {
+                    worker: Some(job.worker),
+                    error,
+                    policy: None,
+                    duration: Duration::ZERO,
+                    resources: Default::default(),
+                };
+            }
+        };
+        tracing::info!("The job started.");
+        let stop = self.hard_stop.child_token();
+        let job_ended = CancellationToken::new();
+        let keeper = tokio::spawn(
+            keep_lock(
+                self.broker.clone(),
+                delivery.lock_token,
+                delivery.locked_until,
+                self.options.max_lock_renewal,
+                job_ended.clone(),
+            )
+            .in_current_span(),
+        );
+        let run = self.executor.execute(&job, stop.clone());
+        let mut run = Box::pin(run);
+        let mut keeper = keeper;
+        let mut keeper_done = false;
+        let mut lock_lost = false;
+        let execution = loop {
+            tokio::select! {
+                execution = &mut run => break execution,
+                end = &mut keeper, if !keeper_done => {
+                    // After the ceiling the job runs on; its settlement may find the lock gone.
+                    keeper_done = true;
+                    if matches!(end, Ok(LockEnd::Lost)) {
+                        lock_lost = true;
+                        stop.cancel();
+                    }
+                }
+            }
+        };
+        drop(run);
+        job_ended.cancel();
+        keeper.abort();
+        if lock_lost {
+            // Another delivery will run the job; nothing may be settled from this one.
+            return Outcome::LockLost;
+        }
+        match execution.outcome {
+            RunOutcome::Stopped => Outcome::Interrupted,
+            RunOutcome::Succeeded(output) => Outcome::Succeeded {
+                worker: job.worker,
+                output,
+                duration: execution.duration,
+                resources: execution.resources,
+            },
+            RunOutcome::Failed(error) => Outcome::Failed {
+                worker: Some(job.worker),
+                error,
+                policy: Some(policy),
+                duration: execution.duration,
+                resources: execution.resources,
+            },
+        }
+    }
+}

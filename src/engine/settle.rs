@@ -1,0 +1,259 @@
+//! The one place where a job's outcome becomes broker actions.
+//!
+//! | outcome                              | actions, in order                                  |
+//! |--------------------------------------|----------------------------------------------------|
+//! | succeeded                            | reply (succeeded) → complete                       |
+//! | retryable failure, attempts left     | scheduled copy (attempt + 1, backoff) → complete   |
+//! | retryable failure, no attempts left  | reply (MaxAttemptsExceeded) → dead-letter          |
+//! | permanent failure                    | reply (its kind) → dead-letter (its kind)          |
+//! | lock lost                            | nothing: the broker redelivers                     |
+//! | interrupted by shutdown              | abandon: redelivered at once                       |
+//!
+//! Every send comes before the settlement it protects, so a crash between the two leaves the
+//! message to be redelivered (a resent reply carries the same MessageId, which duplicate
+//! detection drops). If a send fails, the message is abandoned rather than settled.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::broker::{Broker, BrokerError, Delivery, OutgoingMessage};
+use crate::job::{
+    ATTEMPT_PROPERTY, Envelope, ErrorKind, JOB_ID_PROPERTY, JobError, JobResult, Resources,
+    one_line,
+};
+
+use super::executor::WorkerPolicy;
+use super::retry::delay_before;
+
+/// Longest `DeadLetterErrorDescription` written (Service Bus allows far more; a one-line
+/// summary is what an operator scans).
+pub const MAX_DESCRIPTION: usize = 256;
+
+/// How a job ended, as far as settlement is concerned.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Succeeded {
+        worker: String,
+        output: Value,
+        duration: Duration,
+        resources: Resources,
+    },
+    Failed {
+        /// `None` when the body did not name a worker.
+        worker: Option<String>,
+        error: JobError,
+        /// `None` when the job never reached a worker (its failure is permanent anyway).
+        policy: Option<WorkerPolicy>,
+        duration: Duration,
+        resources: Resources,
+    },
+    LockLost,
+    Interrupted,
+}
+
+/// What settlement did, for logs and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settled {
+    Replied,
+    RetryScheduled { attempt: u32, delay: Duration },
+    DeadLettered { reason: ErrorKind },
+    Abandoned,
+    LeftToExpire,
+}
+
+/// Where replies go when a job names no `ReplyTo`, and where retries are scheduled.
+#[derive(Debug, Clone)]
+pub struct Queues {
+    pub jobs: String,
+    pub results: String,
+}
+
+/// Maps an outcome to broker actions and performs them. Errors are returned after the
+/// message was abandoned (when a send failed) so that nothing is settled on a failed send.
+pub async fn settle(
+    broker: &dyn Broker,
+    queues: &Queues,
+    delivery: &Delivery,
+    envelope: &Envelope,
+    outcome: Outcome,
+) -> Result<Settled, BrokerError> {
+    let token = delivery.lock_token;
+    match outcome {
+        Outcome::LockLost => Ok(Settled::LeftToExpire),
+        Outcome::Interrupted => broker.abandon(token).await.map(|()| Settled::Abandoned),
+        Outcome::Succeeded {
+            worker,
+            output,
+            duration,
+            resources,
+        } => {
+            let result =
+                JobResult::succeeded(envelope, &worker, output, millis(duration), resources);
+            send_or_abandon(
+                broker,
+                token,
+                reply_queue(queues, envelope),
+                reply(envelope, &result),
+            )
+            .await?;
+            broker.complete(token).await?;
+            Ok(Settled::Replied)
+        }
+        Outcome::Failed {
+            worker,
+            error,
+            policy,
+            duration,
+            resources,
+        } => {
+            let retry_with = policy
+                .as_ref()
+                .filter(|p| error.retryable && envelope.attempt < p.max_attempts);
+            if let Some(policy) = retry_with {
+                let next = envelope.attempt + 1;
+                let delay = delay_before(&policy.retry, next);
+                let copy = retry_copy(delivery, envelope, next);
+                if let Err(e) = broker.schedule(&queues.jobs, copy, delay).await {
+                    abandon_after_failed_send(broker, token).await;
+                    return Err(e);
+                }
+                broker.complete(token).await?;
+                return Ok(Settled::RetryScheduled {
+                    attempt: next,
+                    delay,
+                });
+            }
+            let final_error = if error.retryable {
+                let attempts = policy.map_or(envelope.attempt, |p| p.max_attempts);
+                JobError::new(
+                    ErrorKind::MaxAttemptsExceeded,
+                    format!(
+                        "gave up after {attempts} attempt(s); the last failed with {}: {}",
+                        error.kind, error.message
+                    ),
+                )
+            } else {
+                error.clone()
+            };
+            let result = JobResult::failed(
+                envelope,
+                worker.as_deref(),
+                &final_error,
+                millis(duration),
+                resources,
+            );
+            send_or_abandon(
+                broker,
+                token,
+                reply_queue(queues, envelope),
+                reply(envelope, &result),
+            )
+            .await?;
+            let description = dead_letter_description(&final_error, &error, envelope.attempt);
+            broker
+                .dead_letter(token, final_error.kind.as_str(), &description)
+                .await?;
+            Ok(Settled::DeadLettered {
+                reason: final_error.kind,
+            })
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn reply_queue<'a>(queues: &'a Queues, envelope: &'a Envelope) -> &'a str {
+    envelope.reply.queue.as_deref().unwrap_or(&queues.results)
+}
+
+async fn send_or_abandon(
+    broker: &dyn Broker,
+    token: uuid::Uuid,
+    queue: &str,
+    message: OutgoingMessage,
+) -> Result<(), BrokerError> {
+    if let Err(e) = broker.send(queue, message).await {
+        tracing::warn!(queue, error = %e, "Sending the reply failed; the job will be delivered again.");
+        abandon_after_failed_send(broker, token).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+async fn abandon_after_failed_send(broker: &dyn Broker, token: uuid::Uuid) {
+    if let Err(e) = broker.abandon(token).await {
+        // The lock runs out on its own; the message is redelivered then.
+        tracing::warn!(error = %e, "Abandoning the job after a failed send failed too.");
+    }
+}
+
+/// The reply of `design.md`: CorrelationId = job id, SessionId = the flow's session (or the
+/// job id), MessageId derived from the job id, and the status in application properties.
+pub fn reply(envelope: &Envelope, result: &JobResult) -> OutgoingMessage {
+    let mut application = std::collections::BTreeMap::new();
+    application.insert("status".to_owned(), result.status.as_str().to_owned());
+    application.insert("job_id".to_owned(), result.job_id.clone());
+    if let Some(worker) = &result.worker {
+        application.insert("worker".to_owned(), worker.clone());
+    }
+    OutgoingMessage {
+        message_id: Some(result.reply_message_id()),
+        correlation_id: Some(envelope.job_id.clone()),
+        session_id: Some(envelope.reply.session_id.clone()),
+        content_type: Some("application/json".to_owned()),
+        application,
+        // A JobResult of plain JSON values always serialises.
+        body: serde_json::to_vec(result).unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+/// The scheduled copy of a job for its next attempt: same body and properties, the attempt
+/// number and original job id as application properties, and a MessageId of its own so that
+/// duplicate detection on the jobs queue does not drop it.
+fn retry_copy(delivery: &Delivery, envelope: &Envelope, next_attempt: u32) -> OutgoingMessage {
+    let props = &delivery.properties;
+    let mut application = props.application.clone();
+    application.insert(ATTEMPT_PROPERTY.to_owned(), next_attempt.to_string());
+    application.insert(JOB_ID_PROPERTY.to_owned(), envelope.job_id.clone());
+    OutgoingMessage {
+        message_id: Some(format!("{}:attempt-{next_attempt}", envelope.job_id)),
+        correlation_id: props.correlation_id.clone(),
+        session_id: None,
+        reply_to: props.reply_to.clone(),
+        reply_to_session_id: props.reply_to_session_id.clone(),
+        content_type: props.content_type.clone(),
+        application,
+        body: delivery.body.clone(),
+    }
+}
+
+/// A one-line description without payload contents: the daemon's own messages are safe to
+/// quote; a handler's exception text may hold input data, so only its kind is named.
+fn dead_letter_description(final_error: &JobError, cause: &JobError, attempt: u32) -> String {
+    let daemon_written =
+        |e: &JobError| !matches!(e.kind, ErrorKind::InvalidInput | ErrorKind::HandlerError);
+    let text = match final_error.kind {
+        ErrorKind::MaxAttemptsExceeded if daemon_written(cause) => {
+            format!(
+                "gave up after attempt {attempt}; last failure {}: {}",
+                cause.kind, cause.message
+            )
+        }
+        ErrorKind::MaxAttemptsExceeded => {
+            format!(
+                "gave up after attempt {attempt}; last failure {}",
+                cause.kind
+            )
+        }
+        ErrorKind::InvalidInput => format!("the handler rejected the input (attempt {attempt})"),
+        ErrorKind::HandlerError => {
+            format!("the handler raised a permanent error (attempt {attempt})")
+        }
+        _ => format!("{} (attempt {attempt})", final_error.message),
+    };
+    one_line(&text, MAX_DESCRIPTION)
+}

@@ -1,0 +1,60 @@
+"""The runtime a hybrid-worker handler imports as ``hybrid_worker``.
+
+It ships inside the daemon (never from PyPI), so a handler's behaviour cannot change because of
+an unpinned package. A handler is ``def run(input, ctx)`` returning JSON-serialisable output.
+
+Raise :class:`InvalidInput` (or another :class:`PermanentError`) when retrying cannot help: the
+job is answered and dead-lettered at once. Any other exception is retried with backoff up to the
+worker's ``max_attempts``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+__all__ = ["Context", "InvalidInput", "PermanentError"]
+
+
+class PermanentError(Exception):
+    """A failure that another attempt cannot fix: the job is dead-lettered at once."""
+
+
+class InvalidInput(PermanentError):
+    """The input does not fit what the handler accepts. Say which field and what was expected."""
+
+
+class Context:
+    """What a handler knows about the job it runs."""
+
+    __slots__ = ("job_id", "attempt", "deadline", "correlation_id", "worker", "logger")
+
+    def __init__(
+        self,
+        job_id: str,
+        attempt: int,
+        deadline: float,
+        correlation_id: Optional[str],
+        worker: str,
+        logger: logging.Logger,
+    ) -> None:
+        #: The job's id (the Service Bus MessageId of the job message).
+        self.job_id = job_id
+        #: 1 for the first run of the job, 2 for its first retry, and so on.
+        self.attempt = attempt
+        #: Unix time after which the job is stopped.
+        self.deadline = deadline
+        #: The flow's CorrelationId, if it set one.
+        self.correlation_id = correlation_id
+        #: The worker's name.
+        self.worker = worker
+        #: Lines logged here reach the daemon's structured log with the job's ids.
+        self.logger = logger
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (never negative)."""
+        return max(0.0, self.deadline - time.time())
+
+    def __repr__(self) -> str:
+        return f"Context(job_id={self.job_id!r}, attempt={self.attempt}, worker={self.worker!r})"

@@ -1,0 +1,427 @@
+//! Running one job: one OS process in its own group, a clean environment, a private temp
+//! folder, a deadline, capped output, and an explicit reason whenever the runner kills it.
+//!
+//! The runner knows nothing of brokers. It takes a worker, its venv interpreter and the job's
+//! input, and returns a [`RunReport`]: the outcome (output, a classified failure, or "stopped"
+//! when the caller asked it to stop), what the process cost, and its captured output.
+
+pub mod child;
+pub mod output;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::sys::resource::Resource;
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::job::{ErrorKind, JobError, Resources};
+use crate::runtime::{Runtime, STUB};
+use crate::worker::Worker;
+use child::{ChildSpec, ExitInfo};
+use output::{Captured, ChannelEnd, LogRecord, Report};
+
+/// How long a job has between SIGTERM and SIGKILL when the runner stops it.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+/// How long to wait for output pipes after the process group is dead (a stray that escaped
+/// the group could hold them open).
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
+/// Environment variables a job sees besides the worker's own `env` and the job's ids.
+const BASE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Why the runner ended a job itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillReason {
+    /// The deadline passed.
+    Timeout,
+    /// The result exceeded the worker's limit; reading stopped and the job was ended.
+    ResultTooLarge,
+    /// The caller asked (lock lost, shutdown): the job has no outcome of its own.
+    Stopped,
+}
+
+/// One job, as the runner needs it.
+#[derive(Debug, Clone)]
+pub struct RunRequest<'a> {
+    pub worker: &'a Worker,
+    /// The worker venv's `bin/python`, checked by the caller.
+    pub python: PathBuf,
+    pub job_id: &'a str,
+    pub attempt: u32,
+    pub correlation_id: Option<&'a str>,
+    pub input: &'a Value,
+    /// Already capped by the worker's limit.
+    pub timeout: Duration,
+    /// Extra variables for the job, such as `TRACEPARENT`.
+    pub extra_env: Vec<(String, String)>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunOutcome {
+    Succeeded(Value),
+    Failed(JobError),
+    /// Stopped at the caller's request; the job must not be settled as a result.
+    Stopped,
+}
+
+/// Everything the runner learned about one run.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub outcome: RunOutcome,
+    pub duration: Duration,
+    pub resources: Resources,
+    pub stdout: Captured,
+    pub stderr: Captured,
+    pub killed: Option<KillReason>,
+    pub exit: Option<ExitInfo>,
+    /// Log records over the worker's output budget, counted rather than forwarded.
+    pub dropped_logs: u64,
+}
+
+impl RunReport {
+    /// The report of a job that never got a process.
+    pub fn failed_to_start(error: JobError) -> Self {
+        Self {
+            outcome: RunOutcome::Failed(error),
+            duration: Duration::ZERO,
+            resources: Resources::default(),
+            stdout: Captured::default(),
+            stderr: Captured::default(),
+            killed: None,
+            exit: None,
+            dropped_logs: 0,
+        }
+    }
+}
+
+/// Starts job processes from one installed runtime, under one temp folder.
+#[derive(Debug, Clone)]
+pub struct Runner {
+    runtime: Runtime,
+    temp_base: PathBuf,
+}
+
+impl Runner {
+    pub fn new(runtime: Runtime, temp_base: PathBuf) -> Self {
+        Self { runtime, temp_base }
+    }
+
+    /// Runs one job to its end. `stop` ends it early with [`RunOutcome::Stopped`]; `on_log`
+    /// receives the handler's log records as they come.
+    pub async fn run(
+        &self,
+        request: RunRequest<'_>,
+        stop: CancellationToken,
+        on_log: &(dyn Fn(LogRecord) + Send + Sync),
+    ) -> RunReport {
+        let started = tokio::time::Instant::now();
+        let failed = |kind, message: String| RunReport {
+            duration: started.elapsed(),
+            ..RunReport::failed_to_start(JobError::new(kind, message))
+        };
+        let workdir = match tempfile::Builder::new()
+            .prefix("hybrid-job-")
+            .tempdir_in(&self.temp_base)
+        {
+            Ok(dir) => dir,
+            Err(e) => {
+                return failed(
+                    ErrorKind::Crashed,
+                    format!(
+                        "cannot create the job's temp folder under {}: {e}",
+                        self.temp_base.display()
+                    ),
+                );
+            }
+        };
+        let spec = self.child_spec(&request, workdir.path());
+        let (handle, pipes) = match child::spawn(&spec) {
+            Ok(started) => started,
+            Err(e) => {
+                return failed(
+                    ErrorKind::Crashed,
+                    format!("cannot start {}: {e}", spec.program.display()),
+                );
+            }
+        };
+        let limits = request.worker.limits();
+        let deadline = SystemTime::now() + request.timeout;
+        let job_doc = json!({
+            "job_id": request.job_id,
+            "attempt": request.attempt,
+            "deadline": deadline.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
+            "correlation_id": request.correlation_id,
+            "worker": request.worker.name,
+            "input": request.input,
+        });
+        let job_bytes = serde_json::to_vec(&job_doc).unwrap_or_default();
+        let output_cap = usize::try_from(limits.max_output_kb * 1024).unwrap_or(usize::MAX);
+        // The result line carries JSON framing around the output: allow for it.
+        let line_limit = usize::try_from(limits.max_result_kb * 1024).unwrap_or(usize::MAX) + 64;
+
+        let write_job = async move {
+            if let Ok(mut tx) = tokio::net::unix::pipe::Sender::from_owned_fd(pipes.job) {
+                // A job that exits without reading its input is judged by its exit, not here.
+                let _ = tx.write_all(&job_bytes).await;
+            }
+        };
+        let stdout = output::capture(pipes.stdout, output_cap);
+        let stderr = output::capture(pipes.stderr, output_cap);
+        let channel = output::read_channel(pipes.channel, line_limit, output_cap, on_log);
+        let waiter = handle.clone();
+        let mut exit = tokio::task::spawn_blocking(move || waiter.wait_blocking());
+
+        let io = async { tokio::join!(write_job, stdout, stderr, channel) };
+        tokio::pin!(io);
+        let timeout = tokio::time::sleep(request.timeout);
+        tokio::pin!(timeout);
+
+        // SIGTERM first; SIGKILL when the grace period runs out (armed by the first kill).
+        let escalation = tokio::time::sleep(Duration::from_secs(365 * 86_400));
+        tokio::pin!(escalation);
+        let mut escalation_armed = false;
+        let mut killed = None;
+        let mut io_result = None;
+        let exit_info = loop {
+            let kill = tokio::select! {
+                waited = &mut exit => break waited.ok().and_then(Result::ok),
+                done = &mut io, if io_result.is_none() => {
+                    let too_large = matches!(done.3, Ok((ChannelEnd::TooLarge { .. }, _)));
+                    io_result = Some(done);
+                    too_large.then_some(KillReason::ResultTooLarge)
+                }
+                () = &mut timeout, if killed.is_none() => Some(KillReason::Timeout),
+                () = stop.cancelled(), if killed.is_none() => Some(KillReason::Stopped),
+                () = &mut escalation, if escalation_armed => {
+                    handle.signal_group(Signal::SIGKILL);
+                    escalation_armed = false;
+                    None
+                }
+            };
+            if let Some(reason) = kill.filter(|_| killed.is_none()) {
+                killed = Some(reason);
+                handle.signal_group(Signal::SIGTERM);
+                escalation
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + KILL_GRACE);
+                escalation_armed = true;
+            }
+        };
+        let (_, stdout, stderr, channel) = match io_result {
+            Some(done) => done,
+            None => match tokio::time::timeout(DRAIN_AFTER_EXIT, &mut io).await {
+                Ok(done) => done,
+                Err(_) => (
+                    (),
+                    Ok(Captured::default()),
+                    Ok(Captured::default()),
+                    Ok((
+                        ChannelEnd::Garbled("the job's pipes stayed open after it ended".into()),
+                        0,
+                    )),
+                ),
+            },
+        };
+        let stdout = stdout.unwrap_or_default();
+        let stderr = stderr.unwrap_or_default();
+        let (channel, dropped_logs) = channel.unwrap_or_else(|e| {
+            (
+                ChannelEnd::Garbled(format!("reading the channel failed: {e}")),
+                0,
+            )
+        });
+        if let Err(e) = workdir.close() {
+            tracing::warn!(error = %e, "Could not remove a job's temp folder.");
+        }
+        let resources = exit_info
+            .map(|e| Resources {
+                cpu_ms: e.cpu_ms,
+                max_rss_kb: e.max_rss_kb,
+            })
+            .unwrap_or_default();
+        let outcome = classify(&request, killed, exit_info, channel, &stderr);
+        RunReport {
+            outcome,
+            duration: started.elapsed(),
+            resources,
+            stdout,
+            stderr,
+            killed,
+            exit: exit_info,
+            dropped_logs,
+        }
+    }
+
+    fn child_spec(&self, request: &RunRequest<'_>, workdir: &Path) -> ChildSpec {
+        let limits = request.worker.limits();
+        let workdir_s = workdir.to_string_lossy().into_owned();
+        let venv_bin = request
+            .python
+            .parent()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut env = vec![
+            ("PATH".to_owned(), format!("{venv_bin}:{BASE_PATH}")),
+            ("HOME".to_owned(), workdir_s.clone()),
+            ("TMPDIR".to_owned(), workdir_s),
+            ("LANG".to_owned(), "C.UTF-8".to_owned()),
+            ("HYBRID_JOB_ID".to_owned(), request.job_id.to_owned()),
+            ("HYBRID_ATTEMPT".to_owned(), request.attempt.to_string()),
+            ("HYBRID_WORKER".to_owned(), request.worker.name.clone()),
+        ];
+        env.extend(request.extra_env.iter().cloned());
+        env.extend(limits.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let memory = limits.memory_mb * 1024 * 1024;
+        let rlimits = vec![
+            (Resource::RLIMIT_AS, memory, memory),
+            // SIGXCPU at the soft limit, SIGKILL one second later.
+            (Resource::RLIMIT_CPU, limits.cpu_s, limits.cpu_s + 1),
+            (Resource::RLIMIT_CORE, 0, 0),
+        ];
+        ChildSpec {
+            program: request.python.clone(),
+            args: vec![
+                // Isolated mode; no bytecode written into the (read-only) worker folder.
+                "-I".to_owned(),
+                "-B".to_owned(),
+                "-c".to_owned(),
+                STUB.to_owned(),
+                self.runtime.dir.to_string_lossy().into_owned(),
+                request.worker.dir.to_string_lossy().into_owned(),
+                request.worker.module.clone(),
+                request.worker.function.clone(),
+            ],
+            env,
+            cwd: workdir.to_path_buf(),
+            rlimits,
+        }
+    }
+}
+
+/// Maps how the process ended to the job's outcome. The runner's own kill reason wins, then
+/// the runtime's report, then the exit status.
+fn classify(
+    request: &RunRequest<'_>,
+    killed: Option<KillReason>,
+    exit: Option<ExitInfo>,
+    channel: ChannelEnd,
+    stderr: &Captured,
+) -> RunOutcome {
+    let limits = request.worker.limits();
+    let fail = |kind, message: String| RunOutcome::Failed(JobError::new(kind, message));
+    match killed {
+        Some(KillReason::Stopped) => return RunOutcome::Stopped,
+        Some(KillReason::Timeout) => {
+            // A result that was complete before the deadline fired still counts.
+            if let ChannelEnd::Report(Report::Output(output)) = channel {
+                return RunOutcome::Succeeded(output);
+            }
+            return fail(
+                ErrorKind::Timeout,
+                format!(
+                    "the job ran past its deadline of {:.1}s and was stopped",
+                    request.timeout.as_secs_f64()
+                ),
+            );
+        }
+        Some(KillReason::ResultTooLarge) => {
+            return fail(
+                ErrorKind::ResultTooLarge,
+                format!(
+                    "the result is larger than the worker's limit of {} KiB",
+                    limits.max_result_kb
+                ),
+            );
+        }
+        None => {}
+    }
+    match channel {
+        ChannelEnd::Report(Report::Output(output)) => return RunOutcome::Succeeded(output),
+        ChannelEnd::Report(Report::Error {
+            kind,
+            message,
+            permanent,
+        }) => {
+            let kind = match kind.as_str() {
+                "InvalidInput" => ErrorKind::InvalidInput,
+                "MemoryLimit" => ErrorKind::MemoryLimit,
+                _ => ErrorKind::HandlerError,
+            };
+            let mut error = JobError::new(kind, message);
+            if permanent {
+                error = error.permanent();
+            }
+            return RunOutcome::Failed(error);
+        }
+        ChannelEnd::TooLarge { .. } => {
+            return fail(
+                ErrorKind::ResultTooLarge,
+                format!(
+                    "the result is larger than the worker's limit of {} KiB",
+                    limits.max_result_kb
+                ),
+            );
+        }
+        ChannelEnd::Nothing | ChannelEnd::Garbled(_) => {}
+    }
+    let detail = match &channel {
+        ChannelEnd::Garbled(why) => format!(" ({why})"),
+        _ => String::new(),
+    };
+    let ran_out_of_memory = String::from_utf8_lossy(&stderr.kept).contains("MemoryError");
+    match exit {
+        Some(ExitInfo {
+            signal: Some(sig), ..
+        }) if sig == libc::SIGXCPU => fail(
+            ErrorKind::Timeout,
+            format!(
+                "the job used its CPU limit of {}s and was stopped",
+                limits.cpu_s
+            ),
+        ),
+        Some(ExitInfo {
+            signal: Some(sig),
+            max_rss_kb,
+            ..
+        }) => {
+            if sig == libc::SIGKILL && max_rss_kb >= limits.memory_mb * 1024 * 9 / 10 {
+                return fail(
+                    ErrorKind::MemoryLimit,
+                    format!(
+                        "the job was killed at its memory limit of {} MiB",
+                        limits.memory_mb
+                    ),
+                );
+            }
+            fail(
+                ErrorKind::Crashed,
+                format!(
+                    "the job's process was killed by {} without a result{detail}",
+                    child::signal_name(sig)
+                ),
+            )
+        }
+        Some(ExitInfo {
+            code: Some(code), ..
+        }) if ran_out_of_memory => fail(
+            ErrorKind::MemoryLimit,
+            format!(
+                "the job ran out of memory (limit {} MiB) and exited with code {code}",
+                limits.memory_mb
+            ),
+        ),
+        Some(ExitInfo {
+            code: Some(code), ..
+        }) => fail(
+            ErrorKind::Crashed,
+            format!("the job's process exited with code {code} without a result{detail}"),
+        ),
+        _ => fail(
+            ErrorKind::Crashed,
+            format!("the job's process ended in an unknown way{detail}"),
+        ),
+    }
+}

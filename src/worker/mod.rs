@@ -1,0 +1,377 @@
+//! Workers: the `workers/<name>/` folder contract, its `worker.toml`, and the set of workers a
+//! daemon serves.
+//!
+//! A worker is found by its folder; its name is the folder's name. `worker.toml` needs only the
+//! entrypoint: every limit has a safe default, and an unknown key is refused so that a typo in a
+//! limit never silently leaves the default in place.
+
+pub mod python;
+pub mod venv;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use venv::{VenvError, VenvState};
+
+/// A worker that cannot be loaded, with the file and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("workers folder {0} does not exist (set --workers-dir or HYBRID__WORKERS__DIR)")]
+    NoDir(PathBuf),
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("no worker named {name:?} in {dir} (workers here: {known})")]
+    Unknown {
+        name: String,
+        dir: PathBuf,
+        known: String,
+    },
+}
+
+/// Whether a worker's job may open network connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkPolicy {
+    #[default]
+    Deny,
+    Allow,
+}
+
+/// `worker.toml`, as written by a worker's author.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerToml {
+    /// `module:function`, imported from the worker's folder.
+    pub entrypoint: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(flatten)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+/// What one job of the worker may use. Defaults are safe for an unknown handler.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Wall-clock deadline of one attempt; a job's own `timeout_s` can only lower it.
+    pub timeout_s: f64,
+    /// Address-space ceiling of the job's process.
+    pub memory_mb: u64,
+    /// CPU seconds of the job's process.
+    pub cpu_s: u64,
+    /// Processes (and threads) the job's user may have.
+    pub max_processes: u64,
+    /// Attempts before a retryable failure becomes `MaxAttemptsExceeded`.
+    pub max_attempts: u32,
+    pub network: NetworkPolicy,
+    /// Kept of each of stdout and stderr; the rest is counted and dropped.
+    pub max_output_kb: u64,
+    /// Largest result the handler may return (it goes into a Service Bus message).
+    pub max_result_kb: u64,
+    /// Extra environment variables for the job, with their values (never taken from the
+    /// daemon's own environment).
+    pub env: BTreeMap<String, String>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            timeout_s: 60.0,
+            memory_mb: 512,
+            cpu_s: 300,
+            max_processes: 64,
+            max_attempts: 3,
+            network: NetworkPolicy::Deny,
+            max_output_kb: 256,
+            max_result_kb: 192,
+            env: BTreeMap::new(),
+        }
+    }
+}
+
+impl Limits {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.timeout_s)
+    }
+}
+
+/// Exponential backoff between attempts, with jitter.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryPolicy {
+    pub initial_delay_s: f64,
+    pub max_delay_s: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            initial_delay_s: 5.0,
+            max_delay_s: 300.0,
+        }
+    }
+}
+
+/// A loaded worker: its folder and its checked `worker.toml`.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    pub name: String,
+    pub dir: PathBuf,
+    pub module: String,
+    pub function: String,
+    pub spec: WorkerToml,
+}
+
+impl Worker {
+    /// Loads `dir/worker.toml` and checks it.
+    pub fn load(dir: &Path) -> Result<Worker, WorkerError> {
+        let name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let path = dir.join("worker.toml");
+        let invalid = |reason: String| WorkerError::Invalid {
+            path: path.clone(),
+            reason,
+        };
+        if !crate::job::is_valid_worker_name(&name) {
+            return Err(invalid(format!(
+                "the folder name {name:?} is not a worker name (letters, digits, '-', '_')"
+            )));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| WorkerError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let spec: WorkerToml =
+            toml::from_str(&text).map_err(|e| invalid(e.message().to_owned()))?;
+        let (module, function) = spec
+            .entrypoint
+            .split_once(':')
+            .filter(|(m, f)| is_dotted_identifier(m) && is_identifier(f))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "entrypoint {:?} must be \"module:function\"",
+                    spec.entrypoint
+                ))
+            })?;
+        let (module, function) = (module.to_owned(), function.to_owned());
+        check_limits(&spec).map_err(invalid)?;
+        if !dir.join("requirements.txt").is_file() {
+            return Err(invalid(
+                "requirements.txt is missing (an empty file declares no dependencies)".into(),
+            ));
+        }
+        Ok(Worker {
+            name,
+            dir: dir.to_path_buf(),
+            module,
+            function,
+            spec,
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.spec.limits
+    }
+
+    pub fn requirements_path(&self) -> PathBuf {
+        self.dir.join("requirements.txt")
+    }
+
+    /// Example inputs shipped with the worker, sorted by name.
+    pub fn examples(&self) -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(self.dir.join("examples"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        found.sort();
+        found
+    }
+}
+
+fn check_limits(spec: &WorkerToml) -> Result<(), String> {
+    let l = &spec.limits;
+    if !(l.timeout_s.is_finite() && l.timeout_s > 0.0 && l.timeout_s <= 86_400.0) {
+        return Err(format!("timeout_s = {} must be in (0, 86400]", l.timeout_s));
+    }
+    if !(16..=1_048_576).contains(&l.memory_mb) {
+        return Err(format!(
+            "memory_mb = {} must be in [16, 1048576]",
+            l.memory_mb
+        ));
+    }
+    if l.cpu_s == 0 {
+        return Err("cpu_s must be at least 1".into());
+    }
+    if l.max_processes == 0 {
+        return Err("max_processes must be at least 1".into());
+    }
+    if !(1..=100).contains(&l.max_attempts) {
+        return Err(format!(
+            "max_attempts = {} must be in [1, 100]",
+            l.max_attempts
+        ));
+    }
+    if l.max_result_kb == 0 || l.max_result_kb > 100 * 1024 {
+        return Err(format!(
+            "max_result_kb = {} must be in [1, 102400]",
+            l.max_result_kb
+        ));
+    }
+    for key in l.env.keys() {
+        let ok = !key.is_empty()
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !key.starts_with(|c: char| c.is_ascii_digit());
+        if !ok {
+            return Err(format!("env key {key:?} is not a variable name"));
+        }
+    }
+    let r = &spec.retry;
+    let initial_ok = r.initial_delay_s.is_finite() && r.initial_delay_s >= 0.0;
+    let max_ok = r.max_delay_s.is_finite() && r.max_delay_s >= r.initial_delay_s;
+    if !(initial_ok && max_ok) {
+        return Err("retry delays must be finite, >= 0, and initial_delay_s <= max_delay_s".into());
+    }
+    Ok(())
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn is_dotted_identifier(s: &str) -> bool {
+    s.split('.').all(is_identifier)
+}
+
+/// Every worker in a folder, by name. A folder that fails to load is kept as an error so that
+/// `workers list` can show it and the daemon can refuse to start with the reason.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    pub dir: PathBuf,
+    pub workers: BTreeMap<String, Worker>,
+    pub broken: Vec<WorkerError>,
+}
+
+impl Catalog {
+    /// Scans `dir` for sub-folders with a `worker.toml`.
+    pub fn scan(dir: &Path) -> Result<Catalog, WorkerError> {
+        if !dir.is_dir() {
+            return Err(WorkerError::NoDir(dir.to_path_buf()));
+        }
+        let entries = std::fs::read_dir(dir).map_err(|source| WorkerError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut folders: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("worker.toml").is_file())
+            .collect();
+        folders.sort();
+        let mut catalog = Catalog {
+            dir: dir.to_path_buf(),
+            ..Default::default()
+        };
+        for folder in folders {
+            match Worker::load(&folder) {
+                Ok(w) => {
+                    catalog.workers.insert(w.name.clone(), w);
+                }
+                Err(e) => catalog.broken.push(e),
+            }
+        }
+        Ok(catalog)
+    }
+
+    /// Looks a worker up, or names the ones there are.
+    pub fn get(&self, name: &str) -> Result<&Worker, WorkerError> {
+        self.workers.get(name).ok_or_else(|| WorkerError::Unknown {
+            name: name.to_owned(),
+            dir: self.dir.clone(),
+            known: self.names().join(", "),
+        })
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.workers.keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_worker(root: &Path, name: &str, toml: &str) -> PathBuf {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("worker.toml"), toml).expect("toml");
+        std::fs::write(dir.join("requirements.txt"), "").expect("reqs");
+        dir
+    }
+
+    #[test]
+    fn only_the_entrypoint_is_required() {
+        let root = tempfile::tempdir().expect("tmp");
+        let dir = write_worker(root.path(), "w1", "entrypoint = \"pkg.mod:run\"\n");
+        let w = Worker::load(&dir).expect("loads");
+        assert_eq!((w.module.as_str(), w.function.as_str()), ("pkg.mod", "run"));
+        assert_eq!(w.limits(), &Limits::default());
+        assert_eq!(w.limits().network, NetworkPolicy::Deny);
+    }
+
+    #[test]
+    fn bad_worker_toml_is_refused_with_the_reason() {
+        let root = tempfile::tempdir().expect("tmp");
+        let cases = [
+            ("a", "entrypoint = \"nocolon\"\n", "module:function"),
+            ("b", "entrypoint = \"m:f\"\ntimeout = 3\n", "unknown field"),
+            ("c", "entrypoint = \"m:f\"\nmemory_mb = 1\n", "memory_mb"),
+            (
+                "d",
+                "entrypoint = \"m:f\"\nnetwork = \"maybe\"\n",
+                "unknown variant",
+            ),
+            (
+                "e",
+                "entrypoint = \"m:f\"\nmax_attempts = 0\n",
+                "max_attempts",
+            ),
+        ];
+        for (name, toml, expected) in cases {
+            let dir = write_worker(root.path(), name, toml);
+            let err = Worker::load(&dir).expect_err(name).to_string();
+            assert!(err.contains(expected), "{name}: {err}");
+            assert!(err.contains("worker.toml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn catalog_keeps_broken_workers_apart() {
+        let root = tempfile::tempdir().expect("tmp");
+        write_worker(root.path(), "good", "entrypoint = \"m:f\"\n");
+        write_worker(root.path(), "bad", "entrypoint = 3\n");
+        std::fs::create_dir_all(root.path().join("not-a-worker")).expect("mkdir");
+        let catalog = Catalog::scan(root.path()).expect("scan");
+        assert_eq!(catalog.names(), vec!["good".to_string()]);
+        assert_eq!(catalog.broken.len(), 1);
+        let err = catalog.get("nope").expect_err("unknown").to_string();
+        assert!(err.contains("good"), "{err}");
+    }
+}
