@@ -63,6 +63,8 @@ struct State {
     events: Vec<Event>,
     /// Sends to these queues fail (to test what the engine does then).
     failing_queues: Vec<String>,
+    /// The most messages ever locked at once (credit must never exceed free slots).
+    peak_locked: usize,
 }
 
 /// The in-memory broker, receiving from one source queue.
@@ -134,6 +136,23 @@ impl MemoryBroker {
 
     pub fn locked_count(&self) -> usize {
         self.state().locked.len()
+    }
+
+    /// The most messages that were locked at the same time.
+    pub fn peak_locked(&self) -> usize {
+        self.state().peak_locked
+    }
+
+    /// The lock tokens currently held, oldest sequence number first.
+    pub fn locked_tokens(&self) -> Vec<Uuid> {
+        let st = self.state();
+        let mut held: Vec<(i64, Uuid)> = st
+            .locked
+            .iter()
+            .map(|(token, (msg, _))| (msg.sequence_number, *token))
+            .collect();
+        held.sort();
+        held.into_iter().map(|(_, token)| token).collect()
     }
 
     /// Makes every send to `queue` fail with a connection error.
@@ -210,6 +229,7 @@ impl MemoryBroker {
                 let token = Uuid::new_v4();
                 let delivery = to_delivery(&msg, token, locked_until);
                 st.locked.insert(token, (msg, locked_until));
+                st.peak_locked = st.peak_locked.max(st.locked.len());
                 delivery
             })
             .collect()

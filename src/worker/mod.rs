@@ -135,6 +135,11 @@ pub struct Worker {
 impl Worker {
     /// Loads `dir/worker.toml` and checks it.
     pub fn load(dir: &Path) -> Result<Worker, WorkerError> {
+        // Jobs run in their own temp folder, so the worker's folder must be absolute.
+        let dir = &std::fs::canonicalize(dir).map_err(|source| WorkerError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let name = dir
             .file_name()
             .and_then(|n| n.to_str())

@@ -84,7 +84,9 @@ def main() -> None:
     try:
         output = handler(job["input"], ctx)
     except InvalidInput as exc:
-        _error(channel, "InvalidInput", _describe(exc), True, type(exc).__name__)
+        # The kind already says what happened; the message is the handler's explanation.
+        message = str(exc).strip()[:MESSAGE_LIMIT] or "the handler rejected the input"
+        _error(channel, "InvalidInput", message, True, type(exc).__name__)
         return
     except PermanentError as exc:
         traceback.print_exc()

@@ -1,0 +1,210 @@
+//! The shared harness: an engine over the in-memory broker (with a scripted or a real
+//! executor), worker venvs built once per test run, and small builders.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hybrid_worker::broker::OutgoingMessage;
+use hybrid_worker::broker::memory::MemoryBroker;
+use hybrid_worker::engine::executor::{Executor, ProcessExecutor, ReadyWorker, WorkerPolicy};
+use hybrid_worker::engine::settle::Queues;
+use hybrid_worker::engine::{Engine, EngineOptions, EngineStats};
+use hybrid_worker::job::{ErrorKind, Job, JobError};
+use hybrid_worker::runner::{RunOutcome, RunReport, Runner};
+use hybrid_worker::runtime::Runtime;
+use hybrid_worker::worker::python::Interpreter;
+use hybrid_worker::worker::venv::{VenvPlan, VenvState};
+use hybrid_worker::worker::{Catalog, RetryPolicy};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const JOBS: &str = "jobs";
+pub const RESULTS: &str = "results";
+
+pub fn options(concurrency: usize) -> EngineOptions {
+    EngineOptions {
+        concurrency,
+        queues: Queues {
+            jobs: JOBS.into(),
+            results: RESULTS.into(),
+        },
+        drain_timeout: Duration::from_secs(30),
+        max_lock_renewal: Duration::from_secs(3600),
+        max_body_bytes: 64 * 1024,
+        receive_wait: Duration::from_secs(5),
+    }
+}
+
+/// A job message as a flow sends it.
+pub fn job_message(id: &str, body: &Value) -> OutgoingMessage {
+    OutgoingMessage {
+        message_id: Some(id.into()),
+        correlation_id: Some(format!("flow-run-{id}")),
+        reply_to_session_id: Some(format!("session-{id}")),
+        content_type: Some("application/json".into()),
+        body: serde_json::to_vec(body).expect("json"),
+        ..Default::default()
+    }
+}
+
+/// A running engine and the means to stop it.
+pub struct Running {
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<EngineStats>,
+}
+
+impl Running {
+    pub async fn stop(self) -> EngineStats {
+        self.shutdown.cancel();
+        self.task.await.expect("engine task")
+    }
+}
+
+pub fn start(broker: Arc<MemoryBroker>, executor: Arc<dyn Executor>, options: EngineOptions) -> Running {
+    let engine = Engine::new(broker, executor, options);
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move { engine.run(token).await });
+    Running { shutdown, task }
+}
+
+/// Waits (on the test's clock) until `done` holds; fails after `limit`.
+pub async fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let give_up = tokio::time::Instant::now() + limit;
+    while !done() {
+        assert!(tokio::time::Instant::now() < give_up, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An executor whose jobs do what their input says, on tokio's clock:
+/// `{"ms": run time, "result": "ok" | "fail" | "invalid" | "crash", "ok_from_attempt": n}`.
+#[derive(Default)]
+pub struct ScriptedExecutor {
+    pub started: Mutex<Vec<(String, u32)>>,
+    pub stopped: AtomicUsize,
+}
+
+impl ScriptedExecutor {
+    pub fn started(&self) -> Vec<(String, u32)> {
+        self.started.lock().expect("lock").clone()
+    }
+}
+
+pub fn scripted_policy() -> WorkerPolicy {
+    WorkerPolicy {
+        max_attempts: 3,
+        retry: RetryPolicy {
+            initial_delay_s: 10.0,
+            max_delay_s: 600.0,
+        },
+    }
+}
+
+#[async_trait]
+impl Executor for ScriptedExecutor {
+    fn policy(&self, job: &Job) -> Result<WorkerPolicy, JobError> {
+        match job.worker.as_str() {
+            "scripted" => Ok(scripted_policy()),
+            "denied" => Err(JobError::new(ErrorKind::PolicyDenied, "not allowed here")),
+            other => Err(JobError::new(ErrorKind::UnknownWorker, format!("no worker {other:?}"))),
+        }
+    }
+
+    async fn execute(&self, job: &Job, stop: CancellationToken) -> RunReport {
+        self.started
+            .lock()
+            .expect("lock")
+            .push((job.envelope.job_id.clone(), job.envelope.attempt));
+        let ms = job.input["ms"].as_u64().unwrap_or(10);
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(ms)) => {}
+            () = stop.cancelled() => {
+                self.stopped.fetch_add(1, Ordering::SeqCst);
+                let mut report = RunReport::failed_to_start(JobError::new(ErrorKind::Crashed, "x"));
+                report.outcome = RunOutcome::Stopped;
+                return report;
+            }
+        }
+        let ok_from = job.input["ok_from_attempt"].as_u64().unwrap_or(u64::MAX);
+        let result = if u64::from(job.envelope.attempt) >= ok_from {
+            "ok"
+        } else {
+            job.input["result"].as_str().unwrap_or("ok")
+        };
+        let mut report = RunReport::failed_to_start(JobError::new(ErrorKind::Crashed, "crashed"));
+        report.duration = Duration::from_millis(ms);
+        report.outcome = match result {
+            "ok" => RunOutcome::Succeeded(json!({"done": job.envelope.job_id})),
+            "fail" => RunOutcome::Failed(JobError::new(ErrorKind::HandlerError, "boom with secret payload")),
+            "invalid" => RunOutcome::Failed(JobError::new(ErrorKind::InvalidInput, "field x is wrong")),
+            _ => report.outcome,
+        };
+        report
+    }
+}
+
+/// The repository's `workers/` folder.
+pub fn workers_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("workers")
+}
+
+/// Where this test run keeps worker venvs (built once, reused across runs).
+pub fn venv_root() -> PathBuf {
+    std::env::var_os("HYBRID_TEST_VENV_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venvs"))
+}
+
+/// The interpreter, resolved once.
+pub fn interpreter() -> &'static Interpreter {
+    static PYTHON: OnceLock<Interpreter> = OnceLock::new();
+    PYTHON.get_or_init(|| Interpreter::resolve("python3").expect("python3 is needed by the tests"))
+}
+
+/// The venv python of a repository worker, building the venv on first use (from PyPI, hash
+/// checked). Serialised so that parallel tests never build the same venv twice.
+pub fn ready_worker(name: &str) -> ReadyWorker {
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let catalog = Catalog::scan(&workers_dir()).expect("workers folder");
+    let worker = catalog.get(name).expect("worker").clone();
+    let plan = VenvPlan::new(&worker, interpreter(), &venv_root()).expect("plan");
+    if !plan.state().is_ready() {
+        plan.build(interpreter(), &|_| {}).expect("venv build");
+    }
+    let VenvState::Ready { python, .. } = plan.state() else {
+        panic!("venv of {name} not ready after build");
+    };
+    ReadyWorker { worker, python }
+}
+
+/// A runner with the runtime installed in a temp folder of the test.
+pub fn runner(temp: &Path) -> Runner {
+    let runtime = Runtime::install(temp).expect("runtime");
+    Runner::new(runtime, temp.to_path_buf())
+}
+
+/// An executor of real processes for the given repository workers.
+pub fn process_executor(names: &[&str], temp: &Path) -> ProcessExecutor {
+    let catalog = Catalog::scan(&workers_dir()).expect("workers folder");
+    let ready = names.iter().map(|n| ready_worker(n)).collect();
+    ProcessExecutor::new(ready, &catalog, runner(temp))
+}
+
+/// The reply bodies sent to a queue, by CorrelationId.
+pub fn replies(broker: &MemoryBroker, queue: &str) -> BTreeMap<String, (OutgoingMessage, Value)> {
+    broker
+        .messages(queue)
+        .into_iter()
+        .map(|m| {
+            let body: Value = serde_json::from_slice(&m.message.body).expect("reply is JSON");
+            (m.message.correlation_id.clone().unwrap_or_default(), (m.message, body))
+        })
+        .collect()
+}

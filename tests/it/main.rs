@@ -1,0 +1,6 @@
+//! The integration tests: one binary, sharing one harness (`helpers`).
+
+mod cli;
+mod engine;
+mod helpers;
+mod runner;

@@ -1,0 +1,170 @@
+//! Real job processes: the diagnostics worker drives every outcome through the runner, and the
+//! engine runs a real worker end to end over the in-memory broker.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hybrid_worker::broker::memory::MemoryBroker;
+use hybrid_worker::job::ErrorKind;
+use hybrid_worker::runner::{KillReason, RunOutcome, RunReport, RunRequest};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+
+const SECRET: &str = "s3cr3t-daemon-credential";
+
+/// Runs the diagnostics worker with `input`, collecting its log records.
+async fn diagnostics(input: Value, timeout: Duration) -> (RunReport, Vec<String>) {
+    let temp = tempfile::tempdir().expect("tmp");
+    let ready = ready_worker("diagnostics");
+    let runner = runner(temp.path());
+    let logs = Mutex::new(Vec::new());
+    let on_log = |r: hybrid_worker::runner::output::LogRecord| logs.lock().expect("lock").push(r.msg);
+    let request = RunRequest {
+        worker: &ready.worker,
+        python: ready.python.clone(),
+        job_id: "job-1",
+        attempt: 2,
+        correlation_id: Some("corr-1"),
+        input: &input,
+        timeout,
+        extra_env: vec![("TRACEPARENT".into(), "00-abc-def-01".into())],
+    };
+    let report = runner.run(request, CancellationToken::new(), &on_log).await;
+    let logs = logs.into_inner().expect("lock");
+    (report, logs)
+}
+
+fn failure(report: &RunReport) -> (ErrorKind, String, bool) {
+    match &report.outcome {
+        RunOutcome::Failed(e) => (e.kind, e.message.clone(), e.retryable),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+fn output(report: &RunReport) -> Value {
+    match &report.outcome {
+        RunOutcome::Succeeded(v) => v.clone(),
+        other => panic!("expected success, got {other:?} (stderr: {})", report.stderr.text()),
+    }
+}
+
+const T: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn no_daemon_environment_reaches_a_job() {
+    // SAFETY: set once before any job starts; the value is only read by children.
+    unsafe { std::env::set_var("HYBRID_TEST_DAEMON_SECRET", SECRET) };
+    let (report, _) = diagnostics(json!({"action": "env"}), T).await;
+    let env = output(&report)["env"].as_object().expect("env map").clone();
+    let allowed = ["PATH", "HOME", "TMPDIR", "LANG", "HYBRID_JOB_ID", "HYBRID_ATTEMPT", "HYBRID_WORKER", "TRACEPARENT", "LC_CTYPE"];
+    for (key, value) in &env {
+        assert!(allowed.contains(&key.as_str()), "unexpected variable {key} in the job");
+        assert!(!value.as_str().unwrap_or("").contains(SECRET));
+    }
+    assert_eq!(env["HYBRID_JOB_ID"], "job-1");
+    assert_eq!(env["TRACEPARENT"], "00-abc-def-01");
+}
+
+#[tokio::test]
+async fn context_and_logs_reach_the_handler_and_the_daemon() {
+    let (report, _) = diagnostics(json!({"action": "context"}), T).await;
+    let ctx = output(&report);
+    assert_eq!(ctx["job_id"], "job-1");
+    assert_eq!(ctx["attempt"], 2);
+    assert_eq!(ctx["correlation_id"], "corr-1");
+    assert!(ctx["remaining_s"].as_f64().expect("remaining") > 10.0);
+    let (report, logs) = diagnostics(json!({"action": "log", "lines": 3}), T).await;
+    assert_eq!(output(&report)["logged"], 3);
+    assert_eq!(logs.len(), 3, "{logs:?}");
+}
+
+#[tokio::test]
+async fn each_failure_has_its_kind() {
+    let (r, _) = diagnostics(json!({"action": "fail", "message": "flaky"}), T).await;
+    let (kind, message, retryable) = failure(&r);
+    assert_eq!((kind, retryable), (ErrorKind::HandlerError, true));
+    assert!(message.contains("flaky"));
+    assert!(r.stderr.text().contains("Traceback"), "the traceback goes to stderr");
+
+    let (r, _) = diagnostics(json!({"action": "invalid", "message": "bad field"}), T).await;
+    let (kind, message, retryable) = failure(&r);
+    assert_eq!((kind, retryable), (ErrorKind::InvalidInput, false));
+    assert_eq!(message, "bad field");
+
+    let (r, _) = diagnostics(json!({"action": "signal", "signal": "SIGSEGV"}), T).await;
+    let (kind, message, _) = failure(&r);
+    assert_eq!(kind, ErrorKind::Crashed);
+    assert!(message.contains("SIGSEGV"), "{message}");
+
+    let (r, _) = diagnostics(json!({"action": "exit", "code": 3}), T).await;
+    let (kind, message, _) = failure(&r);
+    assert_eq!(kind, ErrorKind::Crashed);
+    assert!(message.contains("code 3"), "{message}");
+
+    let (r, _) = diagnostics(json!({"action": "alloc", "mb": 4096}), T).await;
+    assert_eq!(failure(&r).0, ErrorKind::MemoryLimit);
+
+    let (r, _) = diagnostics(json!({"action": "result", "kb": 1024}), T).await;
+    assert_eq!(failure(&r).0, ErrorKind::ResultTooLarge);
+}
+
+#[tokio::test]
+async fn a_deadline_kills_the_whole_job_even_if_it_ignores_sigterm() {
+    let started = std::time::Instant::now();
+    let (r, _) = diagnostics(json!({"action": "sleep", "seconds": 60, "ignore_sigterm": true}), Duration::from_secs(1)).await;
+    let took = started.elapsed();
+    assert_eq!(failure(&r).0, ErrorKind::Timeout);
+    assert_eq!(r.killed, Some(KillReason::Timeout));
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+}
+
+#[tokio::test]
+async fn output_is_captured_and_capped() {
+    let (r, _) = diagnostics(json!({"action": "print", "bytes": 5_000_000, "stream": "stdout"}), T).await;
+    assert_eq!(output(&r)["printed"], 5_000_000);
+    assert_eq!(r.stdout.total, 5_000_000);
+    assert_eq!(r.stdout.kept.len(), 256 * 1024, "kept up to max_output_kb");
+}
+
+#[tokio::test]
+async fn the_temp_folder_is_private_and_removed() {
+    let (r, _) = diagnostics(json!({"action": "cwd"}), T).await;
+    let out = output(&r);
+    let cwd = out["cwd"].as_str().expect("cwd");
+    assert!(cwd.contains("hybrid-job-"));
+    assert!(!std::path::Path::new(cwd).exists(), "removed after the job");
+}
+
+#[tokio::test]
+async fn resources_are_measured() {
+    let (r, _) = diagnostics(json!({"action": "spin", "seconds": 0.3}), T).await;
+    output(&r);
+    assert!(r.resources.cpu_ms >= 200, "{:?}", r.resources);
+    assert!(r.resources.max_rss_kb > 1000, "{:?}", r.resources);
+}
+
+#[tokio::test]
+async fn the_engine_runs_a_real_worker_end_to_end() {
+    let temp = tempfile::tempdir().expect("tmp");
+    let executor = Arc::new(process_executor(&["csv-normalize", "diagnostics"], temp.path()));
+    let broker = Arc::new(MemoryBroker::new(JOBS, Duration::from_secs(30), 10));
+    let input: Value = serde_json::from_str(
+        &std::fs::read_to_string(workers_dir().join("csv-normalize/examples/basic.json")).expect("example"),
+    )
+    .expect("json");
+    broker.push(job_message("csv-1", &json!({"worker": "csv-normalize", "input": input})));
+    broker.push(job_message("bad-1", &json!({"worker": "diagnostics", "input": {"action": "invalid", "message": "no"}})));
+    let run = start(broker.clone(), executor, options(2));
+    wait_for(Duration::from_secs(60), "two replies", || broker.messages(RESULTS).len() == 2).await;
+    wait_for(Duration::from_secs(10), "settlement", || broker.locked_count() == 0).await;
+    run.stop().await;
+    let replies = replies(&broker, RESULTS);
+    let body = &replies["csv-1"].1;
+    assert_eq!(body["status"], "succeeded", "{body}");
+    assert!(body["output"]["rows"].is_array());
+    assert!(body["resources"]["max_rss_kb"].as_u64().expect("rss") > 0);
+    assert_eq!(replies["bad-1"].1["error"]["kind"], "InvalidInput");
+    assert_eq!(broker.dead_letters().len(), 1);
+}
