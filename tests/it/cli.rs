@@ -1,0 +1,117 @@
+//! The binary as users run it: exit codes, messages, and `exec` on the shipped examples.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::helpers::{ready_worker, venv_root, workers_dir};
+
+fn hybrid(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybrid-worker"));
+    cmd.args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("HYBRID__WORKERS__VENV_ROOT", venv_root())
+        .env("HYBRID__LOG__FORMAT", "text")
+        .env_remove("HYBRID_CONFIG");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run hybrid-worker")
+}
+
+fn result_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("stdout is not a result ({e}): {}\nstderr: {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+fn example(worker: &str, name: &str) -> String {
+    workers_dir().join(worker).join("examples").join(name).display().to_string()
+}
+
+#[test]
+fn exec_runs_every_example_of_the_data_workers() {
+    for worker in ["csv-normalize", "join-sources"] {
+        ready_worker(worker);
+        let dir = workers_dir().join(worker).join("examples");
+        for entry in std::fs::read_dir(dir).expect("examples") {
+            let path = entry.expect("entry").path();
+            let out = hybrid(&["exec", worker, "--input", &path.display().to_string()], &[]);
+            assert_eq!(out.status.code(), Some(0), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            let result = result_of(&out);
+            assert_eq!(result["status"], "succeeded");
+            assert_eq!(result["worker"], worker);
+        }
+    }
+}
+
+#[test]
+fn exec_exit_codes_follow_the_outcome() {
+    ready_worker("diagnostics");
+    let cases = [
+        ("echo.json", 0, None),
+        ("fail.json", 1, Some("HandlerError")),
+        ("invalid.json", 1, Some("InvalidInput")),
+        ("signal.json", 1, Some("Crashed")),
+        ("exit.json", 1, Some("Crashed")),
+    ];
+    for (file, code, kind) in cases {
+        let out = hybrid(&["exec", "diagnostics", "--input", &example("diagnostics", file)], &[]);
+        assert_eq!(out.status.code(), Some(code), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+        let result = result_of(&out);
+        match kind {
+            None => assert_eq!(result["error"], Value::Null),
+            Some(kind) => assert_eq!(result["error"]["kind"], kind, "{file}"),
+        }
+    }
+    let out = hybrid(&["exec", "diagnostics", "--input", "-", "--timeout", "0.5"], &[]);
+    // No stdin: the input is empty, which is not JSON.
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn usage_and_configuration_errors_exit_2_with_a_reason() {
+    let out = hybrid(&["exec", "no-such-worker"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("csv-normalize"), "names the workers there are");
+
+    let out = hybrid(&["exec", "diagnostics", "--input", "Cargo.toml"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not JSON"));
+
+    let out = hybrid(&["config", "show"], &[("HYBRID__ENGINE__CONCURRENCY", "lots")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("concurrency"));
+
+    let out = hybrid(&["frobnicate"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_missing_venv_is_refused_with_the_command_that_builds_it() {
+    let empty = tempfile::tempdir().expect("tmp");
+    let root = empty.path().display().to_string();
+    let out = hybrid(&["exec", "diagnostics", "--input", &example("diagnostics", "echo.json")], &[("HYBRID__WORKERS__VENV_ROOT", &root)]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("hybrid-worker workers build diagnostics"), "{stderr}");
+
+    let out = hybrid(&["workers", "verify"], &[("HYBRID__WORKERS__VENV_ROOT", &root)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("missing"));
+}
+
+#[test]
+fn config_show_prints_the_effective_config_without_secrets() {
+    let out = hybrid(
+        &["config", "show"],
+        &[
+            ("HYBRID__SERVICEBUS__CONNECTION_STRING", "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=TOPSECRET"),
+            ("HYBRID__QUEUES__JOBS", "other-jobs"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("other-jobs"));
+    assert!(!text.contains("TOPSECRET"));
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: builds the binary, installs what the tests need
+# (each worker's pinned venv, from PyPI in hash-checking mode), then runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 - <<'PY'
+import sys
+if sys.version_info < (3, 9):
+    sys.exit(f"tests need Python 3.9 or newer, found {sys.version.split()[0]}")
+PY
+
+export HYBRID_TEST_VENV_ROOT="${HYBRID_TEST_VENV_ROOT:-$PWD/target/test-venvs}"
+
+echo "== build"
+cargo build --locked --all-targets
+
+echo "== worker venvs (in $HYBRID_TEST_VENV_ROOT)"
+HYBRID__WORKERS__VENV_ROOT="$HYBRID_TEST_VENV_ROOT" HYBRID__LOG__FORMAT=text \
+  target/debug/hybrid-worker workers build
+
+echo "== cargo test"
+cargo test --locked --all-targets
