@@ -90,13 +90,7 @@ pub async fn settle(
         } => {
             let result =
                 JobResult::succeeded(envelope, &worker, output, millis(duration), resources);
-            send_or_abandon(
-                broker,
-                token,
-                reply_queue(queues, envelope),
-                reply(envelope, &result),
-            )
-            .await?;
+            send_reply(broker, queues, envelope, token, &result).await?;
             broker.complete(token).await?;
             Ok(Settled::Replied)
         }
@@ -143,13 +137,7 @@ pub async fn settle(
                 millis(duration),
                 resources,
             );
-            send_or_abandon(
-                broker,
-                token,
-                reply_queue(queues, envelope),
-                reply(envelope, &result),
-            )
-            .await?;
+            send_reply(broker, queues, envelope, token, &result).await?;
             let description = dead_letter_description(&final_error, &error, envelope.attempt);
             broker
                 .dead_letter(token, final_error.kind.as_str(), &description)
@@ -165,17 +153,17 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn reply_queue<'a>(queues: &'a Queues, envelope: &'a Envelope) -> &'a str {
-    envelope.reply.queue.as_deref().unwrap_or(&queues.results)
-}
-
-async fn send_or_abandon(
+/// Sends the job's reply to its `ReplyTo` (or the results queue); if that fails, abandons the
+/// job so it is delivered again rather than settled without an answer.
+async fn send_reply(
     broker: &dyn Broker,
+    queues: &Queues,
+    envelope: &Envelope,
     token: uuid::Uuid,
-    queue: &str,
-    message: OutgoingMessage,
+    result: &JobResult,
 ) -> Result<(), BrokerError> {
-    if let Err(e) = broker.send(queue, message).await {
+    let queue = envelope.reply.queue.as_deref().unwrap_or(&queues.results);
+    if let Err(e) = broker.send(queue, reply(envelope, result)).await {
         tracing::warn!(queue, error = %e, "Sending the reply failed; the job will be delivered again.");
         abandon_after_failed_send(broker, token).await;
         return Err(e);
