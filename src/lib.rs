@@ -28,6 +28,7 @@ pub mod engine;
 pub mod job;
 pub mod runner;
 pub mod runtime;
+pub mod servicebus;
 pub mod shutdown;
 pub mod telemetry;
 pub mod worker;

@@ -1,0 +1,626 @@
+//! The Service Bus client: one AMQP connection with its CBS authorisation, the jobs queue's
+//! peek-lock receiver and management link, and a sender per destination queue; rebuilt with
+//! backoff when the connection drops.
+//!
+//! Settlement (complete, abandon, dead-letter) and lock renewal go through the jobs queue's
+//! management node with the message's lock token, not through the receive link: the broker
+//! answers each one (so a lost lock is seen, not assumed), and a lock token stays valid across a
+//! reconnect, so a job that was running while the connection dropped is still settled once,
+//! not redelivered and run twice. The price is one request/response per settlement.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use backon::{ExponentialBuilder, Retryable};
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::link::receiver::CreditMode;
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::types::definitions::{ReceiverSettleMode, SenderSettleMode};
+use fe2o3_amqp::types::messaging::{Body, Outcome};
+use fe2o3_amqp::types::primitives::{Timestamp, Value};
+use fe2o3_amqp::{Connection, Receiver, Sender, Session};
+use fe2o3_amqp_cbs::client::CbsClient;
+use fe2o3_amqp_cbs::token::CbsToken as AmqpCbsToken;
+use fe2o3_amqp_management::client::MgmtClient;
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use super::connection_string::{ConnectionString, SasAuth};
+use super::credential::{Credential, CredentialError};
+use super::management::{MgmtRequest, MgmtResponse};
+use super::message::{to_amqp, to_delivery};
+use crate::broker::{Broker, BrokerError, Delivery, OutgoingMessage};
+
+/// How long connecting, authorising or attaching may take before it counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A receive link is replaced after this many deliveries: messages settled through the
+/// management node stay in the link's local unsettled map until the link is closed.
+const RECEIVER_RECYCLE: u64 = 2_000;
+/// Lock duration assumed when a delivery does not say when its lock ends.
+const DEFAULT_LOCK: Duration = Duration::from_secs(30);
+/// Extra time given to a receive call to collect more messages after the first.
+const GATHER: Duration = Duration::from_millis(3);
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct ServiceBusConfig {
+    /// `amqps://host:5671` or, for an emulator, `amqp://host:port`.
+    pub url: String,
+    /// The host name sent in Open and SASL.
+    pub hostname: String,
+    /// `sb://<authority>`; an entity's token audience is this plus `/<entity>`.
+    pub audience_base: String,
+    pub credential: Credential,
+    /// The queue jobs are received from and settled on.
+    pub jobs_queue: String,
+}
+
+impl ServiceBusConfig {
+    /// From a connection string (SAS key or signature).
+    pub fn from_connection_string(
+        cs: &ConnectionString,
+        jobs_queue: &str,
+        token_lifetime: Duration,
+    ) -> Self {
+        let credential = match &cs.auth {
+            SasAuth::Key { name, key } => Credential::SasKey {
+                name: name.clone(),
+                key: key.clone(),
+                lifetime: token_lifetime,
+            },
+            SasAuth::Signature(token) => Credential::SasToken(token.clone()),
+        };
+        Self {
+            url: cs.amqp_url(),
+            hostname: cs.host.clone(),
+            audience_base: format!("sb://{}", cs.audience_authority()),
+            credential,
+            jobs_queue: jobs_queue.to_owned(),
+        }
+    }
+
+    /// For a namespace reached with an Entra ID credential, over TLS.
+    pub fn for_namespace(namespace: &str, credential: Credential, jobs_queue: &str) -> Self {
+        Self {
+            url: format!("amqps://{namespace}:5671"),
+            hostname: namespace.to_owned(),
+            audience_base: format!("sb://{namespace}"),
+            credential,
+            jobs_queue: jobs_queue.to_owned(),
+        }
+    }
+}
+
+/// One AMQP connection and what hangs on it.
+struct Live {
+    generation: u64,
+    connection: Mutex<ConnectionHandle<()>>,
+    session: Mutex<SessionHandle<()>>,
+    cbs: Mutex<CbsClient>,
+    /// Audience → (when the token was put, when it expires).
+    tokens: Mutex<HashMap<String, (SystemTime, SystemTime)>>,
+    broken: AtomicBool,
+}
+
+struct ReceiverLink {
+    generation: u64,
+    receiver: Receiver,
+    delivered: u64,
+}
+
+/// Counters the daemon reports.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    pub connects: AtomicU64,
+    pub token_puts: AtomicU64,
+}
+
+/// A [`Broker`] on Azure Service Bus (or the emulator), over AMQP 1.0.
+pub struct ServiceBusBroker {
+    config: ServiceBusConfig,
+    live: Mutex<Option<Arc<Live>>>,
+    receiver: Mutex<Option<ReceiverLink>>,
+    mgmt: Mutex<Option<(u64, MgmtClient)>>,
+    senders: Mutex<HashMap<String, (u64, Sender)>>,
+    generation: AtomicU64,
+    pub stats: ClientStats,
+}
+
+impl std::fmt::Debug for ServiceBusBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceBusBroker")
+            .field("url", &self.config.url)
+            .field("jobs_queue", &self.config.jobs_queue)
+            .finish_non_exhaustive()
+    }
+}
+
+fn connection_error(what: &str, e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Connection(format!("{what}: {e}"))
+}
+
+impl ServiceBusBroker {
+    pub fn new(config: ServiceBusConfig) -> Self {
+        Self {
+            config,
+            live: Mutex::new(None),
+            receiver: Mutex::new(None),
+            mgmt: Mutex::new(None),
+            senders: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            stats: ClientStats::default(),
+        }
+    }
+
+    /// Connects now, so that a wrong address or key fails at start rather than at the first
+    /// job.
+    pub async fn connect(&self) -> Result<(), BrokerError> {
+        let live = self.live().await?;
+        self.authorize(&live, &self.config.jobs_queue).await
+    }
+
+    /// The current connection, or a new one.
+    async fn live(&self) -> Result<Arc<Live>, BrokerError> {
+        let mut slot = self.live.lock().await;
+        if let Some(live) = slot.as_ref().filter(|l| !l.broken.load(Ordering::SeqCst)) {
+            return Ok(live.clone());
+        }
+        if let Some(old) = slot.take() {
+            tracing::warn!(
+                generation = old.generation,
+                "The Service Bus connection was lost; reconnecting."
+            );
+        }
+        let live = tokio::time::timeout(CONNECT_TIMEOUT, self.open())
+            .await
+            .map_err(|_| {
+                BrokerError::Connection(format!("connecting to {} timed out", self.config.url))
+            })??;
+        let live = Arc::new(live);
+        *slot = Some(live.clone());
+        Ok(live)
+    }
+
+    async fn open(&self) -> Result<Live, BrokerError> {
+        let mut connection = Connection::builder()
+            .container_id(format!("hybrid-worker-{}", Uuid::new_v4()))
+            .hostname(self.config.hostname.as_str())
+            .sasl_profile(SaslProfile::Anonymous)
+            .alt_tls_establishment(true)
+            .open(self.config.url.as_str())
+            .await
+            .map_err(|e| connection_error(&format!("connecting to {}", self.config.url), e))?;
+        let mut session = Session::begin(&mut connection)
+            .await
+            .map_err(|e| connection_error("beginning a session", e))?;
+        let cbs = CbsClient::builder()
+            .client_node_addr(format!("cbs-{}", Uuid::new_v4()))
+            .attach(&mut session)
+            .await
+            .map_err(|e| connection_error("attaching to $cbs", e))?;
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(url = %self.config.url, generation, "Connected to Service Bus.");
+        Ok(Live {
+            generation,
+            connection: Mutex::new(connection),
+            session: Mutex::new(session),
+            cbs: Mutex::new(cbs),
+            tokens: Mutex::new(HashMap::new()),
+            broken: AtomicBool::new(false),
+        })
+    }
+
+    /// Marks the connection as broken (the next call reconnects) and returns the error.
+    fn broken(&self, live: &Live, error: BrokerError) -> BrokerError {
+        if error.is_transient() {
+            live.broken.store(true, Ordering::SeqCst);
+        }
+        error
+    }
+
+    /// Puts a token for `entity` on `$cbs` unless a fresh one is there. A token is renewed
+    /// once less than a fifth of its lifetime is left, so a link never outlives its token.
+    async fn authorize(&self, live: &Live, entity: &str) -> Result<(), BrokerError> {
+        let audience = format!("{}/{}", self.config.audience_base, entity);
+        let now = SystemTime::now();
+        if let Some((put, expires)) = live.tokens.lock().await.get(&audience).copied() {
+            let lifetime = expires.duration_since(put).unwrap_or_default();
+            if expires.duration_since(now).unwrap_or_default() > lifetime / 5 {
+                return Ok(());
+            }
+        }
+        let token = self
+            .config
+            .credential
+            .token(&audience)
+            .await
+            .map_err(|CredentialError(e)| BrokerError::Refused(e))?;
+        let expires_ms = token
+            .expires_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let amqp_token = AmqpCbsToken::new(
+            token.value.as_str(),
+            token.token_type,
+            Some(Timestamp::from_milliseconds(
+                i64::try_from(expires_ms).unwrap_or(i64::MAX),
+            )),
+        );
+        let put = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            live.cbs
+                .lock()
+                .await
+                .put_token(audience.as_str(), amqp_token)
+                .await
+        })
+        .await;
+        match put {
+            Err(_) => Err(self.broken(
+                live,
+                BrokerError::Connection("putting a token on $cbs timed out".into()),
+            )),
+            Ok(Err(fe2o3_amqp_management::error::Error::Status(status))) => {
+                Err(BrokerError::Refused(format!(
+                    "the token for {audience} was refused ({}: {})",
+                    status.code.0,
+                    status.description.unwrap_or_default()
+                )))
+            }
+            Ok(Err(e)) => Err(self.broken(live, connection_error("putting a token on $cbs", e))),
+            Ok(Ok(())) => {
+                self.stats.token_puts.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(audience, "Put a token on $cbs.");
+                live.tokens
+                    .lock()
+                    .await
+                    .insert(audience, (now, token.expires_at));
+                Ok(())
+            }
+        }
+    }
+
+    /// Calls the jobs queue's management node; the caller maps the status.
+    async fn management(&self, request: MgmtRequest) -> Result<MgmtResponse, BrokerError> {
+        let live = self.live().await?;
+        self.authorize(&live, &self.config.jobs_queue).await?;
+        let mut slot = self.mgmt.lock().await;
+        if slot
+            .as_ref()
+            .is_none_or(|(generation, _)| *generation != live.generation)
+        {
+            let client = MgmtClient::builder()
+                .management_node_address(format!("{}/$management", self.config.jobs_queue))
+                .client_node_addr(format!("mgmt-{}", Uuid::new_v4()))
+                .attach(&mut *live.session.lock().await)
+                .await
+                .map_err(|e| self.broken(&live, connection_error("attaching to $management", e)))?;
+            *slot = Some((live.generation, client));
+        }
+        let Some((_, client)) = slot.as_mut() else {
+            return Err(BrokerError::Connection("no management link".into()));
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, client.call(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => {
+                *slot = None;
+                Err(self.broken(&live, connection_error("a management request failed", e)))
+            }
+            Err(_) => {
+                *slot = None;
+                Err(self.broken(
+                    &live,
+                    BrokerError::Connection("a management request timed out".into()),
+                ))
+            }
+        }
+    }
+
+    /// A management call retried with backoff and jitter while the connection is being
+    /// rebuilt (a lock token survives a reconnect).
+    async fn management_retried(&self, request: MgmtRequest) -> Result<MgmtResponse, BrokerError> {
+        (|| self.management(request.clone()))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(3))
+                    .with_max_times(5)
+                    .with_jitter(),
+            )
+            .when(BrokerError::is_transient)
+            .notify(|e, after| tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "Retrying a management request."))
+            .await
+    }
+
+    async fn update_disposition(
+        &self,
+        token: Uuid,
+        status: &str,
+        dead_letter: Option<(&str, &str)>,
+    ) -> Result<(), BrokerError> {
+        let mut request = MgmtRequest::new("com.microsoft:update-disposition")
+            .with("disposition-status", Value::String(status.to_owned()))
+            .with("lock-tokens", lock_tokens(token));
+        if let Some((reason, description)) = dead_letter {
+            request = request
+                .with("deadletter-reason", Value::String(reason.to_owned()))
+                .with(
+                    "deadletter-description",
+                    Value::String(description.to_owned()),
+                );
+        }
+        let response = self.management_retried(request).await?;
+        status_result(&response)
+    }
+
+    async fn send_at(
+        &self,
+        queue: &str,
+        message: &OutgoingMessage,
+        enqueue_at: Option<SystemTime>,
+    ) -> Result<(), BrokerError> {
+        let live = self.live().await?;
+        self.authorize(&live, queue).await?;
+        let mut senders = self.senders.lock().await;
+        if senders
+            .get(queue)
+            .is_none_or(|(generation, _)| *generation != live.generation)
+        {
+            let mut session = live.session.lock().await;
+            let attach = Sender::builder()
+                .name(format!("sender-{queue}-{}", Uuid::new_v4()))
+                .target(queue)
+                .sender_settle_mode(SenderSettleMode::Unsettled)
+                .attach(&mut session);
+            let attached = tokio::time::timeout(CONNECT_TIMEOUT, attach).await;
+            drop(session);
+            let sender = match attached {
+                Ok(Ok(sender)) => sender,
+                Ok(Err(e)) => {
+                    let text = e.to_string();
+                    if text.contains("not-found") || text.contains("NotFound") {
+                        return Err(BrokerError::NotFound(queue.to_owned()));
+                    }
+                    return Err(self.broken(
+                        &live,
+                        connection_error(&format!("attaching a sender to {queue}"), text),
+                    ));
+                }
+                Err(_) => {
+                    return Err(self.broken(
+                        &live,
+                        BrokerError::Connection(format!("attaching a sender to {queue} timed out")),
+                    ));
+                }
+            };
+            senders.insert(queue.to_owned(), (live.generation, sender));
+        }
+        let Some((_, sender)) = senders.get_mut(queue) else {
+            return Err(BrokerError::Connection("no sender".into()));
+        };
+        let outcome =
+            tokio::time::timeout(CONNECT_TIMEOUT, sender.send(to_amqp(message, enqueue_at))).await;
+        match outcome {
+            Ok(Ok(Outcome::Accepted(_))) => Ok(()),
+            Ok(Ok(Outcome::Rejected(rejected))) => Err(BrokerError::Refused(
+                rejected
+                    .error
+                    .map(|e| format!("{:?}: {}", e.condition, e.description.unwrap_or_default()))
+                    .unwrap_or_else(|| "rejected".into()),
+            )),
+            Ok(Ok(other)) => Err(BrokerError::Refused(format!(
+                "the broker answered {other:?}"
+            ))),
+            Ok(Err(e)) => {
+                senders.remove(queue);
+                Err(self.broken(&live, connection_error(&format!("sending to {queue}"), e)))
+            }
+            Err(_) => {
+                senders.remove(queue);
+                Err(self.broken(
+                    &live,
+                    BrokerError::Connection(format!("sending to {queue} timed out")),
+                ))
+            }
+        }
+    }
+
+    async fn attach_receiver(&self, live: &Live) -> Result<Receiver, BrokerError> {
+        let id = Uuid::new_v4();
+        let mut session = live.session.lock().await;
+        let attach = Receiver::builder()
+            .name(format!("jobs-receiver-{id}"))
+            .source(self.config.jobs_queue.as_str())
+            .target(format!("receiver-{id}"))
+            .sender_settle_mode(SenderSettleMode::Unsettled)
+            .receiver_settle_mode(ReceiverSettleMode::Second)
+            .credit_mode(CreditMode::Manual)
+            .auto_accept(false)
+            .attach(&mut session);
+        let attached = tokio::time::timeout(CONNECT_TIMEOUT, attach).await;
+        drop(session);
+        match attached {
+            Ok(Ok(receiver)) => Ok(receiver),
+            Ok(Err(e)) => {
+                let text = e.to_string();
+                if text.contains("not-found") || text.contains("NotFound") {
+                    return Err(BrokerError::NotFound(self.config.jobs_queue.clone()));
+                }
+                Err(self.broken(live, connection_error("attaching the jobs receiver", text)))
+            }
+            Err(_) => Err(self.broken(
+                live,
+                BrokerError::Connection("attaching the jobs receiver timed out".into()),
+            )),
+        }
+    }
+
+    /// Closes the connection politely (links, session, connection).
+    pub async fn close(&self) {
+        self.receiver.lock().await.take();
+        self.mgmt.lock().await.take();
+        self.senders.lock().await.clear();
+        if let Some(live) = self.live.lock().await.take() {
+            let _ = live.session.lock().await.end().await;
+            let _ = live.connection.lock().await.close().await;
+        }
+    }
+}
+
+fn lock_tokens(token: Uuid) -> Value {
+    Value::Array(
+        vec![Value::Uuid(fe2o3_amqp::types::primitives::Uuid::from(
+            *token.as_bytes(),
+        ))]
+        .into(),
+    )
+}
+
+fn status_result(response: &MgmtResponse) -> Result<(), BrokerError> {
+    if response.status == 200 {
+        return Ok(());
+    }
+    if response.is_lock_lost() {
+        return Err(BrokerError::LockLost);
+    }
+    Err(BrokerError::Refused(format!(
+        "status {} {}: {}",
+        response.status,
+        response.condition.as_deref().unwrap_or(""),
+        response.description.as_deref().unwrap_or("")
+    )))
+}
+
+#[async_trait]
+impl Broker for ServiceBusBroker {
+    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BrokerError> {
+        let live = self.live().await?;
+        self.authorize(&live, &self.config.jobs_queue).await?;
+        let mut slot = self.receiver.lock().await;
+        let stale = slot
+            .as_ref()
+            .is_none_or(|r| r.generation != live.generation || r.delivered >= RECEIVER_RECYCLE);
+        if stale {
+            // Messages the old link still holds keep their locks; they are settled by lock
+            // token through the management node.
+            if let Some(old) = slot.take().filter(|old| old.generation == live.generation) {
+                let _ = old.receiver.close().await;
+            }
+            let receiver = self.attach_receiver(&live).await?;
+            *slot = Some(ReceiverLink {
+                generation: live.generation,
+                receiver,
+                delivered: 0,
+            });
+        }
+        let Some(link) = slot.as_mut() else {
+            return Err(BrokerError::Connection("no receiver".into()));
+        };
+        let credit = u32::try_from(max).unwrap_or(u32::MAX);
+        if let Err(e) = link.receiver.set_credit(credit).await {
+            *slot = None;
+            return Err(self.broken(&live, connection_error("granting credit", e)));
+        }
+        let mut out = Vec::new();
+        let mut budget = wait;
+        while out.len() < max {
+            let next = tokio::time::timeout(budget, link.receiver.recv::<Body<Value>>()).await;
+            match next {
+                Err(_) => break,
+                Ok(Ok(delivery)) => {
+                    link.delivered += 1;
+                    let tag = delivery.delivery_tag().to_vec();
+                    match to_delivery(&tag, delivery.message(), DEFAULT_LOCK) {
+                        Some(d) => out.push(d),
+                        None => {
+                            tracing::error!("A delivery without a lock token was released.");
+                            let _ = link.receiver.release(&delivery).await;
+                        }
+                    }
+                    budget = GATHER;
+                }
+                Ok(Err(e)) => {
+                    *slot = None;
+                    if out.is_empty() {
+                        return Err(self.broken(&live, connection_error("receiving", e)));
+                    }
+                    live.broken.store(true, Ordering::SeqCst);
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn complete(&self, lock_token: Uuid) -> Result<(), BrokerError> {
+        self.update_disposition(lock_token, "completed", None).await
+    }
+
+    async fn abandon(&self, lock_token: Uuid) -> Result<(), BrokerError> {
+        self.update_disposition(lock_token, "abandoned", None).await
+    }
+
+    async fn dead_letter(
+        &self,
+        lock_token: Uuid,
+        reason: &str,
+        description: &str,
+    ) -> Result<(), BrokerError> {
+        self.update_disposition(lock_token, "suspended", Some((reason, description)))
+            .await
+    }
+
+    async fn renew_lock(&self, lock_token: Uuid) -> Result<tokio::time::Instant, BrokerError> {
+        let request = MgmtRequest::new("com.microsoft:renew-lock")
+            .with("lock-tokens", lock_tokens(lock_token));
+        let response = self.management_retried(request).await?;
+        status_result(&response)?;
+        let until = match response.field("expirations") {
+            Some(Value::Array(a)) => a.iter().next().cloned(),
+            Some(Value::List(l)) => l.first().cloned(),
+            _ => None,
+        };
+        let Some(Value::Timestamp(until)) = until else {
+            return Err(BrokerError::Refused(
+                "renew-lock answered without an expiration".into(),
+            ));
+        };
+        let until =
+            UNIX_EPOCH + Duration::from_millis(u64::try_from(until.milliseconds()).unwrap_or(0));
+        let left = until.duration_since(SystemTime::now()).unwrap_or_default();
+        Ok(tokio::time::Instant::now() + left)
+    }
+
+    async fn send(&self, queue: &str, message: OutgoingMessage) -> Result<(), BrokerError> {
+        (|| self.send_at(queue, &message, None))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_max_times(3)
+                    .with_jitter(),
+            )
+            .when(BrokerError::is_transient)
+            .await
+    }
+
+    async fn schedule(
+        &self,
+        queue: &str,
+        message: OutgoingMessage,
+        delay: Duration,
+    ) -> Result<(), BrokerError> {
+        let at = SystemTime::now() + delay;
+        (|| self.send_at(queue, &message, Some(at)))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_max_times(3)
+                    .with_jitter(),
+            )
+            .when(BrokerError::is_transient)
+            .await
+    }
+}
