@@ -1,1 +1,2 @@
 //! hybrid-worker: the execution tier under Power Platform.
+pub mod emulator;

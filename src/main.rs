@@ -1,1 +1,36 @@
-fn main() {}
+//! hybrid-worker command line. The emulator subcommand is wired here temporarily; the real
+//! CLI adopts `emulator::cli::EmulatorArgs` at merge.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use hybrid_worker::emulator::cli::{EmulatorArgs, run};
+
+#[derive(Debug, Parser)]
+#[command(name = "hybrid-worker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the embedded Service Bus emulator.
+    Emulator(EmulatorArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let Command::Emulator(args) = Cli::parse().command;
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

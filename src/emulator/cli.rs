@@ -1,0 +1,66 @@
+//! `hybrid-worker emulator`: runs the emulator in the foreground and prints the connection
+//! string clients should use.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use super::entities::{self, QueueConfig};
+use super::{Emulator, EmulatorConfig};
+
+/// Command-line options of `hybrid-worker emulator`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EmulatorArgs {
+    /// Address to listen on; port 0 picks a free port (the real one is printed).
+    #[arg(long, default_value = "127.0.0.1:5672", env = "HYBRID__EMULATOR__LISTEN")]
+    pub listen: SocketAddr,
+    /// Entities in the official emulator's Config.json shape (default: `jobs` and
+    /// session-enabled `results`).
+    #[arg(long, env = "HYBRID__EMULATOR__ENTITIES")]
+    pub entities: Option<PathBuf>,
+    /// Directory of the message store.
+    #[arg(
+        long,
+        env = "HYBRID__EMULATOR__DATA_DIR",
+        default_value = "emulator-data",
+        conflicts_with = "in_memory"
+    )]
+    pub data: PathBuf,
+    /// Keep messages in memory only (lost on exit).
+    #[arg(long)]
+    pub in_memory: bool,
+}
+
+/// Runs until SIGINT or SIGTERM, then closes connections cleanly.
+pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
+    let queues: Vec<QueueConfig> = match &args.entities {
+        Some(path) => entities::load(path)?,
+        None => QueueConfig::defaults(),
+    };
+    let mut config = EmulatorConfig::new(args.listen);
+    config.queues = queues;
+    config.data_dir = (!args.in_memory).then(|| args.data.clone());
+    let handle = Emulator::start(config)
+        .await
+        .context("starting the emulator")?;
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "{}", handle.connection_string())?;
+    stdout.flush()?;
+    tracing::info!(addr = %handle.local_addr(), in_memory = args.in_memory, "Service Bus emulator is listening.");
+    wait_for_signal().await?;
+    tracing::info!("Service Bus emulator is shutting down.");
+    handle.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
