@@ -8,8 +8,8 @@ use super::queue::{Broker, EntityRef, strip_authority};
 use super::request::Request;
 use super::sas::{SasRule, verify};
 
-/// Token type of SAS tokens.
-const SAS_TYPE: &str = "servicebus.windows.net:sastoken";
+/// Token types clients label their tokens with (§2).
+const TOKEN_TYPES: [&str; 3] = ["servicebus.windows.net:sastoken", "jwt", "amqp:swt"];
 
 /// Paths the connection holds tokens for.
 #[derive(Debug, Default)]
@@ -60,8 +60,10 @@ impl Authz {
                 req.operation
             )));
         }
+        // Python 7.15 labels SAS tokens `jwt` (its key credential takes the JWT path), so the
+        // token's own form decides how it is checked, not the `type` property.
         match req.app_prop("type") {
-            Some(SimpleValue::String(t)) if t == SAS_TYPE => {}
+            Some(SimpleValue::String(t)) if TOKEN_TYPES.contains(&t.as_str()) => {}
             Some(SimpleValue::String(t)) => {
                 return Err(SbError::Unauthorized(format!(
                     "token type {t} is not accepted"

@@ -6,6 +6,8 @@ use fe2o3_amqp_types::messaging::{
     annotations::OwnedKey,
 };
 use fe2o3_amqp_types::primitives::{SimpleValue, Symbol, Timestamp, Value};
+use serde_amqp::described::Described;
+use serde_amqp::descriptor::Descriptor;
 
 use super::codec::{CodecError, decode, descriptor_code, encode, encoded_len};
 
@@ -61,7 +63,7 @@ impl MessageParts {
     pub fn encode(&self) -> Result<Vec<u8>, CodecError> {
         let mut out = Vec::with_capacity(self.body.len() + 256);
         if let Some(h) = &self.header {
-            out.extend(encode("header", h)?);
+            out.extend(encode_header(h)?);
         }
         if let Some(a) = &self.annotations {
             out.extend(encode("message-annotations", a)?);
@@ -160,6 +162,23 @@ impl MessageParts {
                 .absolute_expiry_time = Some(Timestamp::from_milliseconds(ms));
         }
     }
+}
+
+/// Encodes a header with every field present. The derived encoder drops trailing defaults,
+/// so a first delivery would carry no `delivery-count` and Python would show `None`.
+fn encode_header(h: &Header) -> Result<Vec<u8>, CodecError> {
+    let fields = vec![
+        Value::Bool(h.durable),
+        Value::Ubyte(h.priority.0),
+        h.ttl.map_or(Value::Null, Value::Uint),
+        Value::Bool(h.first_acquirer),
+        Value::Uint(h.delivery_count),
+    ];
+    let described = Described {
+        descriptor: Descriptor::Code(0x70),
+        value: Value::List(fields),
+    };
+    encode("header", &Value::Described(Box::new(described)))
 }
 
 #[cfg(test)]
