@@ -92,7 +92,8 @@ impl Authz {
         if !entity_path.is_empty() && broker.resolve(entity_path).is_none() {
             return Err(SbError::EntityNotFound(entity_path.to_string()));
         }
-        self.grants.push((entity_path.to_string(), claims.expires_s));
+        self.grants
+            .push((entity_path.to_string(), claims.expires_s));
         Ok(())
     }
 }

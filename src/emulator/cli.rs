@@ -14,7 +14,11 @@ use super::{Emulator, EmulatorConfig};
 #[derive(Debug, Clone, clap::Args)]
 pub struct EmulatorArgs {
     /// Address to listen on; port 0 picks a free port (the real one is printed).
-    #[arg(long, default_value = "127.0.0.1:5672", env = "HYBRID__EMULATOR__LISTEN")]
+    #[arg(
+        long,
+        default_value = "127.0.0.1:5672",
+        env = "HYBRID__EMULATOR__LISTEN"
+    )]
     pub listen: SocketAddr,
     /// Entities in the official emulator's Config.json shape (default: `jobs` and
     /// session-enabled `results`).

@@ -45,7 +45,10 @@ fn encoded_len_at(buf: &[u8], depth: usize) -> Result<usize, CodecError> {
     if code == 0x00 {
         let rest = &buf[1..];
         let descriptor = encoded_len_at(rest, depth + 1)?;
-        let value = encoded_len_at(rest.get(descriptor..).ok_or(CodecError::Truncated)?, depth + 1)?;
+        let value = encoded_len_at(
+            rest.get(descriptor..).ok_or(CodecError::Truncated)?,
+            depth + 1,
+        )?;
         return Ok(1 + descriptor + value);
     }
     let total = match code {
@@ -153,6 +156,9 @@ mod tests {
     fn nesting_is_bounded() {
         let deep = vec![0u8; 64];
         assert_eq!(encoded_len(&deep), Err(CodecError::TooDeep));
-        assert_eq!(encoded_len(&[0xff]), Err(CodecError::UnknownFormatCode(0xff)));
+        assert_eq!(
+            encoded_len(&[0xff]),
+            Err(CodecError::UnknownFormatCode(0xff))
+        );
     }
 }

@@ -201,13 +201,7 @@ async fn run(
 }
 
 impl Conn {
-    fn ctx_parts(
-        &mut self,
-    ) -> (
-        &mut HashMap<u16, Session>,
-        &mut HashMap<u16, u16>,
-        Ctx<'_>,
-    ) {
+    fn ctx_parts(&mut self) -> (&mut HashMap<u16, Session>, &mut HashMap<u16, u16>, Ctx<'_>) {
         (
             &mut self.sessions,
             &mut self.by_remote,

@@ -129,13 +129,20 @@ pub fn load(path: &std::path::Path) -> Result<Vec<QueueConfig>, EntitiesError> {
 pub fn parse(text: &str) -> Result<Vec<QueueConfig>, EntitiesError> {
     let file: File = serde_json::from_str(text)?;
     let mut out: Vec<QueueConfig> = Vec::new();
-    for entry in file.user_config.namespaces.into_iter().flat_map(|n| n.queues) {
+    for entry in file
+        .user_config
+        .namespaces
+        .into_iter()
+        .flat_map(|n| n.queues)
+    {
         let invalid = |reason: String| EntitiesError::Invalid {
             queue: entry.name.clone(),
             reason,
         };
         if !valid_name(&entry.name) {
-            return Err(invalid("name has characters Service Bus does not allow".into()));
+            return Err(invalid(
+                "name has characters Service Bus does not allow".into(),
+            ));
         }
         if out.iter().any(|q| q.name.eq_ignore_ascii_case(&entry.name)) {
             return Err(invalid("defined twice".into()));
@@ -212,8 +219,14 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_iso_duration("PT1M"), Some(Duration::from_secs(60)));
-        assert_eq!(parse_iso_duration("PT0.5S"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_iso_duration("P1DT1H"), Some(Duration::from_secs(90_000)));
+        assert_eq!(
+            parse_iso_duration("PT0.5S"),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_iso_duration("P1DT1H"),
+            Some(Duration::from_secs(90_000))
+        );
         assert_eq!(parse_iso_duration("1M"), None);
         assert_eq!(parse_iso_duration("PT1X"), None);
     }

@@ -67,9 +67,7 @@ impl SbError {
     pub fn status(&self) -> i32 {
         match self {
             SbError::EntityNotFound(_) | SbError::MessageNotFound(_) => 404,
-            SbError::LockLost | SbError::SessionLockLost | SbError::SessionCannotBeLocked(_) => {
-                410
-            }
+            SbError::LockLost | SbError::SessionLockLost | SbError::SessionCannotBeLocked(_) => 410,
             SbError::NotAllowed(_) | SbError::Argument(_) => 400,
             SbError::Unauthorized(_) => 401,
             SbError::Timeout(_) => 408,

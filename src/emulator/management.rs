@@ -201,14 +201,20 @@ fn int(req: &Request, key: &str) -> Result<i64, SbError> {
 }
 
 fn ints(req: &Request, key: &str) -> Result<Vec<i64>, SbError> {
-    let list = req.field(key).and_then(as_list).ok_or_else(|| missing(key))?;
+    let list = req
+        .field(key)
+        .and_then(as_list)
+        .ok_or_else(|| missing(key))?;
     list.iter()
         .map(|v| as_i64(v).ok_or_else(|| missing(key)))
         .collect()
 }
 
 fn uuids(req: &Request, key: &str) -> Result<Vec<Uuid>, SbError> {
-    let list = req.field(key).and_then(as_list).ok_or_else(|| missing(key))?;
+    let list = req
+        .field(key)
+        .and_then(as_list)
+        .ok_or_else(|| missing(key))?;
     list.iter()
         .map(|v| as_uuid(v).ok_or_else(|| missing(key)))
         .collect()

@@ -151,7 +151,9 @@ impl MessageParts {
 
     /// Sets the header delivery count, creating the header when needed.
     pub fn set_delivery_count(&mut self, count: u32) {
-        self.header.get_or_insert_with(Header::default).delivery_count = count;
+        self.header
+            .get_or_insert_with(Header::default)
+            .delivery_count = count;
     }
 
     /// Sets `absolute-expiry-time`, which the broker owns on output (§4.1).

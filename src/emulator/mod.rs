@@ -114,12 +114,13 @@ impl Emulator {
     pub async fn start(config: EmulatorConfig) -> Result<EmulatorHandle, StartError> {
         let store = Store::open(config.data_dir.as_deref()).map_err(SbError::from)?;
         let broker = Broker::new(config.queues, store)?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind {
             addr: config.listen,
             source,

@@ -33,10 +33,7 @@ pub fn outcome_of(state: Option<&DeliveryState>, settled: bool) -> Option<Outcom
 }
 
 /// The settled state the broker sends back once `outcome` was applied (or failed).
-pub fn reply_state(
-    sent: Option<&DeliveryState>,
-    result: &Result<(), SbError>,
-) -> DeliveryState {
+pub fn reply_state(sent: Option<&DeliveryState>, result: &Result<(), SbError>) -> DeliveryState {
     if let Err(e) = result {
         return DeliveryState::Rejected(Rejected {
             error: Some(e.to_amqp()),
@@ -64,9 +61,7 @@ fn dead_letter_of(error: Option<&AmqpError>) -> Outcome {
             other => format!("{other:?}"),
         };
         if let Some(info) = &err.info {
-            reason = info
-                .get(&Symbol::from("DeadLetterReason"))
-                .and_then(text);
+            reason = info.get(&Symbol::from("DeadLetterReason")).and_then(text);
             description = info
                 .get(&Symbol::from("DeadLetterErrorDescription"))
                 .and_then(text);
@@ -98,7 +93,10 @@ fn annotation_props(
         .map(|f| {
             f.iter()
                 .filter_map(|(k, v)| {
-                    Some((k.as_str().to_string(), SimpleValue::try_from(v.clone()).ok()?))
+                    Some((
+                        k.as_str().to_string(),
+                        SimpleValue::try_from(v.clone()).ok()?,
+                    ))
                 })
                 .collect()
         })
@@ -115,9 +113,15 @@ mod tests {
             error: Some(super::super::error::amqp_error(DEAD_LETTER, "why")),
         });
         let reply = reply_state(Some(&sent), &Ok(()));
-        assert!(matches!(reply, DeliveryState::Rejected(Rejected { error: None })));
+        assert!(matches!(
+            reply,
+            DeliveryState::Rejected(Rejected { error: None })
+        ));
         let lost = reply_state(Some(&sent), &Err(SbError::LockLost));
-        assert!(matches!(lost, DeliveryState::Rejected(Rejected { error: Some(_) })));
+        assert!(matches!(
+            lost,
+            DeliveryState::Rejected(Rejected { error: Some(_) })
+        ));
     }
 
     #[test]
@@ -136,6 +140,9 @@ mod tests {
             undeliverable_here: Some(true),
             message_annotations: None,
         });
-        assert_eq!(outcome_of(Some(&defer), false), Some(Outcome::Defer(Vec::new())));
+        assert_eq!(
+            outcome_of(Some(&defer), false),
+            Some(Outcome::Defer(Vec::new()))
+        );
     }
 }

@@ -192,7 +192,9 @@ impl Broker {
 
     /// Resolves a link address (bare path or absolute URI, any case) to an entity.
     pub fn resolve(&self, address: &str) -> Option<EntityRef> {
-        let path = strip_authority(address).trim_matches('/').to_ascii_lowercase();
+        let path = strip_authority(address)
+            .trim_matches('/')
+            .to_ascii_lowercase();
         let (queue, dlq) = match path.strip_suffix("/$deadletterqueue") {
             Some(q) => (q.to_string(), true),
             None => (path, false),
@@ -240,8 +242,8 @@ impl Broker {
             if q.cfg.duplicate_detection
                 && let Some(id) = parts.message_id_text()
             {
-                let dup = q.dedupe.get(&id).is_some_and(|t| now - t < window)
-                    || seen_now.contains(&id);
+                let dup =
+                    q.dedupe.get(&id).is_some_and(|t| now - t < window) || seen_now.contains(&id);
                 if dup {
                     continue;
                 }
@@ -380,7 +382,8 @@ impl Broker {
                 merge_props(&mut m.parts, props);
                 m.delivery_count += 1;
                 if !dlq && m.delivery_count >= max {
-                    let why = format!("Message could not be consumed after {max} delivery attempts.");
+                    let why =
+                        format!("Message could not be consumed after {max} delivery attempts.");
                     dead_letter(state, &queue, m, "MaxDeliveryCountExceeded", &why)?;
                 } else {
                     state.store.update(&m)?;

@@ -90,8 +90,8 @@ pub fn verify(token: &str, rules: &[SasRule], now_s: i64) -> Result<SasClaims, S
     let sig_bytes = STANDARD
         .decode(sig_text.as_bytes())
         .map_err(|_| SasError::BadSignature)?;
-    let mut mac = Hmac::<Sha256>::new_from_slice(rule.key.as_bytes())
-        .map_err(|_| SasError::BadSignature)?;
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(rule.key.as_bytes()).map_err(|_| SasError::BadSignature)?;
     mac.update(format!("{sr}\n{se_text}").as_bytes());
     mac.verify_slice(&sig_bytes)
         .map_err(|_| SasError::BadSignature)?;
@@ -153,9 +153,6 @@ mod tests {
             key: "nope".into(),
             ..SasRule::default()
         };
-        assert_eq!(
-            verify(&token, &[wrong], 1000),
-            Err(SasError::BadSignature)
-        );
+        assert_eq!(verify(&token, &[wrong], 1000), Err(SasError::BadSignature));
     }
 }

@@ -191,8 +191,7 @@ impl Store {
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (queue, seq, dlq, data, enqueued_ms, delivery_count, state, visible_ms, exp) =
-                row?;
+            let (queue, seq, dlq, data, enqueued_ms, delivery_count, state, visible_ms, exp) = row?;
             let parts = MessageParts::parse(&data).map_err(|e| StoreError::Corrupt {
                 queue: queue.clone(),
                 seq,

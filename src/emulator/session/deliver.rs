@@ -279,18 +279,19 @@ impl Session {
                     entity,
                     session,
                     peek_lock,
-                } => match ctx.shared.broker.acquire(
-                    entity,
-                    session.as_deref(),
-                    link.id,
-                    *peek_lock,
-                ) {
-                    Ok(d) => d.map(|d| (d.token, d.bytes)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "Could not take a message for a receiver.");
-                        None
+                } => {
+                    match ctx
+                        .shared
+                        .broker
+                        .acquire(entity, session.as_deref(), link.id, *peek_lock)
+                    {
+                        Ok(d) => d.map(|d| (d.token, d.bytes)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "Could not take a message for a receiver.");
+                            None
+                        }
                     }
-                },
+                }
                 _ => None,
             };
             let Some((token, bytes)) = next else {
@@ -345,9 +346,10 @@ impl Session {
                 aborted: false,
                 batchable: false,
             };
-            let overhead = super::super::codec::encode("transfer", &Performative::Transfer(t.clone()))
-                .map(|b| b.len() + 8)
-                .unwrap_or(64);
+            let overhead =
+                super::super::codec::encode("transfer", &Performative::Transfer(t.clone()))
+                    .map(|b| b.len() + 8)
+                    .unwrap_or(64);
             let room = (ctx.remote_max_frame as usize)
                 .saturating_sub(overhead)
                 .max(64);

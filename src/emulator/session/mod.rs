@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 use fe2o3_amqp_types::definitions::{
     Error as AmqpError, Handle, ReceiverSettleMode, Role, SenderSettleMode,
 };
-use fe2o3_amqp_types::messaging::{
-    Accepted, DeliveryState, Rejected, Source,
-};
+use fe2o3_amqp_types::messaging::{Accepted, DeliveryState, Rejected, Source};
 use fe2o3_amqp_types::performatives::{
     Attach, Begin, Detach, Disposition, End, Flow, Performative, Transfer,
 };
@@ -177,7 +175,10 @@ impl Session {
     pub fn on_attach(&mut self, a: Attach, ctx: &mut Ctx<'_>) -> Result<(), Fatal> {
         let h = a.handle.0;
         if self.links.contains_key(&h) || self.pending.iter().any(|p| p.attach.handle.0 == h) {
-            return Err(fatal("amqp:session:handle-in-use", "handle already attached"));
+            return Err(fatal(
+                "amqp:session:handle-in-use",
+                "handle already attached",
+            ));
         }
         let id = ctx.shared.next_link_id();
         match a.role {
@@ -188,7 +189,9 @@ impl Session {
     }
 
     fn attach_inbound(&mut self, a: Attach, id: LinkId, ctx: &mut Ctx<'_>) {
-        let address = target_address(a.target.as_deref()).unwrap_or("").to_string();
+        let address = target_address(a.target.as_deref())
+            .unwrap_or("")
+            .to_string();
         let kind = match self.classify(&address, ctx) {
             Ok(Dest::Cbs) => LinkKind::NodeIn(NodeAddr::Cbs),
             Ok(Dest::Management(e)) => LinkKind::NodeIn(NodeAddr::Management(e)),
@@ -226,7 +229,9 @@ impl Session {
     }
 
     fn attach_outbound(&mut self, a: Attach, id: LinkId, ctx: &mut Ctx<'_>) {
-        let address = source_address(a.source.as_deref()).unwrap_or("").to_string();
+        let address = source_address(a.source.as_deref())
+            .unwrap_or("")
+            .to_string();
         let entity = match self.classify(&address, ctx) {
             Ok(Dest::Cbs) | Ok(Dest::Management(_)) => {
                 let kind = LinkKind::NodeOut {
@@ -292,9 +297,12 @@ impl Session {
     ) {
         let mut source = a.source.clone();
         let mut properties = None;
-        if let (LinkKind::Outbound {
-            session: Some(sid), ..
-        }, Some(until)) = (&kind, locked_until)
+        if let (
+            LinkKind::Outbound {
+                session: Some(sid), ..
+            },
+            Some(until),
+        ) = (&kind, locked_until)
         {
             let src = source.get_or_insert_with(|| Box::new(Source::default()));
             src.filter
@@ -333,7 +341,11 @@ impl Session {
         let reply = Attach {
             role: ours.clone(),
             source: if ours == Role::Sender { None } else { a.source },
-            target: if ours == Role::Receiver { None } else { a.target },
+            target: if ours == Role::Receiver {
+                None
+            } else {
+                a.target
+            },
             unsettled: None,
             incomplete_unsettled: false,
             initial_delivery_count: (ours == Role::Sender).then_some(0),
