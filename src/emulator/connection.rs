@@ -28,8 +28,9 @@ use super::frame::{
 use super::sasl::negotiate;
 use super::session::{Ctx, Fatal, Routed, Session};
 
-/// Largest frame we accept.
-const MAX_FRAME: u32 = 1 << 20;
+/// Largest frame we accept. Smaller than a message (256 KiB), so large messages arrive in
+/// several transfer frames, as they do from the cloud service.
+const MAX_FRAME: u32 = 64 * 1024;
 /// Idle timeout we announce; a silent peer is dropped after it (plus grace).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(240);
 /// Time allowed for the protocol header, SASL and Open.

@@ -33,6 +33,7 @@ QUEUES = {
     "nextsession": {"RequiresSession": True},
     "sessionstate": {"RequiresSession": True},
     "restart": {},
+    "large": {},
 }
 
 

@@ -219,3 +219,14 @@ def test_ttl_expiry_dead_letters(conn_str):
             (m,) = r.receive_messages(max_message_count=1, max_wait_time=WAIT)
             assert m.dead_letter_reason == "TTLExpiredException"
             r.complete_message(m)
+
+
+def test_large_message_crosses_frames(conn_str):
+    body = bytes(range(256)) * 800  # 200 KiB: several 64 KiB frames each way
+    with ServiceBusClient.from_connection_string(conn_str) as client:
+        with client.get_queue_sender("large") as s:
+            s.send_messages(ServiceBusMessage(body))
+        with client.get_queue_receiver("large") as r:
+            (m,) = r.receive_messages(max_message_count=1, max_wait_time=WAIT)
+            assert b"".join(m.body) == body
+            r.complete_message(m)
