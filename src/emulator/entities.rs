@@ -67,10 +67,13 @@ impl QueueConfig {
     }
 
     /// The default entities of the embedded emulator: `jobs` and session-enabled `results`
-    /// (design.md, "Stable names").
+    /// (design.md, "Stable names"). Their messages never expire, as in the cloud, because a
+    /// job waiting an hour for a free worker must not vanish.
     pub fn defaults() -> Vec<QueueConfig> {
-        let jobs = QueueConfig::new("jobs");
+        let mut jobs = QueueConfig::new("jobs");
+        jobs.default_ttl = Duration::MAX;
         let mut results = QueueConfig::new("results");
+        results.default_ttl = Duration::MAX;
         results.requires_session = true;
         vec![jobs, results]
     }

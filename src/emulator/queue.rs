@@ -107,7 +107,7 @@ impl Queue {
         if dlq { &mut self.dlq } else { &mut self.active }
     }
     fn lock_ms(&self) -> i64 {
-        self.cfg.lock_duration.as_millis() as i64
+        millis(self.cfg.lock_duration)
     }
 }
 
@@ -123,6 +123,11 @@ struct State {
 pub struct Broker {
     state: Mutex<State>,
     changed: watch::Sender<u64>,
+}
+
+/// A duration in milliseconds, saturating (an "unlimited" TTL is `Duration::MAX`).
+fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Current time in Unix milliseconds.
@@ -230,7 +235,7 @@ impl Broker {
         let q = queue_mut(&mut state.queues, e)?;
         let mut stored = Vec::new();
         let mut next_seq = q.next_seq;
-        let window = q.cfg.duplicate_window.as_millis() as i64;
+        let window = millis(q.cfg.duplicate_window);
         let mut seen_now: Vec<String> = Vec::new();
         for parts in msgs {
             if q.cfg.requires_session && parts.session_id().is_none() {
@@ -250,7 +255,7 @@ impl Broker {
                 seen_now.push(id);
             }
             let visible_ms = parts.scheduled_enqueue_ms().unwrap_or(now).max(now);
-            let default_ttl = q.cfg.default_ttl.as_millis() as i64;
+            let default_ttl = millis(q.cfg.default_ttl);
             let ttl = parts
                 .ttl_ms()
                 .map(|t| i64::from(t).min(default_ttl))
@@ -580,7 +585,7 @@ impl Broker {
         let mut changed = false;
         let mut to_dead_letter: Vec<(String, StoredMessage, &'static str, String)> = Vec::new();
         for q in state.queues.values_mut() {
-            let window = q.cfg.duplicate_window.as_millis() as i64;
+            let window = millis(q.cfg.duplicate_window);
             q.dedupe.retain(|_, t| now - *t < window);
             let before = q.session_locks.len();
             q.session_locks.retain(|_, l| l.until_ms > now);

@@ -34,6 +34,9 @@ QUEUES = {
     "sessionstate": {"RequiresSession": True},
     "restart": {},
     "large": {},
+    "emptysessions": {"RequiresSession": True},
+    "sessionlock": {"RequiresSession": True},
+    "shortsession": {"RequiresSession": True, "LockDuration": "PT2S"},
 }
 
 

@@ -90,3 +90,43 @@ def test_restart_loses_no_accepted_message(durable_emulator):
                     got.append(str(m))
                     r.complete_message(m)
     assert got == [f"r{i}" for i in range(1, 10)]
+
+
+def test_next_available_times_out_when_no_session_is_free(conn_str):
+    from azure.servicebus.exceptions import OperationTimeoutError
+
+    with ServiceBusClient.from_connection_string(conn_str, retry_total=0) as client:
+        start = time.time()
+        with pytest.raises(OperationTimeoutError):
+            with client.get_queue_receiver(
+                "emptysessions", session_id=NEXT_AVAILABLE_SESSION, max_wait_time=2
+            ) as r:
+                r.receive_messages(max_message_count=1, max_wait_time=1)
+        assert time.time() - start < 30
+
+
+def test_locked_session_cannot_be_taken_twice(conn_str):
+    from azure.servicebus.exceptions import SessionCannotBeLockedError
+
+    with ServiceBusClient.from_connection_string(conn_str, retry_total=0) as client:
+        with client.get_queue_sender("sessionlock") as s:
+            s.send_messages(ServiceBusMessage("x", session_id="L"))
+        with client.get_queue_receiver("sessionlock", session_id="L") as first:
+            with pytest.raises(SessionCannotBeLockedError):
+                with client.get_queue_receiver("sessionlock", session_id="L") as second:
+                    second.receive_messages(max_message_count=1, max_wait_time=1)
+            (m,) = first.receive_messages(max_message_count=1, max_wait_time=WAIT)
+            first.complete_message(m)
+
+
+def test_expired_session_lock_is_lost(conn_str):
+    from azure.servicebus.exceptions import SessionLockLostError
+
+    with ServiceBusClient.from_connection_string(conn_str, retry_total=0) as client:
+        with client.get_queue_sender("shortsession") as s:
+            s.send_messages(ServiceBusMessage("x", session_id="E"))
+        with client.get_queue_receiver("shortsession", session_id="E") as r:
+            (m,) = r.receive_messages(max_message_count=1, max_wait_time=WAIT)
+            time.sleep(3)
+            with pytest.raises(SessionLockLostError):
+                r.complete_message(m)
