@@ -13,6 +13,11 @@ use fe2o3_amqp::types::primitives::Value;
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use fe2o3_amqp_cbs::client::CbsClient;
 use fe2o3_amqp_cbs::token::CbsToken;
+use fe2o3_amqp_management::client::MgmtClient;
+use fe2o3_amqp_management::error::Error as MgmtError;
+use fe2o3_amqp_management::request::Request;
+use fe2o3_amqp_management::response::Response;
+use fe2o3_amqp_types::primitives::{Array, OrderedMap, Uuid as AmqpUuid};
 use hybrid_worker::emulator::sas::{SasRule, sign};
 use hybrid_worker::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 
@@ -85,8 +90,26 @@ async fn send_receive_complete_with_small_frames() -> TestResult {
         Body::Value(v) => assert_eq!(v.0, Value::String(body)),
         other => panic!("unexpected body {other:?}"),
     }
+    let tag: [u8; 16] = delivery.delivery_tag().as_slice().try_into()?;
+    let token = uuid::Uuid::from_bytes_le(tag);
     let info = DeliveryInfo::from(delivery);
+
+    // Renew the lock through $management; fe2o3 numbers its requests with ulong ids, and
+    // the response must keep that type for the client to match it.
+    let mut mgmt = MgmtClient::builder()
+        .management_node_address("jobs/$management")
+        .client_node_addr("fe2o3-test-mgmt")
+        .attach(&mut session)
+        .await?;
+    let renewed: RenewLockResponse = mgmt.call(RenewLock(vec![token])).await?;
+    assert_eq!(renewed.0.len(), 1);
+    mgmt.close().await?;
+
     receiver.accept(info).await?;
+
+    // Nothing left: a drain must come back with the credit used up.
+    receiver.set_credit(5).await?;
+    receiver.drain().await?;
 
     receiver.close().await?;
     sender.close().await?;
@@ -120,4 +143,46 @@ async fn wrong_key_and_unknown_entity_are_refused() -> TestResult {
     let _ = conn.close().await;
     handle.shutdown().await;
     Ok(())
+}
+
+/// `com.microsoft:renew-lock` as the daemon would send it.
+struct RenewLock(Vec<uuid::Uuid>);
+
+struct RenewLockResponse(Vec<Value>);
+
+impl Request for RenewLock {
+    const OPERATION: &'static str = "com.microsoft:renew-lock";
+    type Response = RenewLockResponse;
+    type Body = Value;
+
+    fn encode_body(self) -> Value {
+        let tokens = self
+            .0
+            .iter()
+            .map(|t| Value::Uuid(AmqpUuid::from(*t.as_bytes())))
+            .collect();
+        let mut map = OrderedMap::new();
+        map.insert(
+            Value::String("lock-tokens".into()),
+            Value::Array(Array(tokens)),
+        );
+        Value::Map(map)
+    }
+}
+
+impl Response for RenewLockResponse {
+    const STATUS_CODE: u16 = 200;
+    type Body = Value;
+    type Error = MgmtError;
+
+    fn decode_message(message: Message<Value>) -> Result<Self, MgmtError> {
+        let expirations = match message.body {
+            Value::Map(map) => match map.get(&Value::String("expirations".into())) {
+                Some(Value::Array(a)) => a.0.clone(),
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        };
+        Ok(RenewLockResponse(expirations))
+    }
 }
