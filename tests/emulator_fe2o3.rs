@@ -186,3 +186,40 @@ impl Response for RenewLockResponse {
         Ok(RenewLockResponse(expirations))
     }
 }
+
+#[tokio::test]
+async fn jwt_is_accepted_only_when_switched_on() -> TestResult {
+    use base64::Engine;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 600;
+    let payload = format!(r#"{{"aud":"https://servicebus.azure.net","exp":{exp}}}"#);
+    let jwt = format!(
+        "e30.{}.unsigned",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(payload)
+    );
+    for accept in [false, true] {
+        let mut config = EmulatorConfig::new(([127, 0, 0, 1], 0).into());
+        config.accept_jwt = accept;
+        let handle = Emulator::start(config).await?;
+        let (mut conn, mut session) = connect(&handle, 65536).await?;
+        let audience = format!("sb://{}/jobs", handle.local_addr());
+        let mut cbs = CbsClient::attach(&mut session).await?;
+        let result = cbs
+            .put_token(audience, CbsToken::new(jwt.as_str(), "jwt", None))
+            .await;
+        assert_eq!(result.is_ok(), accept, "accept_jwt = {accept}");
+        if accept {
+            let mut sender = Sender::attach(&mut session, "s", "jobs").await?;
+            let outcome = sender.send(Message::from("with a jwt")).await?;
+            assert!(matches!(outcome, Outcome::Accepted(_)));
+            sender.close().await?;
+        }
+        let _ = cbs.close().await;
+        let _ = session.end().await;
+        let _ = conn.close().await;
+        handle.shutdown().await;
+    }
+    Ok(())
+}

@@ -4,6 +4,7 @@
 use fe2o3_amqp_types::primitives::SimpleValue;
 
 use super::error::SbError;
+use super::jwt;
 use super::queue::{Broker, EntityRef, strip_authority};
 use super::request::Request;
 use super::sas::{SasRule, verify};
@@ -38,10 +39,11 @@ impl Authz {
         &mut self,
         broker: &Broker,
         rules: &[SasRule],
+        accept_jwt: bool,
         req: &Request,
         now_s: i64,
     ) -> (i32, String) {
-        match self.try_put_token(broker, rules, req, now_s) {
+        match self.try_put_token(broker, rules, accept_jwt, req, now_s) {
             Ok(()) => (202, "Accepted".into()),
             Err(e) => (e.status(), e.to_string()),
         }
@@ -51,6 +53,7 @@ impl Authz {
         &mut self,
         broker: &Broker,
         rules: &[SasRule],
+        accept_jwt: bool,
         req: &Request,
         now_s: i64,
     ) -> Result<(), SbError> {
@@ -75,25 +78,38 @@ impl Authz {
             fe2o3_amqp_types::primitives::Value::String(s) => s.as_str(),
             _ => return Err(SbError::Argument("put-token body must be a string".into())),
         };
-        let claims =
-            verify(token, rules, now_s).map_err(|e| SbError::Unauthorized(e.to_string()))?;
-        let path = strip_authority(&claims.audience)
-            .trim_matches('/')
-            .to_ascii_lowercase();
-        if let Some(SimpleValue::String(name)) = req.app_prop("name") {
-            let named = strip_authority(name).trim_matches('/').to_ascii_lowercase();
-            if named != path {
+        let named = match req.app_prop("name") {
+            Some(SimpleValue::String(name)) => Some(normalize(name)),
+            _ => None,
+        };
+        let (path, expires_s) = if token.starts_with("SharedAccessSignature ") {
+            let claims =
+                verify(token, rules, now_s).map_err(|e| SbError::Unauthorized(e.to_string()))?;
+            let path = normalize(&claims.audience);
+            if named.as_ref().is_some_and(|n| *n != path) {
                 return Err(SbError::Unauthorized(
                     "the token's audience does not match the name it was put for".into(),
                 ));
             }
-        }
+            (path, claims.expires_s)
+        } else if accept_jwt {
+            let exp = jwt::check(token, now_s).map_err(|e| SbError::Unauthorized(e.to_string()))?;
+            let path = named.ok_or_else(|| SbError::Argument("put-token needs a name".into()))?;
+            (path, exp)
+        } else {
+            return Err(SbError::Unauthorized(
+                "only SAS tokens are accepted (JWT acceptance is switched off)".into(),
+            ));
+        };
         let entity_path = path.strip_suffix("/$management").unwrap_or(&path);
         if !entity_path.is_empty() && broker.resolve(entity_path).is_none() {
             return Err(SbError::EntityNotFound(entity_path.to_string()));
         }
-        self.grants
-            .push((entity_path.to_string(), claims.expires_s));
+        self.grants.push((entity_path.to_string(), expires_s));
         Ok(())
     }
+}
+
+fn normalize(uri: &str) -> String {
+    strip_authority(uri).trim_matches('/').to_ascii_lowercase()
 }

@@ -19,6 +19,7 @@ pub mod connection;
 pub mod entities;
 pub mod error;
 pub mod frame;
+pub mod jwt;
 pub mod link;
 pub mod management;
 pub mod message;
@@ -57,6 +58,8 @@ pub struct EmulatorConfig {
     pub data_dir: Option<PathBuf>,
     /// SAS rules tokens may be signed with.
     pub rules: Vec<SasRule>,
+    /// Accept Entra ID tokens (`jwt`) after checking audience and expiry only; see `jwt.rs`.
+    pub accept_jwt: bool,
 }
 
 impl EmulatorConfig {
@@ -68,6 +71,7 @@ impl EmulatorConfig {
             queues: QueueConfig::defaults(),
             data_dir: None,
             rules: vec![SasRule::default()],
+            accept_jwt: false,
         }
     }
 }
@@ -95,6 +99,8 @@ pub struct Shared {
     pub broker: Broker,
     /// Keys that may sign tokens.
     pub rules: Vec<SasRule>,
+    /// Whether `$cbs` takes JWTs.
+    pub accept_jwt: bool,
     next_link: AtomicU64,
 }
 
@@ -128,6 +134,7 @@ impl Emulator {
         let shared = Arc::new(Shared {
             broker,
             rules: config.rules.clone(),
+            accept_jwt: config.accept_jwt,
             next_link: AtomicU64::new(0),
         });
         let stop = CancellationToken::new();

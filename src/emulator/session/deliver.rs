@@ -247,9 +247,30 @@ impl Session {
     /// attaches and detaches session links whose lock was lost.
     pub fn pump(&mut self, ctx: &mut Ctx<'_>) {
         self.retry_pending(ctx);
+        self.drop_expired_tokens(ctx);
         let handles: Vec<u32> = self.links.keys().copied().collect();
         for h in handles {
             self.pump_link(h, ctx);
+        }
+    }
+
+    /// Service Bus detaches links whose token expired (§2); so do we.
+    fn drop_expired_tokens(&mut self, ctx: &mut Ctx<'_>) {
+        let now_s = now_ms() / 1000;
+        let expired: Vec<u32> = self
+            .links
+            .iter()
+            .filter(|(_, l)| match &l.kind {
+                LinkKind::Inbound(e) | LinkKind::Outbound { entity: e, .. } => {
+                    !ctx.authz.allows(e, now_s)
+                }
+                _ => false,
+            })
+            .map(|(h, _)| *h)
+            .collect();
+        for h in expired {
+            let err = SbError::Unauthorized("the token for this entity expired".into());
+            self.detach_with_error(h, err, ctx);
         }
     }
 
@@ -432,9 +453,13 @@ fn handle_request(node: &NodeAddr, bytes: &[u8], ctx: &mut Ctx<'_>) {
     };
     let (node_name, encoded) = match node {
         NodeAddr::Cbs => {
-            let (status, desc) =
-                ctx.authz
-                    .put_token(&ctx.shared.broker, &ctx.shared.rules, &req, now_ms() / 1000);
+            let (status, desc) = ctx.authz.put_token(
+                &ctx.shared.broker,
+                &ctx.shared.rules,
+                ctx.shared.accept_jwt,
+                &req,
+                now_ms() / 1000,
+            );
             (
                 "$cbs".to_string(),
                 response(&req.parts, Node::Cbs, status, &desc, None, None),
