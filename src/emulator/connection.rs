@@ -67,9 +67,8 @@ pub async fn serve(mut stream: TcpStream, shared: Arc<Shared>, stop: Cancellatio
 
 async fn read_loop(rd: OwnedReadHalf, tx: mpsc::Sender<Incoming>) {
     let mut rd = BufReader::new(rd);
-    let mut max = MIN_MAX_FRAME_SIZE.max(MAX_FRAME);
     loop {
-        let item = match read_frame(&mut rd, max).await {
+        let item = match read_frame(&mut rd, MAX_FRAME).await {
             Ok(raw) if raw.frame_type != TYPE_AMQP => Err(FrameError::BadOffset(raw.frame_type)),
             Ok(raw) => decode_amqp(raw).map_err(FrameError::from),
             Err(e) => Err(e),
@@ -78,7 +77,6 @@ async fn read_loop(rd: OwnedReadHalf, tx: mpsc::Sender<Incoming>) {
         if tx.send(item).await.is_err() || stop {
             return;
         }
-        max = MAX_FRAME;
     }
 }
 
