@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! The embedded Service Bus emulator: an AMQP 1.0 server that speaks the Service Bus subset
 //! the daemon and Microsoft's SDKs use (design.md, "The embedded default").
 //!
