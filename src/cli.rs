@@ -30,6 +30,8 @@ pub enum Command {
         #[command(subcommand)]
         command: WorkersCommand,
     },
+    /// Run the embedded Service Bus emulator in the foreground and print its connection string.
+    Emulator(crate::emulator::cli::EmulatorArgs),
     /// Show the effective configuration.
     Config {
         #[command(subcommand)]

@@ -24,6 +24,7 @@ pub mod broker;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod emulator;
 pub mod engine;
 pub mod job;
 pub mod runner;

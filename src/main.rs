@@ -43,6 +43,11 @@ fn main() -> ExitCode {
         match &cli.command {
             Command::Exec(args) => commands::exec::run(&settings, args).await,
             Command::Workers { command } => commands::workers::run(&settings, command),
+            Command::Emulator(args) => {
+                hybrid_worker::emulator::cli::run(&settings.emulator, args.clone())
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
+            }
             Command::Config {
                 command: ConfigCommand::Show,
             } => commands::config_show::run(&settings),

@@ -1,0 +1,82 @@
+//! `hybrid-worker emulator`: runs the emulator in the foreground and prints the connection
+//! string clients should use.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use super::entities::{self, QueueConfig};
+use super::{Emulator, EmulatorConfig};
+use crate::config::EmulatorSettings;
+
+/// Command-line options of `hybrid-worker emulator`; each defaults to the configuration's
+/// `[emulator]` section (`HYBRID__EMULATOR__LISTEN`, `…__ENTITIES`, `…__DATA_DIR`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct EmulatorArgs {
+    /// Address to listen on; port 0 picks a free port (the real one is printed).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Entities in the official emulator's Config.json shape (default: `jobs` and
+    /// session-enabled `results`).
+    #[arg(long, value_name = "FILE")]
+    pub entities: Option<PathBuf>,
+    /// Directory of the message store.
+    #[arg(long, value_name = "DIR", conflicts_with = "in_memory")]
+    pub data: Option<PathBuf>,
+    /// Keep messages in memory only (lost on exit).
+    #[arg(long)]
+    pub in_memory: bool,
+}
+
+/// The emulator's configuration from the command line over the settings.
+pub fn config(settings: &EmulatorSettings, args: &EmulatorArgs) -> anyhow::Result<EmulatorConfig> {
+    let listen = match args.listen {
+        Some(addr) => addr,
+        None => settings.listen.parse().with_context(|| {
+            format!("emulator.listen = {:?} is not an address", settings.listen)
+        })?,
+    };
+    let entities = args
+        .entities
+        .clone()
+        .or_else(|| (!settings.entities.as_os_str().is_empty()).then(|| settings.entities.clone()));
+    let mut config = EmulatorConfig::new(listen);
+    config.queues = match &entities {
+        Some(path) => entities::load(path)?,
+        None => QueueConfig::defaults(),
+    };
+    config.data_dir = (!args.in_memory).then(|| {
+        args.data
+            .clone()
+            .unwrap_or_else(|| settings.data_dir.clone())
+    });
+    Ok(config)
+}
+
+/// Runs until SIGINT or SIGTERM, then closes connections cleanly.
+pub async fn run(settings: &EmulatorSettings, args: EmulatorArgs) -> anyhow::Result<()> {
+    let config = config(settings, &args)?;
+    let handle = Emulator::start(config)
+        .await
+        .context("starting the emulator")?;
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "{}", handle.connection_string())?;
+    stdout.flush()?;
+    tracing::info!(addr = %handle.local_addr(), in_memory = args.in_memory, "Service Bus emulator is listening.");
+    wait_for_signal().await?;
+    tracing::info!("Service Bus emulator is shutting down.");
+    handle.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

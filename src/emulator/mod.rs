@@ -1,0 +1,226 @@
+#![warn(missing_docs)]
+//! The embedded Service Bus emulator: an AMQP 1.0 server that speaks the Service Bus subset
+//! the daemon and Microsoft's SDKs use (design.md, "The embedded default").
+//!
+//! The life of a message, file by file:
+//! 1. [`connection`] accepts a socket; [`sasl`] runs the preamble; [`frame`] and [`codec`]
+//!    cut the byte stream into performatives.
+//! 2. [`session`] keeps windows and links ([`link`]); a client first puts a SAS token on
+//!    `$cbs` ([`cbs`], [`sas`]).
+//! 3. A transfer on a queue link becomes a [`message::MessageParts`], which [`queue`]
+//!    numbers, stores ([`store`]) and only then settles as accepted.
+//! 4. Receivers with credit get messages under a peek-lock; their dispositions map to broker
+//!    outcomes in [`outcome`]; `$management` requests go to [`management`] via [`request`].
+//! 5. Queue definitions come from a `Config.json` ([`entities`]); [`cli`] runs it all.
+
+pub mod cbs;
+pub mod cli;
+pub mod codec;
+pub mod connection;
+pub mod entities;
+pub mod error;
+pub mod frame;
+pub mod jwt;
+pub mod link;
+pub mod management;
+pub mod message;
+pub mod outcome;
+pub mod queue;
+pub mod request;
+pub mod sas;
+pub mod sasl;
+pub mod session;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use entities::QueueConfig;
+use error::SbError;
+use queue::{Broker, LinkId};
+use sas::SasRule;
+use store::Store;
+
+/// How the emulator is started.
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Queues to serve.
+    pub queues: Vec<QueueConfig>,
+    /// Directory of the SQLite store; `None` keeps everything in memory.
+    pub data_dir: Option<PathBuf>,
+    /// SAS rules tokens may be signed with.
+    pub rules: Vec<SasRule>,
+    /// Accept Entra ID tokens (`jwt`) after checking audience and expiry only; see `jwt.rs`.
+    pub accept_jwt: bool,
+}
+
+impl EmulatorConfig {
+    /// The default entities (`jobs`, session-enabled `results`), the official emulator's key,
+    /// in memory.
+    pub fn new(listen: SocketAddr) -> EmulatorConfig {
+        EmulatorConfig {
+            listen,
+            queues: QueueConfig::defaults(),
+            data_dir: None,
+            rules: vec![SasRule::default()],
+            accept_jwt: false,
+        }
+    }
+}
+
+/// Why the emulator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Requested address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The store could not be opened or loaded.
+    #[error(transparent)]
+    Broker(#[from] SbError),
+}
+
+/// State shared by all connections.
+#[derive(Debug)]
+pub struct Shared {
+    /// All queues.
+    pub broker: Broker,
+    /// Keys that may sign tokens.
+    pub rules: Vec<SasRule>,
+    /// Whether `$cbs` takes JWTs.
+    pub accept_jwt: bool,
+    next_link: AtomicU64,
+}
+
+impl Shared {
+    /// A process-unique link id.
+    pub fn next_link_id(&self) -> LinkId {
+        self.next_link.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// Entry point for running the emulator in-process.
+#[derive(Debug)]
+pub struct Emulator;
+
+impl Emulator {
+    /// Opens the store, binds the port and starts serving in the background.
+    pub async fn start(config: EmulatorConfig) -> Result<EmulatorHandle, StartError> {
+        let store = Store::open(config.data_dir.as_deref()).map_err(SbError::from)?;
+        let broker = Broker::new(config.queues, store)?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            broker,
+            rules: config.rules.clone(),
+            accept_jwt: config.accept_jwt,
+            next_link: AtomicU64::new(0),
+        });
+        let stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(accept_loop(
+            listener,
+            shared.clone(),
+            stop.clone(),
+            tracker.clone(),
+        ));
+        tracker.spawn(sweep_loop(shared, stop.clone()));
+        let key = config.rules.first().cloned().unwrap_or_default();
+        Ok(EmulatorHandle {
+            addr,
+            key,
+            stop,
+            tracker,
+        })
+    }
+}
+
+/// A running emulator. Dropping it does not stop it; call [`EmulatorHandle::shutdown`].
+#[derive(Debug)]
+pub struct EmulatorHandle {
+    addr: SocketAddr,
+    key: SasRule,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl EmulatorHandle {
+    /// The bound address (the real port when started on port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A connection string the official SDKs accept (`UseDevelopmentEmulator=true`).
+    pub fn connection_string(&self) -> String {
+        format!(
+            "Endpoint=sb://{};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true;",
+            self.addr, self.key.name, self.key.key
+        )
+    }
+
+    /// Closes every connection (AMQP close), stops accepting and waits for all tasks.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                tracker.spawn(connection::serve(stream, shared.clone(), stop.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Accept failed; retrying.");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn sweep_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        if let Err(e) = shared.broker.sweep() {
+            tracing::warn!(error = %e, "Periodic queue maintenance failed.");
+        }
+    }
+}

@@ -1,0 +1,519 @@
+//! Queue semantics (§4, §5.2, §7): sequence numbers, peek-lock, delivery counts, TTL,
+//! scheduling, deferral, duplicate detection and the dead-letter sub-queue.
+//!
+//! The in-memory maps are the working copy; every change a client may rely on is written to
+//! the [`Store`] before the call returns (see the crash-ordering rules in `store.rs`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use fe2o3_amqp_types::primitives::{SimpleValue, Timestamp, Value};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+mod maintenance;
+mod sequence;
+mod sessions;
+
+use super::entities::QueueConfig;
+use super::error::SbError;
+use super::message::MessageParts;
+use super::store::{MsgState, Store, StoredMessage};
+
+/// Identifies a receiving link, so locks and session locks know their holder.
+pub type LinkId = u64;
+
+/// A queue or its dead-letter sub-queue.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EntityRef {
+    /// Configured queue name.
+    pub queue: String,
+    /// The `$DeadLetterQueue` sub-queue.
+    pub dlq: bool,
+}
+
+impl EntityRef {
+    /// The entity path as clients write it.
+    pub fn path(&self) -> String {
+        if self.dlq {
+            format!("{}/$DeadLetterQueue", self.queue)
+        } else {
+            self.queue.clone()
+        }
+    }
+}
+
+/// What the client decided about a locked message (§5.1).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Delete it.
+    Complete,
+    /// Unlock without counting a failed delivery.
+    Release,
+    /// Unlock and count a failed delivery.
+    Abandon(Vec<(String, SimpleValue)>),
+    /// Set aside; reachable only by sequence number.
+    Defer(Vec<(String, SimpleValue)>),
+    /// Move to the dead-letter sub-queue.
+    DeadLetter {
+        /// `DeadLetterReason`.
+        reason: Option<String>,
+        /// `DeadLetterErrorDescription`.
+        description: Option<String>,
+        /// Extra user properties.
+        props: Vec<(String, SimpleValue)>,
+    },
+}
+
+/// A message handed to a receiver.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Lock token; `None` when the message was deleted on delivery.
+    pub token: Option<Uuid>,
+    /// Sequence number.
+    pub seq: i64,
+    /// The encoded message with broker annotations.
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+struct Lock {
+    token: Uuid,
+    until_ms: i64,
+    owner: LinkId,
+}
+
+#[derive(Debug)]
+struct Live {
+    m: StoredMessage,
+    lock: Option<Lock>,
+}
+
+#[derive(Debug, Clone)]
+struct SessionLock {
+    owner: LinkId,
+    until_ms: i64,
+}
+
+#[derive(Debug)]
+struct Queue {
+    cfg: QueueConfig,
+    next_seq: i64,
+    active: BTreeMap<i64, Live>,
+    dlq: BTreeMap<i64, Live>,
+    dedupe: HashMap<String, i64>,
+    session_state: HashMap<String, Vec<u8>>,
+    session_locks: HashMap<String, SessionLock>,
+}
+
+impl Queue {
+    fn map(&mut self, dlq: bool) -> &mut BTreeMap<i64, Live> {
+        if dlq { &mut self.dlq } else { &mut self.active }
+    }
+    fn lock_ms(&self) -> i64 {
+        millis(self.cfg.lock_duration)
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    queues: HashMap<String, Queue>,
+    locks: HashMap<Uuid, (String, bool, i64)>,
+    store: Store,
+}
+
+/// The broker: all queues of the namespace, shared by every connection.
+#[derive(Debug)]
+pub struct Broker {
+    state: Mutex<State>,
+    changed: watch::Sender<u64>,
+}
+
+/// A duration in milliseconds, saturating (an "unlimited" TTL is `Duration::MAX`).
+fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Current time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Broker {
+    /// Builds the broker from queue definitions and whatever the store holds.
+    pub fn new(queues: Vec<QueueConfig>, store: Store) -> Result<Broker, SbError> {
+        let mut map = HashMap::new();
+        for cfg in queues {
+            let next_seq = store.next_seq(&cfg.name)?;
+            map.insert(
+                cfg.name.to_ascii_lowercase(),
+                Queue {
+                    cfg,
+                    next_seq,
+                    active: BTreeMap::new(),
+                    dlq: BTreeMap::new(),
+                    dedupe: HashMap::new(),
+                    session_state: HashMap::new(),
+                    session_locks: HashMap::new(),
+                },
+            );
+        }
+        for m in store.load()? {
+            if let Some(q) = map.get_mut(&m.queue.to_ascii_lowercase()) {
+                q.next_seq = q.next_seq.max(m.seq + 1);
+                let dlq = m.dlq;
+                q.map(dlq).insert(m.seq, Live { m, lock: None });
+            } else {
+                tracing::warn!(queue = %m.queue, seq = m.seq, "Stored message belongs to a queue that is no longer configured; it is kept but unreachable.");
+            }
+        }
+        for (queue, session, state) in store.load_session_states()? {
+            if let Some(q) = map.get_mut(&queue.to_ascii_lowercase()) {
+                q.session_state.insert(session, state);
+            }
+        }
+        let (changed, _) = watch::channel(0);
+        Ok(Broker {
+            state: Mutex::new(State {
+                queues: map,
+                locks: HashMap::new(),
+                store,
+            }),
+            changed,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A receiver of "something changed" signals, used to wake links that have credit.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Resolves a link address (bare path or absolute URI, any case) to an entity.
+    pub fn resolve(&self, address: &str) -> Option<EntityRef> {
+        let path = strip_authority(address)
+            .trim_matches('/')
+            .to_ascii_lowercase();
+        let (queue, dlq) = match path.strip_suffix("/$deadletterqueue") {
+            Some(q) => (q.to_string(), true),
+            None => (path, false),
+        };
+        let state = self.lock();
+        let q = state.queues.get(&queue)?;
+        Some(EntityRef {
+            queue: q.cfg.name.clone(),
+            dlq,
+        })
+    }
+
+    /// Whether the queue requires sessions.
+    pub fn requires_session(&self, e: &EntityRef) -> bool {
+        let state = self.lock();
+        state
+            .queues
+            .get(&e.queue.to_ascii_lowercase())
+            .is_some_and(|q| q.cfg.requires_session && !e.dlq)
+    }
+
+    /// Enqueues messages (a batch is already unpacked). Returns the sequence numbers given;
+    /// duplicates are accepted and dropped (§7), so they get none.
+    pub fn enqueue(&self, e: &EntityRef, msgs: Vec<MessageParts>) -> Result<Vec<i64>, SbError> {
+        if e.dlq {
+            return Err(SbError::NotAllowed(
+                "messages cannot be sent to a dead-letter queue".into(),
+            ));
+        }
+        let now = now_ms();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let q = queue_mut(&mut state.queues, e)?;
+        let mut stored = Vec::new();
+        let mut next_seq = q.next_seq;
+        let window = millis(q.cfg.duplicate_window);
+        let mut seen_now: Vec<String> = Vec::new();
+        for parts in msgs {
+            if q.cfg.requires_session && parts.session_id().is_none() {
+                return Err(SbError::NotAllowed(format!(
+                    "queue {} requires a session id on every message",
+                    q.cfg.name
+                )));
+            }
+            if q.cfg.duplicate_detection
+                && let Some(id) = parts.message_id_text()
+            {
+                let dup =
+                    q.dedupe.get(&id).is_some_and(|t| now - t < window) || seen_now.contains(&id);
+                if dup {
+                    continue;
+                }
+                seen_now.push(id);
+            }
+            let visible_ms = parts.scheduled_enqueue_ms().unwrap_or(now).max(now);
+            let default_ttl = millis(q.cfg.default_ttl);
+            let ttl = parts
+                .ttl_ms()
+                .map(|t| i64::from(t).min(default_ttl))
+                .unwrap_or(default_ttl);
+            stored.push(StoredMessage {
+                queue: q.cfg.name.clone(),
+                dlq: false,
+                seq: next_seq,
+                parts,
+                enqueued_ms: now,
+                delivery_count: 0,
+                state: if visible_ms > now {
+                    MsgState::Scheduled
+                } else {
+                    MsgState::Active
+                },
+                visible_ms,
+                expires_ms: visible_ms.checked_add(ttl),
+            });
+            next_seq += 1;
+        }
+        state
+            .store
+            .insert(&q.cfg.name, next_seq, &stored.iter().collect::<Vec<_>>())?;
+        q.next_seq = next_seq;
+        for id in seen_now {
+            q.dedupe.insert(id, now);
+        }
+        let seqs = stored.iter().map(|m| m.seq).collect();
+        for m in stored {
+            q.active.insert(m.seq, Live { m, lock: None });
+        }
+        drop(guard);
+        self.notify();
+        Ok(seqs)
+    }
+
+    /// Takes the next available message for a receiver: locks it (peek-lock) or deletes it
+    /// (receive-and-delete). `session` restricts it to one session's messages.
+    pub fn acquire(
+        &self,
+        e: &EntityRef,
+        session: Option<&str>,
+        owner: LinkId,
+        peek_lock: bool,
+    ) -> Result<Option<Delivery>, SbError> {
+        let now = now_ms();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let q = queue_mut(&mut state.queues, e)?;
+        let session_queue = q.cfg.requires_session && !e.dlq;
+        let lock_ms = q.lock_ms();
+        let name = q.cfg.name.clone();
+        let map = q.map(e.dlq);
+        let Some(seq) = map
+            .values()
+            .find(|l| {
+                l.lock.is_none()
+                    && l.m.state == MsgState::Active
+                    && l.m.visible_ms <= now
+                    && (e.dlq || l.m.expires_ms.is_none_or(|x| x > now))
+                    && (!session_queue || l.m.parts.session_id() == session)
+            })
+            .map(|l| l.m.seq)
+        else {
+            return Ok(None);
+        };
+        if peek_lock {
+            let token = Uuid::new_v4();
+            let until_ms = now + lock_ms;
+            let Some(live) = map.get_mut(&seq) else {
+                return Ok(None);
+            };
+            live.lock = Some(Lock {
+                token,
+                until_ms,
+                owner,
+            });
+            let bytes = render(&live.m, Some(until_ms), false)?;
+            state.locks.insert(token, (name, e.dlq, seq));
+            Ok(Some(Delivery {
+                token: Some(token),
+                seq,
+                bytes,
+            }))
+        } else {
+            state.store.delete(&name, seq)?;
+            let Some(live) = map.remove(&seq) else {
+                return Ok(None);
+            };
+            Ok(Some(Delivery {
+                token: None,
+                seq,
+                bytes: render(&live.m, None, false)?,
+            }))
+        }
+    }
+
+    /// Applies a client's outcome to the message locked under `token`.
+    pub fn settle(&self, token: Uuid, outcome: Outcome) -> Result<(), SbError> {
+        let now = now_ms();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let (queue, dlq, seq) = state.locks.get(&token).cloned().ok_or(SbError::LockLost)?;
+        let q = state
+            .queues
+            .get_mut(&queue.to_ascii_lowercase())
+            .ok_or_else(|| SbError::EntityNotFound(queue.clone()))?;
+        let max = q.cfg.max_delivery_count;
+        let map = q.map(dlq);
+        let current = map
+            .get(&seq)
+            .filter(|l| {
+                l.lock.as_ref().is_some_and(|l| {
+                    l.token == token && (l.until_ms > now || outcome == Outcome::Release)
+                })
+            })
+            .map(|l| l.m.clone());
+        let Some(mut m) = current else {
+            return Err(SbError::LockLost);
+        };
+        match outcome {
+            Outcome::Complete => {
+                state.store.delete(&queue, seq)?;
+                map.remove(&seq);
+            }
+            Outcome::Release => put_back(state, m),
+            Outcome::Abandon(props) => {
+                merge_props(&mut m.parts, props);
+                m.delivery_count += 1;
+                if !dlq && m.delivery_count >= max {
+                    let why =
+                        format!("Message could not be consumed after {max} delivery attempts.");
+                    dead_letter(state, &queue, m, "MaxDeliveryCountExceeded", &why)?;
+                } else {
+                    state.store.update(&m)?;
+                    put_back(state, m);
+                }
+            }
+            Outcome::Defer(props) => {
+                merge_props(&mut m.parts, props);
+                m.state = MsgState::Deferred;
+                state.store.update(&m)?;
+                put_back(state, m);
+            }
+            Outcome::DeadLetter {
+                reason,
+                description,
+                props,
+            } => {
+                if dlq {
+                    return Err(SbError::NotAllowed(
+                        "a dead-lettered message cannot be dead-lettered again".into(),
+                    ));
+                }
+                merge_props(&mut m.parts, props);
+                let reason = reason.unwrap_or_default();
+                let description = description.unwrap_or_default();
+                dead_letter(state, &queue, m, &reason, &description)?;
+            }
+        }
+        state.locks.remove(&token);
+        drop(guard);
+        self.notify();
+        Ok(())
+    }
+}
+
+fn queue_mut<'a>(
+    queues: &'a mut HashMap<String, Queue>,
+    e: &EntityRef,
+) -> Result<&'a mut Queue, SbError> {
+    queues
+        .get_mut(&e.queue.to_ascii_lowercase())
+        .ok_or_else(|| SbError::EntityNotFound(e.path()))
+}
+
+/// Moves a message (already removed from, or about to replace its slot in, the active map)
+/// into the dead-letter sub-queue with its reason.
+fn dead_letter(
+    state: &mut State,
+    queue: &str,
+    mut m: StoredMessage,
+    reason: &str,
+    description: &str,
+) -> Result<(), SbError> {
+    m.parts
+        .set_app_prop("DeadLetterReason", SimpleValue::String(reason.to_string()));
+    m.parts.set_app_prop(
+        "DeadLetterErrorDescription",
+        SimpleValue::String(description.to_string()),
+    );
+    m.dlq = true;
+    m.state = MsgState::Active;
+    state.store.update(&m)?;
+    if let Some(q) = state.queues.get_mut(&queue.to_ascii_lowercase()) {
+        q.active.remove(&m.seq);
+        q.dlq.insert(m.seq, Live { m, lock: None });
+    }
+    Ok(())
+}
+
+/// Puts an updated message back in its slot, unlocked.
+fn put_back(state: &mut State, m: StoredMessage) {
+    if let Some(q) = state.queues.get_mut(&m.queue.to_ascii_lowercase()) {
+        let dlq = m.dlq;
+        q.map(dlq).insert(m.seq, Live { m, lock: None });
+    }
+}
+
+fn merge_props(parts: &mut MessageParts, props: Vec<(String, SimpleValue)>) {
+    for (k, v) in props {
+        parts.set_app_prop(&k, v);
+    }
+}
+
+/// Encodes a message for delivery or peek with the broker's header and annotations.
+fn render(m: &StoredMessage, locked_until: Option<i64>, peek: bool) -> Result<Vec<u8>, SbError> {
+    let mut parts = m.parts.clone();
+    parts.set_delivery_count(m.delivery_count);
+    parts.set_annotation("x-opt-sequence-number", Value::Long(m.seq));
+    parts.set_annotation(
+        "x-opt-enqueued-time",
+        Value::Timestamp(Timestamp::from_milliseconds(m.enqueued_ms)),
+    );
+    if let Some(until) = locked_until {
+        parts.set_annotation(
+            "x-opt-locked-until",
+            Value::Timestamp(Timestamp::from_milliseconds(until)),
+        );
+    }
+    if peek || m.state != MsgState::Active {
+        parts.set_annotation("x-opt-message-state", Value::Int(m.state as i32));
+    }
+    if m.dlq {
+        parts.set_annotation("x-opt-deadletter-source", Value::String(m.queue.clone()));
+    }
+    parts.set_absolute_expiry(m.expires_ms);
+    parts.encode().map_err(|e| {
+        SbError::Store(super::store::StoreError::Corrupt {
+            queue: m.queue.clone(),
+            seq: m.seq,
+            reason: e.to_string(),
+        })
+    })
+}
+
+/// Drops `scheme://authority/` from an address (Python sends absolute URIs, §3.1).
+pub fn strip_authority(address: &str) -> &str {
+    match address.find("://") {
+        Some(i) => {
+            let rest = &address[i + 3..];
+            rest.find('/').map(|j| &rest[j..]).unwrap_or("")
+        }
+        None => address,
+    }
+}

@@ -1,0 +1,119 @@
+//! Session locks and session state (§3.4, §7).
+
+use super::*;
+
+impl Broker {
+    /// Locks a session for `owner`: the named one, or the first one with available messages.
+    /// `Ok(None)` means no session is free right now.
+    pub fn lock_session(
+        &self,
+        e: &EntityRef,
+        requested: Option<&str>,
+        owner: LinkId,
+    ) -> Result<Option<(String, i64)>, SbError> {
+        let now = now_ms();
+        let mut guard = self.lock();
+        let q = queue_mut(&mut guard.queues, e)?;
+        let lock_ms = q.lock_ms();
+        let free = |q: &Queue, sid: &str| {
+            q.session_locks
+                .get(sid)
+                .is_none_or(|l| l.until_ms <= now || l.owner == owner)
+        };
+        let sid = match requested {
+            Some(sid) => {
+                if !free(q, sid) {
+                    return Err(SbError::SessionCannotBeLocked(sid.to_string()));
+                }
+                sid.to_string()
+            }
+            None => {
+                let found = q
+                    .active
+                    .values()
+                    .filter(|l| {
+                        l.lock.is_none() && l.m.state == MsgState::Active && l.m.visible_ms <= now
+                    })
+                    .filter_map(|l| l.m.parts.session_id())
+                    .find(|sid| free(q, sid))
+                    .map(str::to_string);
+                match found {
+                    Some(sid) => sid,
+                    None => return Ok(None),
+                }
+            }
+        };
+        let until_ms = now + lock_ms;
+        q.session_locks
+            .insert(sid.clone(), SessionLock { owner, until_ms });
+        Ok(Some((sid, until_ms)))
+    }
+
+    /// Whether `owner` still holds the session lock.
+    pub fn holds_session(&self, e: &EntityRef, sid: &str, owner: LinkId) -> bool {
+        let now = now_ms();
+        let guard = self.lock();
+        guard
+            .queues
+            .get(&e.queue.to_ascii_lowercase())
+            .and_then(|q| q.session_locks.get(sid))
+            .is_some_and(|l| l.owner == owner && l.until_ms > now)
+    }
+
+    /// Renews a held session lock; returns the new expiry.
+    pub fn renew_session_lock(&self, e: &EntityRef, sid: &str) -> Result<i64, SbError> {
+        let now = now_ms();
+        let mut guard = self.lock();
+        let q = queue_mut(&mut guard.queues, e)?;
+        let lock_ms = q.lock_ms();
+        let lock = q
+            .session_locks
+            .get_mut(sid)
+            .filter(|l| l.until_ms > now)
+            .ok_or(SbError::SessionLockLost)?;
+        lock.until_ms = now + lock_ms;
+        Ok(lock.until_ms)
+    }
+
+    /// Session state bytes, if set.
+    pub fn session_state(&self, e: &EntityRef, sid: &str) -> Result<Option<Vec<u8>>, SbError> {
+        let mut guard = self.lock();
+        let q = queue_mut(&mut guard.queues, e)?;
+        Ok(q.session_state.get(sid).cloned())
+    }
+
+    /// Sets (or clears with `None`) session state, durably.
+    pub fn set_session_state(
+        &self,
+        e: &EntityRef,
+        sid: &str,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), SbError> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let q = queue_mut(&mut state.queues, e)?;
+        state
+            .store
+            .set_session_state(&q.cfg.name, sid, value.as_deref())?;
+        match value {
+            Some(v) => q.session_state.insert(sid.to_string(), v),
+            None => q.session_state.remove(sid),
+        };
+        Ok(())
+    }
+
+    /// Ids of sessions that have messages or state, sorted.
+    pub fn list_sessions(&self, e: &EntityRef) -> Result<Vec<String>, SbError> {
+        let mut guard = self.lock();
+        let q = queue_mut(&mut guard.queues, e)?;
+        let mut ids: Vec<String> = q
+            .active
+            .values()
+            .filter_map(|l| l.m.parts.session_id().map(str::to_string))
+            .chain(q.session_state.keys().cloned())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+}

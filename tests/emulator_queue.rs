@@ -1,0 +1,181 @@
+//! Queue semantics at the broker level (§4, §5.2, §7), without the wire in between.
+
+use std::time::Duration;
+
+use fe2o3_amqp_types::messaging::{Data, MessageId, Properties};
+use fe2o3_amqp_types::primitives::{Binary, SimpleValue};
+use hybrid_worker::emulator::entities::QueueConfig;
+use hybrid_worker::emulator::error::SbError;
+use hybrid_worker::emulator::message::MessageParts;
+use hybrid_worker::emulator::queue::{Broker, EntityRef, Outcome};
+use hybrid_worker::emulator::store::Store;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn msg(id: &str, session: Option<&str>) -> Result<MessageParts, Box<dyn std::error::Error>> {
+    Ok(MessageParts {
+        properties: Some(Properties {
+            message_id: Some(MessageId::String(id.into())),
+            group_id: session.map(str::to_string),
+            ..Default::default()
+        }),
+        body: serde_amqp::to_vec(&Data(Binary::from(id.as_bytes().to_vec())))?,
+        ..Default::default()
+    })
+}
+
+fn queue(name: &str) -> EntityRef {
+    EntityRef {
+        queue: name.into(),
+        dlq: false,
+    }
+}
+
+fn broker(cfg: QueueConfig) -> Result<Broker, Box<dyn std::error::Error>> {
+    Ok(Broker::new(vec![cfg], Store::open(None)?)?)
+}
+
+fn delivery_count(bytes: &[u8]) -> Result<u32, Box<dyn std::error::Error>> {
+    let parts = MessageParts::parse(bytes)?;
+    Ok(parts.header.map(|h| h.delivery_count).unwrap_or(0))
+}
+
+#[test]
+fn release_does_not_count_abandon_does() -> TestResult {
+    let b = broker(QueueConfig::new("q"))?;
+    b.enqueue(&queue("q"), vec![msg("a", None)?])?;
+    let d = b.acquire(&queue("q"), None, 1, true)?.ok_or("none")?;
+    b.settle(d.token.ok_or("token")?, Outcome::Release)?;
+    let d = b.acquire(&queue("q"), None, 1, true)?.ok_or("none")?;
+    assert_eq!(delivery_count(&d.bytes)?, 0);
+    b.settle(d.token.ok_or("token")?, Outcome::Abandon(Vec::new()))?;
+    let d = b.acquire(&queue("q"), None, 1, true)?.ok_or("none")?;
+    assert_eq!(delivery_count(&d.bytes)?, 1);
+    Ok(())
+}
+
+#[test]
+fn expired_lock_is_lost_and_redelivered() -> TestResult {
+    let mut cfg = QueueConfig::new("q");
+    cfg.lock_duration = Duration::from_millis(30);
+    let b = broker(cfg)?;
+    b.enqueue(&queue("q"), vec![msg("a", None)?])?;
+    let d = b.acquire(&queue("q"), None, 1, true)?.ok_or("none")?;
+    std::thread::sleep(Duration::from_millis(60));
+    b.sweep()?;
+    let err = b.settle(d.token.ok_or("token")?, Outcome::Complete);
+    assert!(matches!(err, Err(SbError::LockLost)));
+    let again = b.acquire(&queue("q"), None, 1, true)?.ok_or("none")?;
+    assert_eq!(again.seq, d.seq);
+    assert_eq!(delivery_count(&again.bytes)?, 1);
+    let renewed = b.renew_locks(&[again.token.ok_or("token")?])?;
+    assert_eq!(renewed.len(), 1);
+    Ok(())
+}
+
+#[test]
+fn max_delivery_count_dead_letters() -> TestResult {
+    let mut cfg = QueueConfig::new("q");
+    cfg.max_delivery_count = 2;
+    let b = broker(cfg)?;
+    b.enqueue(&queue("q"), vec![msg("a", None)?])?;
+    for _ in 0..2 {
+        let d = b.acquire(&queue("q"), None, 1, true)?.ok_or("none")?;
+        b.settle(d.token.ok_or("token")?, Outcome::Abandon(Vec::new()))?;
+    }
+    assert!(b.acquire(&queue("q"), None, 1, true)?.is_none());
+    let dlq = EntityRef {
+        queue: "q".into(),
+        dlq: true,
+    };
+    let d = b.acquire(&dlq, None, 1, true)?.ok_or("not dead-lettered")?;
+    let parts = MessageParts::parse(&d.bytes)?;
+    let reason = parts
+        .app_props
+        .as_ref()
+        .and_then(|p| p.0.get("DeadLetterReason").cloned());
+    assert_eq!(
+        reason,
+        Some(SimpleValue::String("MaxDeliveryCountExceeded".into()))
+    );
+    Ok(())
+}
+
+#[test]
+fn duplicates_are_dropped_within_the_window() -> TestResult {
+    let mut cfg = QueueConfig::new("q");
+    cfg.duplicate_detection = true;
+    let b = broker(cfg)?;
+    assert_eq!(b.enqueue(&queue("q"), vec![msg("same", None)?])?.len(), 1);
+    assert!(b.enqueue(&queue("q"), vec![msg("same", None)?])?.is_empty());
+    assert_eq!(b.enqueue(&queue("q"), vec![msg("other", None)?])?.len(), 1);
+    Ok(())
+}
+
+#[test]
+fn sessions_lock_exclusively_and_filter_messages() -> TestResult {
+    let mut cfg = QueueConfig::new("s");
+    cfg.requires_session = true;
+    let b = broker(cfg)?;
+    let s = queue("s");
+    assert!(matches!(
+        b.enqueue(&s, vec![msg("no-session", None)?]),
+        Err(SbError::NotAllowed(_))
+    ));
+    b.enqueue(&s, vec![msg("a1", Some("A"))?, msg("b1", Some("B"))?])?;
+    let (sid, _) = b.lock_session(&s, None, 1)?.ok_or("no session")?;
+    assert_eq!(sid, "A");
+    assert!(matches!(
+        b.lock_session(&s, Some("A"), 2),
+        Err(SbError::SessionCannotBeLocked(_))
+    ));
+    let (next, _) = b.lock_session(&s, None, 2)?.ok_or("no second session")?;
+    assert_eq!(next, "B");
+    assert!(b.lock_session(&s, None, 3)?.is_none());
+    let d = b.acquire(&s, Some("B"), 2, true)?.ok_or("none")?;
+    assert_eq!(MessageParts::parse(&d.bytes)?.session_id(), Some("B"));
+    b.release_link(2);
+    assert!(
+        b.acquire(&s, Some("B"), 3, true)?.is_some(),
+        "lock freed on close"
+    );
+    b.set_session_state(&s, "A", Some(b"state".to_vec()))?;
+    assert_eq!(b.session_state(&s, "A")?, Some(b"state".to_vec()));
+    assert_eq!(b.list_sessions(&s)?, ["A", "B"]);
+    Ok(())
+}
+
+#[test]
+fn scheduled_messages_wait_and_can_be_cancelled() -> TestResult {
+    use fe2o3_amqp_types::primitives::{Timestamp, Value};
+    let b = broker(QueueConfig::new("q"))?;
+    let at = hybrid_worker::emulator::queue::now_ms() + 60_000;
+    let mut m = msg("later", None)?;
+    m.set_annotation(
+        "x-opt-scheduled-enqueue-time",
+        Value::Timestamp(Timestamp::from_milliseconds(at)),
+    );
+    let seqs = b.enqueue(&queue("q"), vec![m])?;
+    assert!(b.acquire(&queue("q"), None, 1, true)?.is_none());
+    assert_eq!(b.peek(&queue("q"), 0, 10, None)?.len(), 1);
+    b.cancel_scheduled(&queue("q"), &seqs)?;
+    assert!(b.peek(&queue("q"), 0, 10, None)?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn deferred_messages_only_by_sequence_number() -> TestResult {
+    let b = broker(QueueConfig::new("q"))?;
+    b.enqueue(&queue("q"), vec![msg("d", None)?])?;
+    let d = b.acquire(&queue("q"), None, 1, true)?.ok_or("none")?;
+    b.settle(d.token.ok_or("token")?, Outcome::Defer(Vec::new()))?;
+    assert!(b.acquire(&queue("q"), None, 1, true)?.is_none());
+    let got = b.receive_deferred(&queue("q"), &[d.seq], true, 1)?;
+    assert_eq!(got.len(), 1);
+    b.settle(got[0].token.ok_or("token")?, Outcome::Complete)?;
+    assert!(matches!(
+        b.receive_deferred(&queue("q"), &[d.seq], true, 1),
+        Err(SbError::MessageNotFound(_))
+    ));
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! The Service Bus client against the embedded emulator started in-process on 127.0.0.1:0:
+//! the production path is the tested path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hybrid_worker::broker::{Broker, BrokerError, OutgoingMessage};
+use hybrid_worker::emulator::entities::QueueConfig;
+use hybrid_worker::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
+use hybrid_worker::servicebus::client::{ServiceBusBroker, ServiceBusConfig};
+use hybrid_worker::servicebus::connection_string::ConnectionString;
+use serde_json::json;
+
+use crate::helpers::*;
+
+/// An emulator with `jobs` (the given lock duration) and a session-enabled `results` queue.
+pub async fn emulator(lock: Duration) -> EmulatorHandle {
+    let mut config = EmulatorConfig::new("127.0.0.1:0".parse().expect("addr"));
+    let mut jobs = QueueConfig::new(JOBS);
+    jobs.lock_duration = lock;
+    let mut results = QueueConfig::new(RESULTS);
+    results.requires_session = true;
+    config.queues = vec![jobs, results];
+    Emulator::start(config).await.expect("emulator starts")
+}
+
+pub fn client(emulator: &EmulatorHandle, token_lifetime: Duration) -> ServiceBusBroker {
+    let cs = ConnectionString::parse(&emulator.connection_string()).expect("connection string");
+    ServiceBusBroker::new(ServiceBusConfig::from_connection_string(
+        &cs,
+        JOBS,
+        token_lifetime,
+    ))
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+#[tokio::test]
+async fn send_receive_renew_and_settle_through_the_emulator() {
+    let emu = emulator(Duration::from_secs(5)).await;
+    let sb = client(&emu, HOUR);
+    sb.connect().await.expect("connects");
+    for id in ["a", "b", "c"] {
+        sb.send(JOBS, job_message(id, &json!({"worker": "w"})))
+            .await
+            .expect("send");
+    }
+    let got = sb
+        .receive(2, Duration::from_secs(5))
+        .await
+        .expect("receive");
+    assert_eq!(got.len(), 2, "never more than the credit asked for");
+    let first = &got[0];
+    assert_eq!(first.properties.message_id.as_deref(), Some("a"));
+    assert_eq!(
+        first.properties.reply_to_session_id.as_deref(),
+        Some("session-a")
+    );
+    assert!(first.properties.sequence_number.is_some());
+    assert_eq!(first.delivery_count, 0);
+    let until = sb.renew_lock(first.lock_token).await.expect("renew");
+    assert!(until > tokio::time::Instant::now() + Duration::from_secs(3));
+    sb.complete(first.lock_token).await.expect("complete");
+    assert_eq!(
+        sb.complete(first.lock_token).await,
+        Err(BrokerError::LockLost),
+        "settled once only"
+    );
+    sb.dead_letter(got[1].lock_token, "InvalidInput", "bad")
+        .await
+        .expect("dead-letter");
+    let third = sb
+        .receive(5, Duration::from_secs(5))
+        .await
+        .expect("receive");
+    assert_eq!(third.len(), 1);
+    sb.abandon(third[0].lock_token).await.expect("abandon");
+    let again = sb
+        .receive(5, Duration::from_secs(5))
+        .await
+        .expect("receive");
+    assert_eq!(again[0].properties.message_id.as_deref(), Some("c"));
+    assert_eq!(again[0].delivery_count, 1, "abandon counts a delivery");
+    sb.complete(again[0].lock_token).await.expect("complete");
+    sb.close().await;
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_expired_lock_is_reported_as_lost() {
+    let emu = emulator(Duration::from_secs(1)).await;
+    let sb = client(&emu, HOUR);
+    sb.send(JOBS, job_message("x", &json!({})))
+        .await
+        .expect("send");
+    let got = sb
+        .receive(1, Duration::from_secs(5))
+        .await
+        .expect("receive");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        sb.renew_lock(got[0].lock_token).await,
+        Err(BrokerError::LockLost)
+    );
+    assert_eq!(
+        sb.complete(got[0].lock_token).await,
+        Err(BrokerError::LockLost)
+    );
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_queues_and_wrong_keys_are_refused() {
+    let emu = emulator(Duration::from_secs(30)).await;
+    let sb = client(&emu, HOUR);
+    let err = sb
+        .send("no-such-queue", OutgoingMessage::default())
+        .await
+        .expect_err("unknown");
+    assert!(
+        matches!(err, BrokerError::NotFound(_) | BrokerError::Refused(_)),
+        "{err:?}"
+    );
+    let wrong = emu.connection_string().replace("SAS_KEY_VALUE", "WRONG");
+    let cs = ConnectionString::parse(&wrong).expect("cs");
+    let bad = ServiceBusBroker::new(ServiceBusConfig::from_connection_string(&cs, JOBS, HOUR));
+    let err = bad.connect().await.expect_err("wrong key");
+    assert!(matches!(err, BrokerError::Refused(_)), "{err:?}");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_engine_runs_jobs_over_service_bus() {
+    let emu = emulator(Duration::from_secs(2)).await;
+    let sb = Arc::new(client(&emu, HOUR));
+    let exec = Arc::new(ScriptedExecutor::default());
+    // One job outlives the lock duration twice over: it must be renewed, not redelivered.
+    sb.send(
+        JOBS,
+        job_message(
+            "slow",
+            &json!({"worker": "scripted", "input": {"ms": 5000}}),
+        ),
+    )
+    .await
+    .expect("send");
+    sb.send(
+        JOBS,
+        job_message(
+            "bad",
+            &json!({"worker": "scripted", "input": {"result": "invalid"}}),
+        ),
+    )
+    .await
+    .expect("send");
+    let engine = hybrid_worker::engine::Engine::new(sb.clone(), exec.clone(), options(2));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move { engine.run(stop).await });
+
+    let reader = client(&emu, HOUR);
+    let mut answered = Vec::new();
+    for session in ["session-slow", "session-bad"] {
+        let reply = reader
+            .receive_session(RESULTS, session, Duration::from_secs(20))
+            .await
+            .expect("reply")
+            .expect("a reply in time");
+        answered.push(reply);
+    }
+    shutdown.cancel();
+    task.await.expect("engine");
+    assert_eq!(
+        exec.started().len(),
+        2,
+        "each job ran once: {:?}",
+        exec.started()
+    );
+    let slow: serde_json::Value = serde_json::from_slice(&answered[0].body).expect("json");
+    assert_eq!(slow["status"], "succeeded");
+    let bad: serde_json::Value = serde_json::from_slice(&answered[1].body).expect("json");
+    assert_eq!(bad["error"]["kind"], "InvalidInput");
+    emu.shutdown().await;
+}
