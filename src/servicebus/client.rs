@@ -515,7 +515,7 @@ impl ServiceBusBroker {
                 Ok(Ok(d)) => d,
             };
             let converted = to_delivery(
-                &delivery.delivery_tag().to_vec(),
+                delivery.delivery_tag().as_ref(),
                 delivery.message(),
                 DEFAULT_LOCK,
             );
