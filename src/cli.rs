@@ -21,6 +21,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: receive jobs from Service Bus (or the embedded emulator when none is
+    /// configured), run them, reply, until SIGTERM/SIGINT.
+    Run,
+    /// Send a job as a flow would and, with --wait, print its reply.
+    Submit(SubmitArgs),
     /// Run one job of WORKER from the command line and print its result as JSON.
     ///
     /// Exit code 0 when the job succeeded, 1 when it failed, 2 for usage or configuration errors.
@@ -30,6 +35,8 @@ pub enum Command {
         #[command(subcommand)]
         command: WorkersCommand,
     },
+    /// List, inspect, replay or purge dead-lettered jobs.
+    Dlq(DlqArgs),
     /// Run the embedded Service Bus emulator in the foreground and print its connection string.
     Emulator(crate::emulator::cli::EmulatorArgs),
     /// Show the effective configuration.
@@ -59,6 +66,93 @@ pub struct ExecArgs {
     pub timeout: Option<f64>,
     #[command(flatten)]
     pub dir: WorkersDir,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The worker to run.
+    pub worker: String,
+    /// The job's input as JSON: a file, or `-` for standard input.
+    #[arg(long, value_name = "FILE|-")]
+    pub input: String,
+    /// Wait for the reply on the job's reply session and print it (exit 1 if the job failed).
+    #[arg(long)]
+    pub wait: bool,
+    /// Seconds to wait for the reply.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120.0)]
+    pub timeout: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct DlqArgs {
+    /// The queue whose dead letters to act on (default: the configured jobs queue).
+    #[arg(long, global = true, value_name = "QUEUE")]
+    pub queue: Option<String>,
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+/// Which dead letters an operation selects.
+#[derive(Debug, Clone, Args)]
+pub struct DlqFilter {
+    /// Only this DeadLetterReason (e.g. HandlerError, MaxAttemptsExceeded).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only jobs for this worker.
+    #[arg(long)]
+    pub worker: Option<String>,
+    /// Only dead letters enqueued at least this long ago (e.g. 30m, 2h, 7d).
+    #[arg(long, value_name = "DURATION")]
+    pub older_than: Option<String>,
+    /// Only dead letters whose description contains this text (case-insensitive).
+    #[arg(long, value_name = "TEXT")]
+    pub grep: Option<String>,
+    /// At most this many.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+/// How a changing operation runs.
+#[derive(Debug, Clone, Args)]
+pub struct DlqActionOpts {
+    /// Show what would be done, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// At most this many messages per second.
+    #[arg(long, value_name = "N")]
+    pub rate: Option<f64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters (sequence, age, reason, worker, job id, description).
+    List {
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+    /// Print one dead letter in full.
+    Show {
+        /// Its sequence number (from `dlq list`).
+        #[arg(long)]
+        sequence: i64,
+    },
+    /// Move dead letters back to their queue: the copy is sent, then the dead letter completed.
+    Replay {
+        #[command(flatten)]
+        filter: DlqFilter,
+        #[command(flatten)]
+        action: DlqActionOpts,
+        /// Replace each job's `input` with this JSON file's content.
+        #[arg(long, value_name = "FILE")]
+        edit_input: Option<String>,
+    },
+    /// Delete dead letters.
+    Purge {
+        #[command(flatten)]
+        filter: DlqFilter,
+        #[command(flatten)]
+        action: DlqActionOpts,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -90,6 +90,8 @@ pub struct ServiceBusSettings {
     /// Secret; never printed.
     pub connection_string: String,
     pub namespace: String,
+    pub credential: crate::servicebus::credential::EntraSource,
+    pub token_lifetime_s: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,6 +105,7 @@ pub struct QueueSettings {
 #[serde(deny_unknown_fields)]
 pub struct EngineSettings {
     pub concurrency: usize,
+    pub build_venvs_on_start: bool,
     pub drain_timeout_s: u64,
     pub max_lock_renewal_s: u64,
     pub max_body_kb: usize,
@@ -301,6 +304,13 @@ impl Settings {
                 "servicebus.connection_string",
                 "<redacted>",
                 "must contain Endpoint=sb://…",
+            ));
+        }
+        if !(2..=86_400).contains(&self.servicebus.token_lifetime_s) {
+            return Err(invalid(
+                "servicebus.token_lifetime_s",
+                self.servicebus.token_lifetime_s,
+                "must be between 2 and 86400 seconds",
             ));
         }
         if self.servicebus.namespace.contains("://") {

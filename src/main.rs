@@ -21,6 +21,16 @@ fn main() -> ExitCode {
             });
         }
     };
+    if !matches!(
+        cli.command,
+        Command::Run | Command::Emulator(_) | Command::Exec(_)
+    ) {
+        // A command whose output is piped into `head` ends quietly, as CLI tools do; the
+        // daemons keep Rust's default (ignored SIGPIPE) so a closed socket is an error, not a
+        // death.
+        // SAFETY: restoring the default disposition of a signal before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let settings = match Settings::load(&Sources::from_process(cli.config.clone())) {
         Ok(s) => s,
         Err(e) => {
@@ -28,7 +38,12 @@ fn main() -> ExitCode {
             return ExitCode::from(commands::EXIT_USAGE);
         }
     };
-    hybrid_worker::telemetry::init(&settings.log);
+    // Daemons narrate; `exec` shows the handler's own log lines; the rest print results only.
+    let narrates = matches!(
+        cli.command,
+        Command::Run | Command::Emulator(_) | Command::Exec(_)
+    );
+    hybrid_worker::telemetry::init(&settings.log, !narrates);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -41,7 +56,10 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match &cli.command {
+            Command::Run => commands::run::run(&settings).await,
+            Command::Submit(args) => commands::submit::run(&settings, args).await,
             Command::Exec(args) => commands::exec::run(&settings, args).await,
+            Command::Dlq(args) => commands::dlq::run(&settings, args).await,
             Command::Workers { command } => commands::workers::run(&settings, command),
             Command::Emulator(args) => {
                 hybrid_worker::emulator::cli::run(&settings.emulator, args.clone())

@@ -8,9 +8,16 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogFormat, LogSettings};
 
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides the configured level.
-pub fn init(settings: &LogSettings) {
+/// One-shot commands (`quiet`) log warnings and errors only, unless a level was configured
+/// other than the default `info`: their output is their result, not a running commentary.
+pub fn init(settings: &LogSettings, quiet: bool) {
+    let level = if quiet && settings.level == "info" {
+        "warn"
+    } else {
+        settings.level.as_str()
+    };
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.level))
+        .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let json = match settings.format {
         LogFormat::Json => true,

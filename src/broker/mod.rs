@@ -86,6 +86,9 @@ pub trait Broker: Send + Sync + 'static {
     async fn renew_lock(&self, lock_token: Uuid) -> Result<tokio::time::Instant, BrokerError>;
     /// Sends a message to `queue`.
     async fn send(&self, queue: &str, message: OutgoingMessage) -> Result<(), BrokerError>;
+    /// Stops asking for messages (the engine is draining): no credit is left open, and
+    /// messages that arrived but were never handed out are released at once.
+    async fn stop_receiving(&self) {}
     /// Sends a message to `queue` that becomes visible after `delay`.
     async fn schedule(
         &self,

@@ -83,7 +83,7 @@ pub async fn run(settings: &Settings, args: &ExecArgs) -> anyhow::Result<ExitCod
 }
 
 /// The input document: a file, standard input (`-`), or `null` when none is given.
-fn read_input(source: Option<&str>) -> anyhow::Result<Value> {
+pub fn read_input(source: Option<&str>) -> anyhow::Result<Value> {
     let (name, text) = match source {
         None => return Ok(Value::Null),
         Some("-") => {

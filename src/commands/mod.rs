@@ -2,7 +2,11 @@
 //! when it is the user's to fix (usage, configuration, a missing venv), else 1.
 
 pub mod config_show;
+pub mod connect;
+pub mod dlq;
 pub mod exec;
+pub mod run;
+pub mod submit;
 pub mod workers;
 
 use std::path::PathBuf;

@@ -126,6 +126,7 @@ impl Engine {
                 }
             }
         }
+        self.broker.stop_receiving().await;
         tracker.close();
         let running = tracker.len();
         if running > 0 {

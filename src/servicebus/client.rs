@@ -32,7 +32,7 @@ use uuid::Uuid;
 use super::connection_string::{ConnectionString, SasAuth};
 use super::credential::{Credential, CredentialError};
 use super::management::{MgmtRequest, MgmtResponse};
-use super::message::{to_amqp, to_delivery};
+use super::message::{Peeked, decode, peeked, to_amqp, to_delivery};
 use crate::broker::{Broker, BrokerError, Delivery, OutgoingMessage};
 
 /// How long connecting, authorising or attaching may take before it counts as failed.
@@ -460,6 +460,35 @@ impl ServiceBusBroker {
         }
     }
 
+    /// Reads up to `count` messages from sequence number `from` on, without locking them
+    /// (management `peek-message`).
+    pub async fn peek(&self, from: i64, count: i32) -> Result<Vec<Peeked>, BrokerError> {
+        let request = MgmtRequest::new("com.microsoft:peek-message")
+            .with("from-sequence-number", Value::Long(from))
+            .with("message-count", Value::Int(count));
+        let response = self.management_retried(request).await?;
+        if response.status == 204 {
+            return Ok(Vec::new());
+        }
+        status_result(&response)?;
+        let items: Vec<Value> = match response.field("messages") {
+            Some(Value::List(list)) => list.clone(),
+            Some(Value::Array(array)) => array.iter().cloned().collect(),
+            _ => Vec::new(),
+        };
+        Ok(items
+            .iter()
+            .filter_map(|item| match item {
+                Value::Map(map) => map.iter().find_map(|(k, v)| match (k, v) {
+                    (Value::String(k), Value::Binary(b)) if k == "message" => decode(b.as_ref()),
+                    _ => None,
+                }),
+                _ => None,
+            })
+            .map(|m| peeked(&m))
+            .collect())
+    }
+
     /// Receives one message of session `session_id` on the session-enabled `queue`, waiting
     /// up to `wait`, and completes it: how a flow (or `submit --wait`) takes its own reply.
     /// `None` when nothing came in time.
@@ -625,6 +654,23 @@ impl Broker for ServiceBusBroker {
             }
         }
         Ok(out)
+    }
+
+    async fn stop_receiving(&self) {
+        let mut slot = self.receiver.lock().await;
+        let Some(link) = slot.as_mut() else { return };
+        if link.receiver.set_credit(0).await.is_err() {
+            return;
+        }
+        // Whatever arrived on credit that was still open goes back to the queue unlocked.
+        while let Ok(Ok(delivery)) = tokio::time::timeout(
+            Duration::from_millis(50),
+            link.receiver.recv::<Body<Value>>(),
+        )
+        .await
+        {
+            let _ = link.receiver.release(&delivery).await;
+        }
     }
 
     async fn complete(&self, lock_token: Uuid) -> Result<(), BrokerError> {

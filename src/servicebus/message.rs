@@ -90,13 +90,38 @@ pub fn body_bytes(body: &Body<Value>) -> Option<Vec<u8>> {
     }
 }
 
-/// Turns a received message into a [`Delivery`].
-pub fn to_delivery(
-    tag: &[u8],
-    message: &Message<Body<Value>>,
-    default_lock: Duration,
-) -> Option<Delivery> {
-    let lock_token = lock_token(tag, message)?;
+/// A message read without a lock (peeked): what operators list and inspect.
+#[derive(Debug, Clone)]
+pub struct Peeked {
+    pub properties: MessageProperties,
+    pub body: Vec<u8>,
+    pub enqueued_at: Option<SystemTime>,
+    pub delivery_count: u32,
+}
+
+/// Decodes a whole encoded message, as management operations return it.
+pub fn decode(bytes: &[u8]) -> Option<Message<Body<Value>>> {
+    use fe2o3_amqp_types::messaging::message::__private::Deserializable;
+    serde_amqp::from_slice::<Deserializable<Message<Body<Value>>>>(bytes)
+        .ok()
+        .map(|d| d.0)
+}
+
+/// The readable parts of a message.
+pub fn peeked(message: &Message<Body<Value>>) -> Peeked {
+    Peeked {
+        properties: properties_of(message),
+        body: body_bytes(&message.body).unwrap_or_default(),
+        enqueued_at: timestamp_of(annotation(message, "x-opt-enqueued-time")),
+        delivery_count: message
+            .header
+            .as_ref()
+            .map(|h| h.delivery_count)
+            .unwrap_or(0),
+    }
+}
+
+fn properties_of(message: &Message<Body<Value>>) -> MessageProperties {
     let props = message.properties.as_ref();
     let mut out = MessageProperties {
         message_id: props
@@ -123,6 +148,17 @@ pub fn to_delivery(
         Some(Value::Long(n)) => Some(*n),
         _ => None,
     };
+    out
+}
+
+/// Turns a received message into a [`Delivery`].
+pub fn to_delivery(
+    tag: &[u8],
+    message: &Message<Body<Value>>,
+    default_lock: Duration,
+) -> Option<Delivery> {
+    let lock_token = lock_token(tag, message)?;
+    let out = properties_of(message);
     let now = SystemTime::now();
     let lock_left = timestamp_of(annotation(message, "x-opt-locked-until"))
         .map(|until| until.duration_since(now).unwrap_or_default())

@@ -1,0 +1,88 @@
+//! Which Service Bus a command talks to: the connection string, else the namespace with an
+//! Entra ID credential, else the embedded emulator on `emulator.listen`.
+
+use std::time::Duration;
+
+use super::UsageError;
+use crate::config::Settings;
+use crate::emulator::EmulatorHandle;
+use crate::servicebus::client::{ServiceBusBroker, ServiceBusConfig};
+use crate::servicebus::connection_string::ConnectionString;
+use crate::servicebus::credential::{Credential, entra_credential};
+
+/// The connection string of the embedded emulator listening on `listen` (the official
+/// emulator's default rule and key).
+pub fn emulator_connection_string(listen: &str) -> String {
+    format!(
+        "Endpoint=sb://{listen};SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;"
+    )
+}
+
+/// Where the configuration points.
+#[derive(Debug)]
+pub enum Target {
+    ConnectionString(ConnectionString),
+    Namespace(String),
+    /// Nothing configured: the embedded emulator.
+    Embedded,
+}
+
+impl Target {
+    pub fn of(settings: &Settings) -> anyhow::Result<Target> {
+        let sb = &settings.servicebus;
+        if !sb.connection_string.is_empty() {
+            let cs = ConnectionString::parse(&sb.connection_string)
+                .map_err(|e| UsageError(format!("servicebus.connection_string: {e}")))?;
+            return Ok(Target::ConnectionString(cs));
+        }
+        if !sb.namespace.is_empty() {
+            return Ok(Target::Namespace(sb.namespace.clone()));
+        }
+        Ok(Target::Embedded)
+    }
+}
+
+/// A client for `entity` (the queue it receives from and settles on) at the configured
+/// target; for the embedded target, the emulator must be listening (started by `run`).
+pub fn client(
+    settings: &Settings,
+    target: &Target,
+    entity: &str,
+) -> anyhow::Result<ServiceBusBroker> {
+    let lifetime = Duration::from_secs(settings.servicebus.token_lifetime_s);
+    let config = match target {
+        Target::ConnectionString(cs) => {
+            ServiceBusConfig::from_connection_string(cs, entity, lifetime)
+        }
+        Target::Namespace(ns) => {
+            let credential = entra_credential(settings.servicebus.credential)
+                .map_err(|e| UsageError(e.to_string()))?;
+            ServiceBusConfig::for_namespace(ns, Credential::Entra(credential), entity)
+        }
+        Target::Embedded => {
+            let cs =
+                ConnectionString::parse(&emulator_connection_string(&settings.emulator.listen))
+                    .map_err(|e| UsageError(e.to_string()))?;
+            ServiceBusConfig::from_connection_string(&cs, entity, lifetime)
+        }
+    };
+    Ok(ServiceBusBroker::new(config))
+}
+
+/// Starts the embedded emulator in this process, as configured.
+pub async fn start_emulator(settings: &Settings) -> anyhow::Result<EmulatorHandle> {
+    let args = crate::emulator::cli::EmulatorArgs {
+        listen: None,
+        entities: None,
+        data: None,
+        in_memory: false,
+    };
+    let config = crate::emulator::cli::config(&settings.emulator, &args)?;
+    crate::emulator::Emulator::start(config).await.map_err(|e| {
+        UsageError(format!(
+            "cannot start the embedded Service Bus emulator: {e} (another `hybrid-worker run` or emulator may hold {}; set HYBRID__EMULATOR__LISTEN, or configure HYBRID__SERVICEBUS__CONNECTION_STRING)",
+            settings.emulator.listen
+        ))
+        .into()
+    })
+}

@@ -1,0 +1,149 @@
+//! `hybrid-worker run`: the daemon. Checks (or builds) every worker's venv, connects to
+//! Service Bus — or starts the embedded emulator when none is configured — and runs the engine
+//! until SIGTERM/SIGINT, then drains.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use super::connect::{Target, client, start_emulator};
+use super::{UsageError, build_command, install_runtime, scan};
+use crate::broker::BrokerError;
+use crate::config::Settings;
+use crate::engine::executor::{ProcessExecutor, ReadyWorker};
+use crate::engine::settle::Queues;
+use crate::engine::{Engine, EngineOptions};
+use crate::runner::Runner;
+use crate::servicebus::connection_string::ConnectionString;
+use crate::worker::Catalog;
+use crate::worker::python::Interpreter;
+use crate::worker::venv::{VenvPlan, VenvState};
+
+pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let shutdown = crate::shutdown::on_signals()?;
+    let dir = settings.workers.dir.clone();
+    let catalog = scan(&dir)?;
+    if let Some(broken) = catalog.broken.first() {
+        return Err(UsageError(format!("a worker cannot be loaded: {broken}")).into());
+    }
+    let ready = ready_workers(settings, &catalog)?;
+    if ready.is_empty() {
+        return Err(UsageError(format!("no workers to run in {}", dir.display())).into());
+    }
+    let names: Vec<&str> = ready.iter().map(|r| r.worker.name.as_str()).collect();
+    tracing::info!(workers = ?names, "Workers verified.");
+    let runner = Runner::new(install_runtime(settings)?, settings.engine.temp_dir());
+    let executor = Arc::new(ProcessExecutor::new(ready, &catalog, runner));
+
+    let target = Target::of(settings)?;
+    let mut embedded = None;
+    let broker = match &target {
+        Target::Embedded => {
+            let handle = start_emulator(settings).await?;
+            let cs = handle.connection_string();
+            tracing::info!(
+                connection_string = %cs,
+                jobs = %settings.queues.jobs,
+                results = %settings.queues.results,
+                "No Service Bus is configured: running on the embedded emulator. Producers connect with this connection string."
+            );
+            let parsed = ConnectionString::parse(&cs).map_err(|e| anyhow::anyhow!(e))?;
+            let broker = client(
+                settings,
+                &Target::ConnectionString(parsed),
+                &settings.queues.jobs,
+            )?;
+            embedded = Some(handle);
+            broker
+        }
+        other => client(settings, other, &settings.queues.jobs)?,
+    };
+    let broker = Arc::new(broker);
+    match broker.connect().await {
+        Ok(()) => tracing::info!(queue = %settings.queues.jobs, "Connected; receiving jobs."),
+        Err(BrokerError::Refused(why)) => {
+            return Err(UsageError(format!("Service Bus refused the connection: {why}")).into());
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Service Bus is not reachable yet; retrying with backoff.")
+        }
+    }
+    let engine = Engine::new(
+        broker.clone(),
+        executor,
+        EngineOptions {
+            concurrency: settings.engine.concurrency,
+            queues: Queues {
+                jobs: settings.queues.jobs.clone(),
+                results: settings.queues.results.clone(),
+            },
+            drain_timeout: settings.engine.drain_timeout(),
+            max_lock_renewal: settings.engine.max_lock_renewal(),
+            max_body_bytes: settings.engine.max_body_kb * 1024,
+            receive_wait: settings.engine.receive_wait(),
+        },
+    );
+    let stats = engine.run(shutdown).await;
+    broker.close().await;
+    if let Some(handle) = embedded {
+        handle.shutdown().await;
+    }
+    tracing::info!(received = stats.received, "The daemon has stopped.");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The allowed workers with a verified venv. Missing venvs are built first when
+/// `engine.build_venvs_on_start` is on; otherwise the daemon refuses to start and names the
+/// command that builds them.
+fn ready_workers(settings: &Settings, catalog: &Catalog) -> anyhow::Result<Vec<ReadyWorker>> {
+    let python = Interpreter::resolve(&settings.workers.python)?;
+    let allow = &settings.workers.allow;
+    for name in allow {
+        if !catalog.workers.contains_key(name) {
+            return Err(UsageError(format!(
+                "workers.allow names {name:?}, which is not in {}",
+                catalog.dir.display()
+            ))
+            .into());
+        }
+    }
+    let mut ready = Vec::new();
+    for worker in catalog.workers.values() {
+        if !allow.is_empty() && !allow.contains(&worker.name) {
+            tracing::info!(worker = %worker.name, "Worker not in workers.allow: its jobs will be refused with PolicyDenied.");
+            continue;
+        }
+        let plan = VenvPlan::new(worker, &python, &settings.workers.venv_root())?;
+        if !plan.state().is_ready() {
+            if !settings.engine.build_venvs_on_start {
+                return Err(UsageError(format!(
+                    "the venv of worker {:?} is missing or stale; run `{}`",
+                    worker.name,
+                    build_command(&worker.name, &catalog.dir)
+                ))
+                .into());
+            }
+            tracing::info!(worker = %worker.name, venv = %plan.dir.display(), "Building the worker's venv before receiving jobs.");
+            let started = std::time::Instant::now();
+            plan.build(
+                &python,
+                &|step| tracing::info!(worker = %worker.name, "{step}"),
+            )?;
+            tracing::info!(worker = %worker.name, seconds = started.elapsed().as_secs_f64(), "Built the worker's venv.");
+        }
+        match plan.state() {
+            VenvState::Ready { python, .. } => ready.push(ReadyWorker {
+                worker: worker.clone(),
+                python,
+            }),
+            VenvState::Missing { expected, .. } => {
+                return Err(UsageError(format!(
+                    "the venv of worker {:?} at {} is not usable after building",
+                    worker.name,
+                    expected.display()
+                ))
+                .into());
+            }
+        }
+    }
+    Ok(ready)
+}
