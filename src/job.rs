@@ -164,6 +164,10 @@ pub struct ReplyRoute {
 pub struct Envelope {
     /// The job id: the original job's MessageId (kept across retry copies).
     pub job_id: String,
+    /// This message's own MessageId (a retry or replay copy has its own), from which the
+    /// reply's MessageId is derived: a redelivery of the same message gets a reply with the
+    /// same id (dropped by duplicate detection), a retry or replay gets a new one.
+    pub message_id: String,
     pub correlation_id: Option<String>,
     /// 1 for the first run; retry copies carry the next number.
     pub attempt: u32,
@@ -202,6 +206,11 @@ impl Envelope {
             .find_map(|key| props.application.get(*key))
             .cloned();
         Self {
+            message_id: props
+                .message_id
+                .clone()
+                .filter(|id| !id.is_empty())
+                .unwrap_or_else(|| job_id.clone()),
             correlation_id: props.correlation_id.clone(),
             attempt,
             reply: ReplyRoute {
@@ -434,12 +443,6 @@ impl JobResult {
             resources,
         }
     }
-
-    /// The reply's MessageId: derived from the job id so that a resent reply is caught by
-    /// duplicate detection on the results queue.
-    pub fn reply_message_id(&self) -> String {
-        format!("{}:result", self.job_id)
-    }
 }
 
 /// Bounds a text for `DeadLetterErrorDescription`: one line, at most `max` bytes, cut at a
@@ -564,7 +567,6 @@ mod tests {
                 "attempt": 1, "duration_ms": 12, "resources": {"cpu_ms": 0, "max_rss_kb": 0}
             })
         );
-        assert_eq!(result.reply_message_id(), "m-1:result");
     }
 
     #[test]

@@ -21,3 +21,13 @@ HYBRID__WORKERS__VENV_ROOT="$HYBRID_TEST_VENV_ROOT" HYBRID__LOG__FORMAT=text \
 
 echo "== cargo test"
 cargo test --locked --all-targets
+
+echo "== Service Bus SDK suite (azure-servicebus, pinned) against the emulator and the daemon"
+SDK_VENV="$PWD/target/sdk-venv"
+if [ ! -x "$SDK_VENV/bin/pytest" ] || ! cmp -s tests/sdk/requirements.txt "$SDK_VENV/requirements.txt"; then
+  rm -rf "$SDK_VENV"
+  python3 -m venv "$SDK_VENV"
+  "$SDK_VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+  cp tests/sdk/requirements.txt "$SDK_VENV/requirements.txt"
+fi
+HYBRID_WORKER_BIN="$PWD/target/debug/hybrid-worker" "$SDK_VENV/bin/pytest" tests/sdk -q -p no:cacheprovider

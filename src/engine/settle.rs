@@ -179,7 +179,8 @@ async fn abandon_after_failed_send(broker: &dyn Broker, token: uuid::Uuid) {
 }
 
 /// The reply of `design.md`: CorrelationId = job id, SessionId = the flow's session (or the
-/// job id), MessageId derived from the job id, and the status in application properties.
+/// job id), MessageId derived from the job message's MessageId (`<message id>:result`), and the
+/// status in application properties.
 pub fn reply(envelope: &Envelope, result: &JobResult) -> OutgoingMessage {
     let mut application = std::collections::BTreeMap::new();
     application.insert("status".to_owned(), result.status.as_str().to_owned());
@@ -188,7 +189,7 @@ pub fn reply(envelope: &Envelope, result: &JobResult) -> OutgoingMessage {
         application.insert("worker".to_owned(), worker.clone());
     }
     OutgoingMessage {
-        message_id: Some(result.reply_message_id()),
+        message_id: Some(format!("{}:result", envelope.message_id)),
         correlation_id: Some(envelope.job_id.clone()),
         session_id: Some(envelope.reply.session_id.clone()),
         content_type: Some("application/json".to_owned()),
