@@ -182,3 +182,186 @@ async fn the_engine_runs_jobs_over_service_bus() {
     assert_eq!(bad["error"]["kind"], "InvalidInput");
     emu.shutdown().await;
 }
+
+/// A TCP proxy on 127.0.0.1 in front of the emulator whose connections the test can cut, to
+/// drop the client's connection without touching the broker.
+struct CuttableProxy {
+    addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl CuttableProxy {
+    async fn start(upstream: std::net::SocketAddr) -> CuttableProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let cuts = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut cut = cuts.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        CuttableProxy { addr, cut }
+    }
+
+    /// Drops every connection open now.
+    fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_connection_is_rebuilt_and_the_running_job_settles_once() {
+    let emu = emulator(Duration::from_secs(4)).await;
+    let proxy = CuttableProxy::start(emu.local_addr()).await;
+    let cs = emu.connection_string().replace(
+        &emu.local_addr().port().to_string(),
+        &proxy.addr.port().to_string(),
+    );
+    let cs = ConnectionString::parse(&cs).expect("cs");
+    let sb = Arc::new(ServiceBusBroker::new(
+        ServiceBusConfig::from_connection_string(&cs, JOBS, HOUR),
+    ));
+    let exec = Arc::new(ScriptedExecutor::default());
+    sb.send(
+        JOBS,
+        job_message(
+            "survivor",
+            &json!({"worker": "scripted", "input": {"ms": 6000}}),
+        ),
+    )
+    .await
+    .expect("send");
+    let engine = hybrid_worker::engine::Engine::new(sb.clone(), exec.clone(), options(1));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move { engine.run(stop).await });
+    wait_for(Duration::from_secs(20), "the job to start", || {
+        exec.started().len() == 1
+    })
+    .await;
+    proxy.cut();
+    let reader = client(&emu, HOUR);
+    let reply = reader
+        .receive_session(RESULTS, "session-survivor", Duration::from_secs(30))
+        .await
+        .expect("reply")
+        .expect("a reply in time");
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).expect("json");
+    assert_eq!(body["status"], "succeeded");
+    // Past the lock duration again: a job that had not been completed would come back.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    shutdown.cancel();
+    task.await.expect("engine");
+    assert_eq!(
+        exec.started().len(),
+        1,
+        "ran once across the reconnect: {:?}",
+        exec.started()
+    );
+    assert!(
+        sb.stats.connects.load(std::sync::atomic::Ordering::Relaxed) >= 2,
+        "reconnected"
+    );
+    assert!(
+        reader
+            .receive_session(RESULTS, "session-survivor", Duration::from_secs(2))
+            .await
+            .expect("rx")
+            .is_none(),
+        "exactly one reply"
+    );
+    emu.shutdown().await;
+}
+
+/// An Entra ID credential whose tokens live three seconds, counting how often it is asked.
+#[derive(Debug, Default)]
+struct ShortLivedJwt {
+    issued: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl azure_core::credentials::TokenCredential for ShortLivedJwt {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        _: Option<azure_core::credentials::TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<azure_core::credentials::AccessToken> {
+        use base64::Engine;
+        assert_eq!(scopes, ["https://servicebus.azure.net//.default"]);
+        self.issued
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let expires =
+            azure_core::time::OffsetDateTime::now_utc() + azure_core::time::Duration::seconds(3);
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let jwt = format!(
+            "{}.{}.sig",
+            b64(json!({"alg": "none", "typ": "JWT"})),
+            b64(json!({"aud": "https://servicebus.azure.net", "exp": expires.unix_timestamp()}))
+        );
+        Ok(azure_core::credentials::AccessToken::new(jwt, expires))
+    }
+}
+
+#[tokio::test]
+async fn entra_tokens_are_refreshed_before_they_expire() {
+    let mut config = EmulatorConfig::new("127.0.0.1:0".parse().expect("addr"));
+    config.accept_jwt = true;
+    let mut results = QueueConfig::new(RESULTS);
+    results.requires_session = true;
+    config.queues = vec![QueueConfig::new(JOBS), results];
+    let emu = Emulator::start(config).await.expect("emulator");
+    let addr = emu.local_addr();
+    let credential = Arc::new(ShortLivedJwt::default());
+    let mut sb_config = ServiceBusConfig::for_namespace(
+        "127.0.0.1",
+        hybrid_worker::servicebus::credential::Credential::Entra(credential.clone()),
+        JOBS,
+    );
+    sb_config.url = format!("amqp://{addr}");
+    sb_config.audience_base = format!("sb://{addr}");
+    let sb = Arc::new(ServiceBusBroker::new(sb_config));
+    let exec = Arc::new(ScriptedExecutor::default());
+    let engine = hybrid_worker::engine::Engine::new(sb.clone(), exec.clone(), options(1));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move { engine.run(stop).await });
+    let reader = client(&emu, HOUR);
+    // Ten seconds of work against three-second tokens.
+    for i in 0..5 {
+        let session = format!("session-jwt-{i}");
+        let mut msg = job_message(
+            &format!("jwt-{i}"),
+            &json!({"worker": "scripted", "input": {"ms": 10}}),
+        );
+        msg.reply_to_session_id = Some(session.clone());
+        reader.send(JOBS, msg).await.expect("send");
+        let reply = reader
+            .receive_session(RESULTS, &session, Duration::from_secs(20))
+            .await
+            .expect("rx");
+        assert!(reply.is_some(), "job {i} answered");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    shutdown.cancel();
+    task.await.expect("engine");
+    let issued = credential.issued.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        issued >= 4,
+        "a fresh token was asked for only {issued} times"
+    );
+    emu.shutdown().await;
+}
