@@ -51,6 +51,8 @@ pub struct Settings {
     pub log: LogSettings,
     pub emulator: EmulatorSettings,
     pub http: HttpSettings,
+    /// Who jobs run as when the daemon is root; see [`crate::sandbox`].
+    pub sandbox: crate::sandbox::SandboxSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

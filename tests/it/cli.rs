@@ -21,12 +21,21 @@ fn hybrid(args: &[&str], envs: &[(&str, &str)]) -> Output {
 
 fn result_of(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("stdout is not a result ({e}): {}\nstderr: {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "stdout is not a result ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     })
 }
 
 fn example(worker: &str, name: &str) -> String {
-    workers_dir().join(worker).join("examples").join(name).display().to_string()
+    workers_dir()
+        .join(worker)
+        .join("examples")
+        .join(name)
+        .display()
+        .to_string()
 }
 
 #[test]
@@ -36,8 +45,17 @@ fn exec_runs_every_example_of_the_data_workers() {
         let dir = workers_dir().join(worker).join("examples");
         for entry in std::fs::read_dir(dir).expect("examples") {
             let path = entry.expect("entry").path();
-            let out = hybrid(&["exec", worker, "--input", &path.display().to_string()], &[]);
-            assert_eq!(out.status.code(), Some(0), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            let out = hybrid(
+                &["exec", worker, "--input", &path.display().to_string()],
+                &[],
+            );
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
             let result = result_of(&out);
             assert_eq!(result["status"], "succeeded");
             assert_eq!(result["worker"], worker);
@@ -56,15 +74,31 @@ fn exec_exit_codes_follow_the_outcome() {
         ("exit.json", 1, Some("Crashed")),
     ];
     for (file, code, kind) in cases {
-        let out = hybrid(&["exec", "diagnostics", "--input", &example("diagnostics", file)], &[]);
-        assert_eq!(out.status.code(), Some(code), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = hybrid(
+            &[
+                "exec",
+                "diagnostics",
+                "--input",
+                &example("diagnostics", file),
+            ],
+            &[],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let result = result_of(&out);
         match kind {
             None => assert_eq!(result["error"], Value::Null),
             Some(kind) => assert_eq!(result["error"]["kind"], kind, "{file}"),
         }
     }
-    let out = hybrid(&["exec", "diagnostics", "--input", "-", "--timeout", "0.5"], &[]);
+    let out = hybrid(
+        &["exec", "diagnostics", "--input", "-", "--timeout", "0.5"],
+        &[],
+    );
     // No stdin: the input is empty, which is not JSON.
     assert_eq!(out.status.code(), Some(2));
 }
@@ -73,13 +107,19 @@ fn exec_exit_codes_follow_the_outcome() {
 fn usage_and_configuration_errors_exit_2_with_a_reason() {
     let out = hybrid(&["exec", "no-such-worker"], &[]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("csv-normalize"), "names the workers there are");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("csv-normalize"),
+        "names the workers there are"
+    );
 
     let out = hybrid(&["exec", "diagnostics", "--input", "Cargo.toml"], &[]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not JSON"));
 
-    let out = hybrid(&["config", "show"], &[("HYBRID__ENGINE__CONCURRENCY", "lots")]);
+    let out = hybrid(
+        &["config", "show"],
+        &[("HYBRID__ENGINE__CONCURRENCY", "lots")],
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("concurrency"));
 
@@ -91,12 +131,26 @@ fn usage_and_configuration_errors_exit_2_with_a_reason() {
 fn a_missing_venv_is_refused_with_the_command_that_builds_it() {
     let empty = tempfile::tempdir().expect("tmp");
     let root = empty.path().display().to_string();
-    let out = hybrid(&["exec", "diagnostics", "--input", &example("diagnostics", "echo.json")], &[("HYBRID__WORKERS__VENV_ROOT", &root)]);
+    let out = hybrid(
+        &[
+            "exec",
+            "diagnostics",
+            "--input",
+            &example("diagnostics", "echo.json"),
+        ],
+        &[("HYBRID__WORKERS__VENV_ROOT", &root)],
+    );
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("hybrid-worker workers build diagnostics"), "{stderr}");
+    assert!(
+        stderr.contains("hybrid-worker workers build diagnostics"),
+        "{stderr}"
+    );
 
-    let out = hybrid(&["workers", "verify"], &[("HYBRID__WORKERS__VENV_ROOT", &root)]);
+    let out = hybrid(
+        &["workers", "verify"],
+        &[("HYBRID__WORKERS__VENV_ROOT", &root)],
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("missing"));
 }
@@ -106,7 +160,10 @@ fn config_show_prints_the_effective_config_without_secrets() {
     let out = hybrid(
         &["config", "show"],
         &[
-            ("HYBRID__SERVICEBUS__CONNECTION_STRING", "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=TOPSECRET"),
+            (
+                "HYBRID__SERVICEBUS__CONNECTION_STRING",
+                "Endpoint=sb://x/;SharedAccessKeyName=k;SharedAccessKey=TOPSECRET",
+            ),
             ("HYBRID__QUEUES__JOBS", "other-jobs"),
         ],
     );

@@ -65,7 +65,11 @@ impl Running {
     }
 }
 
-pub fn start(broker: Arc<MemoryBroker>, executor: Arc<dyn Executor>, options: EngineOptions) -> Running {
+pub fn start(
+    broker: Arc<MemoryBroker>,
+    executor: Arc<dyn Executor>,
+    options: EngineOptions,
+) -> Running {
     let engine = Engine::new(broker, executor, options);
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
@@ -77,7 +81,10 @@ pub fn start(broker: Arc<MemoryBroker>, executor: Arc<dyn Executor>, options: En
 pub async fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
     let give_up = tokio::time::Instant::now() + limit;
     while !done() {
-        assert!(tokio::time::Instant::now() < give_up, "timed out waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -112,7 +119,10 @@ impl Executor for ScriptedExecutor {
         match job.worker.as_str() {
             "scripted" => Ok(scripted_policy()),
             "denied" => Err(JobError::new(ErrorKind::PolicyDenied, "not allowed here")),
-            other => Err(JobError::new(ErrorKind::UnknownWorker, format!("no worker {other:?}"))),
+            other => Err(JobError::new(
+                ErrorKind::UnknownWorker,
+                format!("no worker {other:?}"),
+            )),
         }
     }
 
@@ -141,8 +151,13 @@ impl Executor for ScriptedExecutor {
         report.duration = Duration::from_millis(ms);
         report.outcome = match result {
             "ok" => RunOutcome::Succeeded(json!({"done": job.envelope.job_id})),
-            "fail" => RunOutcome::Failed(JobError::new(ErrorKind::HandlerError, "boom with secret payload")),
-            "invalid" => RunOutcome::Failed(JobError::new(ErrorKind::InvalidInput, "field x is wrong")),
+            "fail" => RunOutcome::Failed(JobError::new(
+                ErrorKind::HandlerError,
+                "boom with secret payload",
+            )),
+            "invalid" => {
+                RunOutcome::Failed(JobError::new(ErrorKind::InvalidInput, "field x is wrong"))
+            }
             _ => report.outcome,
         };
         report
@@ -204,7 +219,10 @@ pub fn replies(broker: &MemoryBroker, queue: &str) -> BTreeMap<String, (Outgoing
         .into_iter()
         .map(|m| {
             let body: Value = serde_json::from_slice(&m.message.body).expect("reply is JSON");
-            (m.message.correlation_id.clone().unwrap_or_default(), (m.message, body))
+            (
+                m.message.correlation_id.clone().unwrap_or_default(),
+                (m.message, body),
+            )
         })
         .collect()
 }

@@ -20,7 +20,8 @@ async fn diagnostics(input: Value, timeout: Duration) -> (RunReport, Vec<String>
     let ready = ready_worker("diagnostics");
     let runner = runner(temp.path());
     let logs = Mutex::new(Vec::new());
-    let on_log = |r: hybrid_worker::runner::output::LogRecord| logs.lock().expect("lock").push(r.msg);
+    let on_log =
+        |r: hybrid_worker::runner::output::LogRecord| logs.lock().expect("lock").push(r.msg);
     let request = RunRequest {
         worker: &ready.worker,
         python: ready.python.clone(),
@@ -46,7 +47,10 @@ fn failure(report: &RunReport) -> (ErrorKind, String, bool) {
 fn output(report: &RunReport) -> Value {
     match &report.outcome {
         RunOutcome::Succeeded(v) => v.clone(),
-        other => panic!("expected success, got {other:?} (stderr: {})", report.stderr.text()),
+        other => panic!(
+            "expected success, got {other:?} (stderr: {})",
+            report.stderr.text()
+        ),
     }
 }
 
@@ -58,9 +62,22 @@ async fn no_daemon_environment_reaches_a_job() {
     unsafe { std::env::set_var("HYBRID_TEST_DAEMON_SECRET", SECRET) };
     let (report, _) = diagnostics(json!({"action": "env"}), T).await;
     let env = output(&report)["env"].as_object().expect("env map").clone();
-    let allowed = ["PATH", "HOME", "TMPDIR", "LANG", "HYBRID_JOB_ID", "HYBRID_ATTEMPT", "HYBRID_WORKER", "TRACEPARENT", "LC_CTYPE"];
+    let allowed = [
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "LANG",
+        "HYBRID_JOB_ID",
+        "HYBRID_ATTEMPT",
+        "HYBRID_WORKER",
+        "TRACEPARENT",
+        "LC_CTYPE",
+    ];
     for (key, value) in &env {
-        assert!(allowed.contains(&key.as_str()), "unexpected variable {key} in the job");
+        assert!(
+            allowed.contains(&key.as_str()),
+            "unexpected variable {key} in the job"
+        );
         assert!(!value.as_str().unwrap_or("").contains(SECRET));
     }
     assert_eq!(env["HYBRID_JOB_ID"], "job-1");
@@ -86,7 +103,10 @@ async fn each_failure_has_its_kind() {
     let (kind, message, retryable) = failure(&r);
     assert_eq!((kind, retryable), (ErrorKind::HandlerError, true));
     assert!(message.contains("flaky"));
-    assert!(r.stderr.text().contains("Traceback"), "the traceback goes to stderr");
+    assert!(
+        r.stderr.text().contains("Traceback"),
+        "the traceback goes to stderr"
+    );
 
     let (r, _) = diagnostics(json!({"action": "invalid", "message": "bad field"}), T).await;
     let (kind, message, retryable) = failure(&r);
@@ -113,7 +133,11 @@ async fn each_failure_has_its_kind() {
 #[tokio::test]
 async fn a_deadline_kills_the_whole_job_even_if_it_ignores_sigterm() {
     let started = std::time::Instant::now();
-    let (r, _) = diagnostics(json!({"action": "sleep", "seconds": 60, "ignore_sigterm": true}), Duration::from_secs(1)).await;
+    let (r, _) = diagnostics(
+        json!({"action": "sleep", "seconds": 60, "ignore_sigterm": true}),
+        Duration::from_secs(1),
+    )
+    .await;
     let took = started.elapsed();
     assert_eq!(failure(&r).0, ErrorKind::Timeout);
     assert_eq!(r.killed, Some(KillReason::Timeout));
@@ -122,7 +146,11 @@ async fn a_deadline_kills_the_whole_job_even_if_it_ignores_sigterm() {
 
 #[tokio::test]
 async fn output_is_captured_and_capped() {
-    let (r, _) = diagnostics(json!({"action": "print", "bytes": 5_000_000, "stream": "stdout"}), T).await;
+    let (r, _) = diagnostics(
+        json!({"action": "print", "bytes": 5_000_000, "stream": "stdout"}),
+        T,
+    )
+    .await;
     assert_eq!(output(&r)["printed"], 5_000_000);
     assert_eq!(r.stdout.total, 5_000_000);
     assert_eq!(r.stdout.kept.len(), 256 * 1024, "kept up to max_output_kb");
@@ -148,17 +176,33 @@ async fn resources_are_measured() {
 #[tokio::test]
 async fn the_engine_runs_a_real_worker_end_to_end() {
     let temp = tempfile::tempdir().expect("tmp");
-    let executor = Arc::new(process_executor(&["csv-normalize", "diagnostics"], temp.path()));
+    let executor = Arc::new(process_executor(
+        &["csv-normalize", "diagnostics"],
+        temp.path(),
+    ));
     let broker = Arc::new(MemoryBroker::new(JOBS, Duration::from_secs(30), 10));
     let input: Value = serde_json::from_str(
-        &std::fs::read_to_string(workers_dir().join("csv-normalize/examples/basic.json")).expect("example"),
+        &std::fs::read_to_string(workers_dir().join("csv-normalize/examples/basic.json"))
+            .expect("example"),
     )
     .expect("json");
-    broker.push(job_message("csv-1", &json!({"worker": "csv-normalize", "input": input})));
-    broker.push(job_message("bad-1", &json!({"worker": "diagnostics", "input": {"action": "invalid", "message": "no"}})));
+    broker.push(job_message(
+        "csv-1",
+        &json!({"worker": "csv-normalize", "input": input}),
+    ));
+    broker.push(job_message(
+        "bad-1",
+        &json!({"worker": "diagnostics", "input": {"action": "invalid", "message": "no"}}),
+    ));
     let run = start(broker.clone(), executor, options(2));
-    wait_for(Duration::from_secs(60), "two replies", || broker.messages(RESULTS).len() == 2).await;
-    wait_for(Duration::from_secs(10), "settlement", || broker.locked_count() == 0).await;
+    wait_for(Duration::from_secs(60), "two replies", || {
+        broker.messages(RESULTS).len() == 2
+    })
+    .await;
+    wait_for(Duration::from_secs(10), "settlement", || {
+        broker.locked_count() == 0
+    })
+    .await;
     run.stop().await;
     let replies = replies(&broker, RESULTS);
     let body = &replies["csv-1"].1;
