@@ -61,7 +61,23 @@ pub fn build(rules: &FsRules, network: NetworkPolicy) -> Result<Option<OwnedFd>,
         .map_err(err)?
         .add_rules(path_beneath_rules(existing(&rules.read_write), write))
         .map_err(err)?;
-    Ok(Option::<OwnedFd>::from(created))
+    Option::<OwnedFd>::from(created)
+        .map(above_job_fds)
+        .transpose()
+        .map_err(|e| LandlockError(format!("cannot move the ruleset descriptor: {e}")))
+}
+
+/// Moves the ruleset's descriptor to 10 or above: the child puts the job's pipes on 3 and 4
+/// before it restricts itself, and must not overwrite the ruleset there.
+fn above_job_fds(fd: OwnedFd) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own into a new one we then own.
+    let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 /// Restricts the calling thread (and what it executes) to the ruleset. Called between fork and
