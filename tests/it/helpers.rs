@@ -234,7 +234,11 @@ pub fn sandbox_interpreter() -> &'static Interpreter {
     static PYTHON: OnceLock<Interpreter> = OnceLock::new();
     PYTHON.get_or_init(|| {
         let command = std::env::var("HYBRID_TEST_SANDBOX_PYTHON").unwrap_or_else(|_| {
-            if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3".into() } else { "python3".into() }
+            if Path::new("/usr/bin/python3").exists() {
+                "/usr/bin/python3".into()
+            } else {
+                "python3".into()
+            }
         });
         Interpreter::resolve(&command).expect("a Python for the sandbox tests")
     })
@@ -245,7 +249,10 @@ pub fn sandbox_interpreter() -> &'static Interpreter {
 pub fn hostile_home() -> &'static Path {
     static HOME: OnceLock<tempfile::TempDir> = OnceLock::new();
     HOME.get_or_init(|| {
-        let home = tempfile::Builder::new().prefix("hybrid-hostile-").tempdir().expect("tmp");
+        let home = tempfile::Builder::new()
+            .prefix("hybrid-hostile-")
+            .tempdir()
+            .expect("tmp");
         open_to_all(home.path());
         let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hostile-workers");
         let workers = home.path().join("workers");
@@ -281,9 +288,15 @@ pub fn hostile_worker(name: &str) -> ReadyWorker {
     let catalog = Catalog::scan(&hostile_home().join("workers")).expect("fixtures folder");
     assert!(catalog.broken.is_empty(), "{:?}", catalog.broken);
     let worker = catalog.get(name).expect("fixture worker").clone();
-    let plan = VenvPlan::new(&worker, sandbox_interpreter(), &hostile_home().join("venvs")).expect("plan");
+    let plan = VenvPlan::new(
+        &worker,
+        sandbox_interpreter(),
+        &hostile_home().join("venvs"),
+    )
+    .expect("plan");
     if !plan.state().is_ready() {
-        plan.build(sandbox_interpreter(), &|_| {}).expect("venv build");
+        plan.build(sandbox_interpreter(), &|_| {})
+            .expect("venv build");
     }
     let VenvState::Ready { python, .. } = plan.state() else {
         panic!("venv of {name} not ready after build");

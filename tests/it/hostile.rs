@@ -28,7 +28,10 @@ impl Daemon {
     fn new() -> Self {
         let temp = tempfile::tempdir().expect("tmp");
         let runner = sandboxed_runner(temp.path());
-        Self { _temp: temp, runner }
+        Self {
+            _temp: temp,
+            runner,
+        }
     }
 
     async fn run(&self, worker: &str, input: Value, timeout: Duration) -> RunReport {
@@ -43,15 +46,22 @@ impl Daemon {
             timeout,
             extra_env: Vec::new(),
         };
-        self.runner.run(request, CancellationToken::new(), &|_| {}).await
+        self.runner
+            .run(request, CancellationToken::new(), &|_| {})
+            .await
     }
 
     /// The daemon is fine: a normal job on the same runner succeeds.
     async fn still_runs_jobs(&self) {
-        let report = self.run("benign", json!({"n": 1}), Duration::from_secs(20)).await;
+        let report = self
+            .run("benign", json!({"n": 1}), Duration::from_secs(20))
+            .await;
         match &report.outcome {
             RunOutcome::Succeeded(v) => assert_eq!(v["ok"], true),
-            other => panic!("the job after the attack failed: {other:?} (stderr: {})", report.stderr.text()),
+            other => panic!(
+                "the job after the attack failed: {other:?} (stderr: {})",
+                report.stderr.text()
+            ),
         }
     }
 }
@@ -59,14 +69,20 @@ impl Daemon {
 fn failure(report: &RunReport) -> (ErrorKind, String) {
     match &report.outcome {
         RunOutcome::Failed(e) => (e.kind, e.message.clone()),
-        other => panic!("expected a failure, got {other:?} (stderr: {})", report.stderr.text()),
+        other => panic!(
+            "expected a failure, got {other:?} (stderr: {})",
+            report.stderr.text()
+        ),
     }
 }
 
 fn output(report: &RunReport) -> Value {
     match &report.outcome {
         RunOutcome::Succeeded(v) => v.clone(),
-        other => panic!("expected success, got {other:?} (stderr: {})", report.stderr.text()),
+        other => panic!(
+            "expected success, got {other:?} (stderr: {})",
+            report.stderr.text()
+        ),
     }
 }
 
@@ -84,8 +100,19 @@ async fn the_fixtures_run_with_every_mechanism_on() {
     let daemon = Daemon::new();
     let ready = hostile_worker("benign");
     let enforced = daemon.runner.enforcement(&ready.worker, &ready.python);
-    for mechanism in ["user", "rlimits", "processes", "oom_score_adj", "no_new_privs", "seccomp", "landlock"] {
-        let e = enforced.iter().find(|e| e.mechanism == mechanism).expect(mechanism);
+    for mechanism in [
+        "user",
+        "rlimits",
+        "processes",
+        "oom_score_adj",
+        "no_new_privs",
+        "seccomp",
+        "landlock",
+    ] {
+        let e = enforced
+            .iter()
+            .find(|e| e.mechanism == mechanism)
+            .expect(mechanism);
         assert!(e.on, "{mechanism} is not enforced here: {}", e.detail);
     }
 }
@@ -115,12 +142,25 @@ async fn the_environment_holds_only_the_allow_list() {
     let report = daemon.run("env-dump", json!({}), T).await;
     let env = output(&report)["env"].as_object().expect("env").clone();
     let allowed = [
-        "PATH", "HOME", "TMPDIR", "LANG", "HYBRID_JOB_ID", "HYBRID_ATTEMPT", "HYBRID_WORKER",
-        "WORKER_SETTING", "LC_CTYPE",
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "LANG",
+        "HYBRID_JOB_ID",
+        "HYBRID_ATTEMPT",
+        "HYBRID_WORKER",
+        "WORKER_SETTING",
+        "LC_CTYPE",
     ];
     for (key, value) in &env {
-        assert!(allowed.contains(&key.as_str()), "unexpected variable {key} in the job");
-        assert!(!value.to_string().contains(SECRET), "{key} holds the daemon's secret");
+        assert!(
+            allowed.contains(&key.as_str()),
+            "unexpected variable {key} in the job"
+        );
+        assert!(
+            !value.to_string().contains(SECRET),
+            "{key} holds the daemon's secret"
+        );
     }
     assert_eq!(env["WORKER_SETTING"], "from-worker-toml");
     daemon.still_runs_jobs().await;
@@ -134,10 +174,13 @@ async fn a_secret_file_of_the_daemon_is_unreadable() {
     std::fs::write(&path, SECRET).expect("write");
     // Readable by every user: only the sandbox's file rules stand in the way.
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(secrets.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(secrets.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let daemon = Daemon::new();
-    let report = daemon.run("read-secret-file", json!({"path": path}), T).await;
+    let report = daemon
+        .run("read-secret-file", json!({"path": path}), T)
+        .await;
     assert_permission_error(&report);
     assert!(!report.stderr.text().contains(SECRET));
     daemon.still_runs_jobs().await;
@@ -149,7 +192,9 @@ async fn the_daemons_proc_environ_is_unreadable() {
     // SAFETY: as above; children started afterwards see it in the daemon's /proc environ only.
     unsafe { std::env::set_var("HYBRID_HOSTILE_SECRET", SECRET) };
     let daemon = Daemon::new();
-    let report = daemon.run("read-daemon-environ", json!({"pid": std::process::id()}), T).await;
+    let report = daemon
+        .run("read-daemon-environ", json!({"pid": std::process::id()}), T)
+        .await;
     assert_permission_error(&report);
     assert!(!report.stderr.text().contains(SECRET));
     daemon.still_runs_jobs().await;
@@ -160,10 +205,13 @@ async fn writing_outside_the_temp_folder_fails() {
     let _serial = SERIAL.lock().await;
     let outside = tempfile::tempdir().expect("tmp");
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o777))
+        .expect("chmod");
     let target = outside.path().join("escaped.txt");
     let daemon = Daemon::new();
-    let report = daemon.run("write-outside", json!({"path": target}), T).await;
+    let report = daemon
+        .run("write-outside", json!({"path": target}), T)
+        .await;
     assert_permission_error(&report);
     assert!(!target.exists(), "the job wrote outside its temp folder");
     daemon.still_runs_jobs().await;
@@ -175,7 +223,12 @@ fn processes_of(uid: u32) -> usize {
     std::fs::read_dir("/proc")
         .expect("/proc")
         .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
         .filter(|e| e.metadata().is_ok_and(|m| m.uid() == uid))
         .count()
 }
@@ -195,8 +248,16 @@ async fn a_fork_bomb_is_contained_and_killed() {
         .and_then(|s| s.split(' ').next())
         .and_then(|n| n.parse().ok())
         .expect("count of children");
-    assert!(made < 16, "the handler made {made} children with max_processes = 16");
-    wait_for(Duration::from_secs(5), "the bomb's processes to die", || processes_of(65534) <= before).await;
+    assert!(
+        made < 16,
+        "the handler made {made} children with max_processes = 16"
+    );
+    wait_for(
+        Duration::from_secs(5),
+        "the bomb's processes to die",
+        || processes_of(65534) <= before,
+    )
+    .await;
     daemon.still_runs_jobs().await;
 }
 
@@ -213,11 +274,16 @@ async fn allocating_ten_times_the_memory_limit_fails_with_memory_limit() {
 async fn spinning_past_the_cpu_limit_is_a_timeout() {
     let _serial = SERIAL.lock().await;
     let daemon = Daemon::new();
-    let report = daemon.run("cpu-spin", json!({}), Duration::from_secs(30)).await;
+    let report = daemon
+        .run("cpu-spin", json!({}), Duration::from_secs(30))
+        .await;
     let (kind, message) = failure(&report);
     assert_eq!(kind, ErrorKind::Timeout);
     assert!(message.contains("CPU limit"), "{message}");
-    assert_eq!(report.killed, None, "the kernel stopped it, not the deadline");
+    assert_eq!(
+        report.killed, None,
+        "the kernel stopped it, not the deadline"
+    );
     daemon.still_runs_jobs().await;
 }
 
@@ -226,10 +292,16 @@ async fn sleeping_past_the_deadline_with_sigterm_ignored_is_a_timeout() {
     let _serial = SERIAL.lock().await;
     let daemon = Daemon::new();
     let started = std::time::Instant::now();
-    let report = daemon.run("deadline-sleeper", json!({}), Duration::from_secs(1)).await;
+    let report = daemon
+        .run("deadline-sleeper", json!({}), Duration::from_secs(1))
+        .await;
     assert_eq!(failure(&report).0, ErrorKind::Timeout);
     assert_eq!(report.killed, Some(KillReason::Timeout));
-    assert!(started.elapsed() < Duration::from_secs(6), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "took {:?}",
+        started.elapsed()
+    );
     daemon.still_runs_jobs().await;
 }
 
@@ -237,10 +309,16 @@ async fn sleeping_past_the_deadline_with_sigterm_ignored_is_a_timeout() {
 async fn printing_a_gigabyte_succeeds_with_capped_output() {
     let _serial = SERIAL.lock().await;
     let daemon = Daemon::new();
-    let report = daemon.run("stdout-flood", json!({}), Duration::from_secs(60)).await;
+    let report = daemon
+        .run("stdout-flood", json!({}), Duration::from_secs(60))
+        .await;
     assert_eq!(output(&report)["printed"], 1u64 << 30);
     assert_eq!(report.stdout.total, 1u64 << 30);
-    assert_eq!(report.stdout.kept.len(), 256 * 1024, "kept up to max_output_kb");
+    assert_eq!(
+        report.stdout.kept.len(),
+        256 * 1024,
+        "kept up to max_output_kb"
+    );
     daemon.still_runs_jobs().await;
 }
 
@@ -248,7 +326,9 @@ async fn printing_a_gigabyte_succeeds_with_capped_output() {
 async fn a_100_mb_result_is_result_too_large() {
     let _serial = SERIAL.lock().await;
     let daemon = Daemon::new();
-    let report = daemon.run("huge-result", json!({}), Duration::from_secs(30)).await;
+    let report = daemon
+        .run("huge-result", json!({}), Duration::from_secs(30))
+        .await;
     assert_eq!(failure(&report).0, ErrorKind::ResultTooLarge);
     daemon.still_runs_jobs().await;
 }
@@ -257,7 +337,10 @@ async fn a_100_mb_result_is_result_too_large() {
 fn is_dead(pid: i64) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
-        Ok(stat) => stat.rsplit(") ").next().is_some_and(|rest| rest.starts_with('Z')),
+        Ok(stat) => stat
+            .rsplit(") ")
+            .next()
+            .is_some_and(|rest| rest.starts_with('Z')),
     }
 }
 
@@ -268,11 +351,20 @@ async fn a_grandchild_cannot_leave_the_group_or_outlive_the_job() {
     let report = daemon.run("grandchild", json!({}), T).await;
     let out = output(&report);
     let attempts = out["attempts"].as_str().expect("attempts");
-    assert!(attempts.contains("setsid: [Errno 1] Operation not permitted"), "{attempts}");
-    assert!(attempts.contains("setpgid: [Errno 1] Operation not permitted"), "{attempts}");
+    assert!(
+        attempts.contains("setsid: [Errno 1] Operation not permitted"),
+        "{attempts}"
+    );
+    assert!(
+        attempts.contains("setpgid: [Errno 1] Operation not permitted"),
+        "{attempts}"
+    );
     assert_eq!(out["grandchild_pgid"], out["job_pgid"]);
     let pid = out["grandchild"].as_i64().expect("pid");
-    wait_for(Duration::from_secs(5), "the grandchild to die", || is_dead(pid)).await;
+    wait_for(Duration::from_secs(5), "the grandchild to die", || {
+        is_dead(pid)
+    })
+    .await;
     daemon.still_runs_jobs().await;
 }
 
@@ -280,7 +372,9 @@ async fn a_grandchild_cannot_leave_the_group_or_outlive_the_job() {
 async fn a_job_cannot_kill_the_daemon() {
     let _serial = SERIAL.lock().await;
     let daemon = Daemon::new();
-    let report = daemon.run("kill-parent", json!({"pid": std::process::id()}), T).await;
+    let report = daemon
+        .run("kill-parent", json!({"pid": std::process::id()}), T)
+        .await;
     assert_permission_error(&report);
     daemon.still_runs_jobs().await;
 }
