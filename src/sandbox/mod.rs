@@ -456,7 +456,7 @@ fn unreachable_part(path: &Path, uid: u32, gid: u32) -> Option<PathBuf> {
         mode & (bit << shift) != 0
     };
     let ancestors: Vec<&Path> = real.ancestors().collect();
-    for dir in ancestors.iter().rev().skip(0) {
+    for dir in ancestors.iter().rev() {
         let Ok(meta) = std::fs::metadata(dir) else {
             return Some(dir.to_path_buf());
         };
@@ -634,5 +634,82 @@ pub fn harden_daemon() {
             error = %std::io::Error::last_os_error(),
             "Could not make the daemon non-dumpable; same-uid jobs may read its /proc files where Landlock is missing."
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn chmod(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn reachability_follows_every_folder_on_the_way() {
+        let root = tempfile::tempdir().expect("tmp");
+        let dir = root.path().join("inner");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let file = dir.join("f");
+        std::fs::write(&file, "x").expect("write");
+        chmod(root.path(), 0o755);
+        chmod(&dir, 0o755);
+        chmod(&file, 0o644);
+        let me = nix::unistd::getuid().as_raw();
+        // Another uid and gid than the owner's: only the "other" bits count.
+        let (uid, gid) = (me.wrapping_add(12345), 54321);
+        assert_eq!(unreachable_part(&file, uid, gid), None);
+        chmod(&dir, 0o700);
+        assert_eq!(unreachable_part(&file, uid, gid), Some(dir.clone()));
+        // The owner reaches it through the owner bits.
+        assert_eq!(unreachable_part(&file, me, gid), None);
+        chmod(&dir, 0o755);
+        chmod(&file, 0o600);
+        assert_eq!(unreachable_part(&file, uid, gid), Some(file.clone()));
+    }
+
+    #[test]
+    fn the_filters_compile_for_both_network_policies() {
+        for network in [NetworkPolicy::Deny, NetworkPolicy::Allow] {
+            let filters = seccomp::compile(network, 4242).expect("compiles");
+            assert_eq!(filters.len(), 2);
+            assert!(filters.iter().all(|f| !f.is_empty()));
+        }
+    }
+
+    #[test]
+    fn every_mechanism_is_reported() {
+        let root = tempfile::tempdir().expect("tmp");
+        let dir = root.path().join("w");
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::write(dir.join("worker.toml"), "entrypoint = \"m:f\"\n").expect("toml");
+        std::fs::write(dir.join("requirements.txt"), "").expect("reqs");
+        let worker = Worker::load(&dir).expect("worker");
+        let dir = root.path();
+        let sandbox = Sandbox::new(SandboxSettings::default());
+        let python = dir.join("venv/bin/python");
+        let policy = sandbox.policy(&worker, &python, dir, dir);
+        let names: Vec<&str> = policy.enforcement().iter().map(|e| e.mechanism).collect();
+        assert_eq!(
+            names,
+            [
+                "user",
+                "rlimits",
+                "processes",
+                "oom_score_adj",
+                "no_new_privs",
+                "seccomp",
+                "landlock",
+                "cgroup"
+            ]
+        );
+        let off = sandbox
+            .with_mechanisms(Mechanisms::NONE)
+            .policy(&worker, &python, dir, dir)
+            .enforcement();
+        for e in off.iter().filter(|e| e.mechanism != "oom_score_adj") {
+            assert!(!e.on, "{} still reported on: {}", e.mechanism, e.detail);
+        }
     }
 }

@@ -364,6 +364,11 @@ mod tests {
                 "entrypoint = \"m:f\"\nmax_attempts = 0\n",
                 "max_attempts",
             ),
+            (
+                "f",
+                "entrypoint = \"m:f\"\nwritable = [\"data\"]\n",
+                "must be absolute",
+            ),
         ];
         for (name, toml, expected) in cases {
             let dir = write_worker(root.path(), name, toml);
