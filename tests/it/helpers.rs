@@ -244,22 +244,24 @@ pub fn sandbox_interpreter() -> &'static Interpreter {
     })
 }
 
-/// A world-searchable copy of the hostile-worker fixtures and their venvs, made once per test
-/// run under the system temp folder: the checkout may sit in a folder `nobody` cannot enter.
+/// A world-searchable copy of the hostile-worker fixtures and their venvs under the system temp
+/// folder (the checkout may sit in a folder `nobody` cannot enter). One folder per user and
+/// checkout, reused across runs like `target/test-venvs`; the fixtures are copied afresh.
 pub fn hostile_home() -> &'static Path {
-    static HOME: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static HOME: OnceLock<PathBuf> = OnceLock::new();
     HOME.get_or_init(|| {
-        let home = tempfile::Builder::new()
-            .prefix("hybrid-hostile-")
-            .tempdir()
-            .expect("tmp");
-        open_to_all(home.path());
+        use sha2::Digest;
+        let checkout = hex::encode(sha2::Sha256::digest(env!("CARGO_MANIFEST_DIR").as_bytes()));
+        let uid = nix::unistd::getuid();
+        let home =
+            std::env::temp_dir().join(format!("hybrid-worker-hostile-{uid}-{}", &checkout[..12]));
+        std::fs::create_dir_all(&home).expect("mkdir");
+        open_to_all(&home);
         let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hostile-workers");
-        let workers = home.path().join("workers");
+        let workers = home.join("workers");
         copy_tree(&source, &workers);
         home
     })
-    .path()
 }
 
 fn open_to_all(path: &Path) {
