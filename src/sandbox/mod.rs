@@ -323,13 +323,13 @@ impl SandboxPolicy {
                 ),
             ),
         });
-        out.push(match (m.landlock, self.support.landlock_abi) {
+        out.push(match (m.landlock, &self.support.landlock_abi) {
             (false, _) => off("landlock", "turned off".into()),
-            (true, None) => off(
+            (true, Err(why)) => off(
                 "landlock",
-                "the kernel has no Landlock: the job can read whatever its uid can".into(),
+                format!("{why}: the job can read and write whatever its uid can"),
             ),
-            (true, Some(abi)) => on("landlock", landlock::features(abi)),
+            (true, Ok(abi)) => on("landlock", landlock::features(*abi)),
         });
         out.push(match &self.support.cgroup {
             Ok(dir) => off(
@@ -391,8 +391,8 @@ impl SandboxPolicy {
             },
             _ => ChildUser::Keep,
         };
-        let landlock = match (m.landlock, self.support.landlock_abi) {
-            (true, Some(_)) => {
+        let landlock = match (m.landlock, &self.support.landlock_abi) {
+            (true, Ok(_)) => {
                 let mut rules = self.fs.clone();
                 rules.read_write.push(workdir.to_path_buf());
                 landlock::build(&rules, l.network)?

@@ -11,8 +11,8 @@ use std::sync::OnceLock;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelSupport {
     /// The Landlock ABI version (1 = file system, 4 = TCP, 6 = signal and abstract-socket
-    /// scoping), or `None` when Landlock is not built in or not enabled at boot.
-    pub landlock_abi: Option<i32>,
+    /// scoping), or why there is none.
+    pub landlock_abi: Result<i32, String>,
     /// Seccomp filters (`SECCOMP_SET_MODE_FILTER`) are available.
     pub seccomp: bool,
     /// The daemon runs as root, so it can (and must) start jobs as another user.
@@ -40,7 +40,7 @@ impl KernelSupport {
 }
 
 /// Asks the kernel for its Landlock ABI with `landlock_create_ruleset(NULL, 0, VERSION)`.
-fn landlock_abi() -> Option<i32> {
+fn landlock_abi() -> Result<i32, String> {
     const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
     // SAFETY: with a null attribute pointer, size 0 and the VERSION flag the call only returns
     // a number; it creates nothing.
@@ -52,7 +52,18 @@ fn landlock_abi() -> Option<i32> {
             LANDLOCK_CREATE_RULESET_VERSION,
         )
     };
-    (abi > 0).then(|| i32::try_from(abi).unwrap_or(i32::MAX))
+    if abi > 0 {
+        return Ok(i32::try_from(abi).unwrap_or(i32::MAX));
+    }
+    let err = std::io::Error::last_os_error();
+    Err(match err.raw_os_error() {
+        Some(libc::ENOSYS) => "the kernel is built without Landlock".into(),
+        Some(libc::EOPNOTSUPP) => "Landlock is not enabled at boot (lsm=...,landlock)".into(),
+        Some(libc::EPERM) => {
+            "the container's seccomp profile blocks the Landlock system calls".into()
+        }
+        _ => format!("the Landlock probe failed: {err}"),
+    })
 }
 
 /// `prctl(PR_GET_SECCOMP)` fails with EINVAL when the kernel has no seccomp at all; seccomp
