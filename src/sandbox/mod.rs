@@ -36,8 +36,10 @@ const OOM_SCORE_ADJ: &[u8] = b"1000";
 const SYSTEM_READ: &[&str] = &[
     "/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin",
 ];
-/// The files of `/etc` a job may read: the loader, time zones, TLS roots, name resolution and
-/// user names. Nothing else of `/etc` (where deployments keep credentials) is readable.
+/// The files of `/etc` a job may read: the loader, time zones, TLS roots, name resolution, user
+/// names, locale aliases, and (added at run time) the distribution's `/etc/python3*` folders,
+/// which Debian's interpreter reads its `sitecustomize` from. Nothing else of `/etc` (where
+/// deployments keep credentials) is readable.
 const ETC_READ: &[&str] = &[
     "/etc/ld.so.cache",
     "/etc/ld.so.conf",
@@ -57,6 +59,7 @@ const ETC_READ: &[&str] = &[
     "/etc/mime.types",
     "/etc/passwd",
     "/etc/group",
+    "/etc/locale.alias",
 ];
 /// Devices and kernel files a job may read; `/proc` is left out (it would show the daemon).
 const DEVICES_READ: &[&str] = &["/dev/urandom", "/dev/random", "/sys/devices/system/cpu"];
@@ -152,6 +155,14 @@ impl Sandbox {
         read_only.extend(interpreter_prefixes(python, &venv));
         read_only.extend(SYSTEM_READ.iter().map(PathBuf::from));
         read_only.extend(ETC_READ.iter().map(PathBuf::from));
+        read_only.extend(
+            std::fs::read_dir("/etc")
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
+                .map(|e| e.path()),
+        );
         read_only.extend(DEVICES_READ.iter().map(PathBuf::from));
         let mut read_write: Vec<PathBuf> = worker.limits().writable.clone();
         read_write.extend(DEVICES_WRITE.iter().map(PathBuf::from));
