@@ -134,6 +134,22 @@ async fn connecting_to_a_local_listener_is_refused() {
 }
 
 #[tokio::test]
+async fn a_worker_whose_policy_allows_the_network_reaches_the_listener() {
+    let _serial = SERIAL.lock().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let daemon = Daemon::new();
+    let report = daemon.run("net-allowed", json!({"port": port}), T).await;
+    assert_eq!(output(&report)["connected"], true);
+    listener.set_nonblocking(true).expect("nonblocking");
+    let (mut peer, _) = listener.accept().expect("the job's connection");
+    peer.set_nonblocking(false).expect("blocking");
+    let mut hello = String::new();
+    std::io::Read::read_to_string(&mut peer, &mut hello).expect("read");
+    assert_eq!(hello, "hello");
+}
+
+#[tokio::test]
 async fn the_environment_holds_only_the_allow_list() {
     let _serial = SERIAL.lock().await;
     // SAFETY: the variable is only read by child processes started afterwards.
