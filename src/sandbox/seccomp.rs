@@ -63,6 +63,9 @@ const DENIED: &[(&str, libc::c_long)] = &[
     ("io_uring_register", libc::SYS_io_uring_register),
     ("setsid", libc::SYS_setsid),
     ("setpgid", libc::SYS_setpgid),
+    // Obsolete (glibc uses tgkill), and it addresses threads by id alone: denied so that a
+    // job cannot aim at one of the daemon's threads.
+    ("tkill", libc::SYS_tkill),
 ];
 
 /// `clone` flags that create namespaces; `unshare` is denied outright.
@@ -110,8 +113,10 @@ pub fn compile(network: NetworkPolicy, daemon_pid: u32) -> Result<Vec<BpfProgram
         clone_rules.push(rule(vec![arg(0, SeccompCmpOp::MaskedEq(*flag), *flag)?])?);
     }
     rules.insert(libc::SYS_clone, clone_rules);
-    // Signals to the daemon itself, and to every process at once (pid -1). The uid drop or
-    // Landlock's signal scope stop these too; this holds even where neither is available.
+    // Signals to the daemon itself, its process group, and every process at once (pid -1).
+    // The uid drop or Landlock's signal scope stop these too; this holds even where neither
+    // is available, except for a `kill` aimed at one of the daemon's thread ids, which only
+    // they stop (README.security.md).
     let pid = u64::from(daemon_pid);
     let minus_one = u64::from(u32::MAX);
     // The daemon's process group, as `kill(-pgid)` names it.
@@ -124,7 +129,12 @@ pub fn compile(network: NetworkPolicy, daemon_pid: u32) -> Result<Vec<BpfProgram
             rule(vec![arg(0, SeccompCmpOp::Eq, daemon_group)?])?,
         ],
     );
-    for nr in [libc::SYS_tgkill, libc::SYS_tkill, libc::SYS_pidfd_open] {
+    for nr in [
+        libc::SYS_tgkill,
+        libc::SYS_rt_sigqueueinfo,
+        libc::SYS_rt_tgsigqueueinfo,
+        libc::SYS_pidfd_open,
+    ] {
         rules.insert(nr, vec![rule(vec![arg(0, SeccompCmpOp::Eq, pid)?])?]);
     }
     #[cfg(target_arch = "x86_64")]
