@@ -158,7 +158,8 @@ impl Runner {
             }
         };
         let spec = self.child_spec(&request, workdir.path());
-        let policy = self.sandbox.policy(
+        // `_uid` is held until the run ends: the uid is the job's alone while it runs.
+        let (policy, _uid) = self.sandbox.policy_for_job(
             request.worker,
             &request.python,
             &self.runtime.dir,

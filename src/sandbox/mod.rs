@@ -17,6 +17,7 @@ pub mod seccomp;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use nix::sys::resource::Resource;
 use serde::{Deserialize, Serialize};
@@ -74,6 +75,10 @@ pub struct SandboxSettings {
     pub user: u32,
     /// The gid jobs run as when the daemon runs as root.
     pub group: u32,
+    /// How many uids, from `user` up, running jobs take turns with: with one per running job,
+    /// `RLIMIT_NPROC` (which counts per uid) is each job's own, and jobs cannot signal each
+    /// other. More running jobs than uids share the first one.
+    pub users: u32,
 }
 
 impl Default for SandboxSettings {
@@ -81,7 +86,52 @@ impl Default for SandboxSettings {
         Self {
             user: 65534,
             group: 65534,
+            users: 1,
         }
+    }
+}
+
+/// The uids running jobs hold, so that no two running jobs share one while there are enough.
+#[derive(Debug, Clone, Default)]
+struct UidPool {
+    free: Arc<Mutex<Vec<u32>>>,
+}
+
+impl UidPool {
+    fn new(settings: &SandboxSettings) -> Self {
+        // Reversed so that `pop` hands out the lowest uid first.
+        let free = (0..settings.users)
+            .rev()
+            .filter_map(|i| settings.user.checked_add(i))
+            .collect();
+        Self {
+            free: Arc::new(Mutex::new(free)),
+        }
+    }
+
+    /// A uid of its own for one job, or `None` when every uid is taken.
+    fn lease(&self) -> Option<UidLease> {
+        let uid = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+        Some(UidLease {
+            uid,
+            pool: self.free.clone(),
+        })
+    }
+}
+
+/// A uid held by one running job; it goes back to the pool when the job's run ends.
+#[derive(Debug)]
+pub struct UidLease {
+    uid: u32,
+    pool: Arc<Mutex<Vec<u32>>>,
+}
+
+impl Drop for UidLease {
+    fn drop(&mut self) {
+        self.pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.uid);
     }
 }
 
@@ -119,16 +169,39 @@ pub struct Sandbox {
     pub settings: SandboxSettings,
     pub mechanisms: Mechanisms,
     pub support: KernelSupport,
+    /// Shared by the runner's clones, so that concurrent jobs never hold the same uid.
+    uids: UidPool,
 }
 
 impl Sandbox {
     /// The full sandbox on this kernel.
     pub fn new(settings: SandboxSettings) -> Self {
         Self {
+            uids: UidPool::new(&settings),
             settings,
             mechanisms: Mechanisms::ALL,
             support: KernelSupport::get().clone(),
         }
+    }
+
+    /// The policy of one job: [`Sandbox::policy`] with a uid of the job's own from the pool
+    /// when the job runs as a dropped user; the lease must live until the job has ended.
+    pub fn policy_for_job(
+        &self,
+        worker: &Worker,
+        python: &Path,
+        runtime_dir: &Path,
+        temp_base: &Path,
+    ) -> (SandboxPolicy, Option<UidLease>) {
+        let mut policy = self.policy(worker, python, runtime_dir, temp_base);
+        let mut lease = None;
+        if let JobUser::Drop { uid, .. } = &mut policy.user
+            && let Some(l) = self.uids.lease()
+        {
+            *uid = l.uid;
+            lease = Some(l);
+        }
+        (policy, lease)
     }
 
     /// Only the given mechanisms: for the benchmark.
@@ -183,6 +256,7 @@ impl Sandbox {
             }
         };
         SandboxPolicy {
+            users: self.settings.users,
             limits: worker.limits().clone(),
             fs: FsRules {
                 read_only,
@@ -219,6 +293,8 @@ pub struct Enforced {
 /// What the sandbox does to one worker's jobs.
 #[derive(Debug, Clone)]
 pub struct SandboxPolicy {
+    /// How many uids jobs take turns with (`sandbox.users`).
+    pub users: u32,
     pub limits: Limits,
     pub fs: FsRules,
     pub user: JobUser,
@@ -268,6 +344,13 @@ impl SandboxPolicy {
                     "user",
                     format!("the daemon's own uid {uid} (not root: nothing to drop)"),
                 ),
+                JobUser::Drop { uid, gid } if self.users > 1 => on(
+                    "user",
+                    format!(
+                        "uids {uid}-{} (one per running job) gid {gid}",
+                        uid.saturating_add(self.users - 1)
+                    ),
+                ),
                 JobUser::Drop { uid, gid } => on("user", format!("uid {uid} gid {gid}")),
                 JobUser::RootWithoutCapabilities { uid, blocked } => off(
                     "user",
@@ -296,10 +379,17 @@ impl SandboxPolicy {
         out.push(if m.rlimits && self.dedicated_user() {
             on(
                 "processes",
-                format!(
-                    "RLIMIT_NPROC {} for the job user (shared by its concurrent jobs)",
-                    l.max_processes
-                ),
+                if self.users > 1 {
+                    format!(
+                        "RLIMIT_NPROC {} for the job's own uid (shared only past {} running jobs)",
+                        l.max_processes, self.users
+                    )
+                } else {
+                    format!(
+                        "RLIMIT_NPROC {} for the job user (shared by its concurrent jobs; see sandbox.users)",
+                        l.max_processes
+                    )
+                },
             )
         } else {
             off(

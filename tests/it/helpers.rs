@@ -311,3 +311,17 @@ pub fn sandboxed_runner(temp: &Path) -> Runner {
     open_to_all(temp);
     runner(temp)
 }
+
+/// As [`sandboxed_runner`], with the given `[sandbox]` settings.
+pub fn sandboxed_runner_with(
+    temp: &Path,
+    settings: hybrid_worker::sandbox::SandboxSettings,
+) -> Runner {
+    open_to_all(temp);
+    let runtime = Runtime::install(temp).expect("runtime");
+    Runner::with_sandbox(
+        runtime,
+        temp.to_path_buf(),
+        hybrid_worker::sandbox::Sandbox::new(settings),
+    )
+}

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use hybrid_worker::job::ErrorKind;
 use hybrid_worker::runner::{KillReason, RunOutcome, RunReport, RunRequest, Runner};
+use hybrid_worker::sandbox::SandboxSettings;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +29,21 @@ impl Daemon {
     fn new() -> Self {
         let temp = tempfile::tempdir().expect("tmp");
         let runner = sandboxed_runner(temp.path());
+        Self {
+            _temp: temp,
+            runner,
+        }
+    }
+
+    /// A daemon whose jobs take turns with `users` uids from an unused range.
+    fn with_users(users: u32) -> Self {
+        let temp = tempfile::tempdir().expect("tmp");
+        let settings = SandboxSettings {
+            user: 200_000,
+            group: 65534,
+            users,
+        };
+        let runner = sandboxed_runner_with(temp.path(), settings);
         Self {
             _temp: temp,
             runner,
@@ -274,6 +290,47 @@ async fn a_fork_bomb_is_contained_and_killed() {
         || processes_of(65534) <= before,
     )
     .await;
+    daemon.still_runs_jobs().await;
+}
+
+/// A fork bomb that holds its uid's process count at the limit for 4 s, and a normal job that
+/// starts two threads, started 1.5 s into it on the same daemon. (A job that starts no thread
+/// or process is not affected: the kernel lets `exec` through at the limit.)
+async fn bomb_and_neighbour(daemon: &Daemon) -> (RunReport, RunReport) {
+    let bomb = daemon.run("fork-bomb", json!({"hold_s": 4}), T);
+    let neighbour = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        daemon.run("benign", json!({"threads": 2}), T).await
+    };
+    tokio::join!(bomb, neighbour)
+}
+
+#[tokio::test]
+async fn with_a_uid_per_running_job_a_fork_bomb_does_not_starve_its_neighbour() {
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::with_users(2);
+    let (bomb, neighbour) = bomb_and_neighbour(&daemon).await;
+    let (kind, message) = failure(&bomb);
+    assert_eq!(kind, ErrorKind::HandlerError, "{message}");
+    assert_eq!(output(&neighbour)["ok"], true);
+    assert_eq!(
+        output(&neighbour)["uid"],
+        200_001,
+        "the second running job has the second uid"
+    );
+    daemon.still_runs_jobs().await;
+}
+
+#[tokio::test]
+async fn with_one_shared_uid_a_fork_bomb_starves_its_neighbour_but_not_the_daemon() {
+    // The documented caveat of `sandbox.users = 1`, and the control of the test above.
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::with_users(1);
+    let (bomb, neighbour) = bomb_and_neighbour(&daemon).await;
+    assert_eq!(failure(&bomb).0, ErrorKind::HandlerError);
+    let (kind, message) = failure(&neighbour);
+    assert_eq!(kind, ErrorKind::HandlerError, "{message}");
+    assert!(message.contains("can't start new thread"), "{message}");
     daemon.still_runs_jobs().await;
 }
 
