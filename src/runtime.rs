@@ -37,13 +37,7 @@ impl Runtime {
     /// Files are written to a temporary name and renamed, so a concurrent start never sees a
     /// half-written file.
     pub fn install(base: &Path) -> std::io::Result<Runtime> {
-        let mut hasher = Sha256::new();
-        for (name, body) in FILES {
-            hasher.update(name.as_bytes());
-            hasher.update(body.as_bytes());
-        }
-        let tag = &hex::encode(hasher.finalize())[..12];
-        let dir = base.join(format!("hybrid-worker-runtime-{tag}"));
+        let dir = Self::dir_under(base);
         // 0755 whatever the umask allows more: jobs read it, only the daemon writes it.
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o755)
             .create(dir.join("hybrid_worker"))?;
@@ -66,6 +60,18 @@ impl Runtime {
             std::fs::rename(&tmp, &path)?;
         }
         Ok(Runtime { dir })
+    }
+
+    /// Where this version of the runtime lives under `base`, installed or not (for reports
+    /// such as `workers verify`, which must not write).
+    pub fn dir_under(base: &Path) -> PathBuf {
+        let mut hasher = Sha256::new();
+        for (name, body) in FILES {
+            hasher.update(name.as_bytes());
+            hasher.update(body.as_bytes());
+        }
+        let tag = &hex::encode(hasher.finalize())[..12];
+        base.join(format!("hybrid-worker-runtime-{tag}"))
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::{EXIT_FAILED, UsageError, build_command, install_runtime, scan, workers_dir};
+use super::{EXIT_FAILED, UsageError, build_command, scan, workers_dir};
 use crate::cli::WorkersCommand;
 use crate::config::Settings;
 use crate::sandbox::Sandbox;
@@ -163,8 +163,8 @@ fn verify(settings: &Settings, dir: &Path) -> anyhow::Result<ExitCode> {
     let python = Interpreter::resolve(&settings.workers.python)?;
     let sandbox = Sandbox::new(settings.sandbox.clone());
     let temp_base = settings.engine.temp_dir();
-    // Where the runtime is installed by `exec` and `run`; only its path matters here.
-    let runtime_dir = install_runtime(settings)?.dir;
+    // Where `exec` and `run` install the runtime; verify only reads.
+    let runtime_dir = crate::runtime::Runtime::dir_under(&temp_base);
     let mut bad = 0;
     for worker in catalog.workers.values() {
         match plan(settings, worker, &python).map(|p| p.state()) {

@@ -2,8 +2,8 @@
 //!
 //! The child gets its own process group (so a timeout kills the whole job, helpers included),
 //! a clean environment, its sandbox ([`crate::sandbox`], applied last before exec) and two
-//! extra pipes: the job on fd 3, the channel back on fd 4. Reaping is done by one blocking thread with `wait4`, which is the only call that
-//! reports the job's CPU time and peak memory. Before it reaps, it kills what is left of the
+//! extra pipes: the job on fd 3, the channel back on fd 4. Reaping is done by one blocking
+//! thread with `wait4`, which is the only call that reports the job's CPU time and peak memory. Before it reaps, it kills what is left of the
 //! process group while the group id is still reserved by the unreaped leader.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -13,9 +13,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
 
 use crate::sandbox::Prepared;
-use nix::unistd::Pid;
 
 /// The job's end of the job pipe, as the runtime reads it.
 pub const JOB_FD: RawFd = 3;

@@ -250,7 +250,12 @@ impl Sandbox {
             let mut needed = vec![python.to_path_buf(), temp_base.to_path_buf()];
             needed.extend(read_only[..3].iter().cloned());
             needed.extend(interpreter_prefixes(python, &venv));
-            match needed.iter().find_map(|p| unreachable_part(p, uid, gid)) {
+            // A folder not made yet (the runtime, before the first `exec`) is made readable.
+            match needed
+                .iter()
+                .filter(|p| p.exists())
+                .find_map(|p| unreachable_part(p, uid, gid))
+            {
                 None => JobUser::Drop { uid, gid },
                 Some(blocked) => JobUser::RootWithoutCapabilities { uid, blocked },
             }

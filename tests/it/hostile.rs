@@ -293,13 +293,19 @@ async fn a_fork_bomb_is_contained_and_killed() {
     daemon.still_runs_jobs().await;
 }
 
-/// A fork bomb that holds its uid's process count at the limit for 4 s, and a normal job that
-/// starts two threads, started 1.5 s into it on the same daemon. (A job that starts no thread
-/// or process is not affected: the kernel lets `exec` through at the limit.)
+/// A fork bomb that holds its uid's process count at its limit (16) for 8 s, and a normal job
+/// that starts two threads, started on the same daemon once the bomb's uid has 16 processes.
+/// (A job that starts no thread or process is not affected: the kernel lets `exec` through at
+/// the limit.)
 async fn bomb_and_neighbour(daemon: &Daemon) -> (RunReport, RunReport) {
-    let bomb = daemon.run("fork-bomb", json!({"hold_s": 4}), T);
+    let bomb = daemon.run("fork-bomb", json!({"hold_s": 8}), T);
     let neighbour = async {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        wait_for(
+            Duration::from_secs(8),
+            "the bomb to reach its limit",
+            || processes_of(200_000) >= 16,
+        )
+        .await;
         daemon.run("benign", json!({"threads": 2}), T).await
     };
     tokio::join!(bomb, neighbour)
