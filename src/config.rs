@@ -51,6 +51,8 @@ pub struct Settings {
     pub log: LogSettings,
     pub emulator: EmulatorSettings,
     pub http: HttpSettings,
+    /// Who jobs run as when the daemon is root; see [`crate::sandbox`].
+    pub sandbox: crate::sandbox::SandboxSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -282,6 +284,26 @@ impl Settings {
                 ));
             }
         }
+        let sb = &self.sandbox;
+        if sb.user == 0 || sb.group == 0 {
+            return Err(invalid(
+                "sandbox.user",
+                format!("{}:{}", sb.user, sb.group),
+                "jobs never run as root: user and group must not be 0",
+            ));
+        }
+        if sb.users == 0
+            || sb
+                .user
+                .checked_add(sb.users - 1)
+                .is_none_or(|last| last == u32::MAX)
+        {
+            return Err(invalid(
+                "sandbox.users",
+                sb.users,
+                "must be at least 1, and user + users - 1 a valid uid",
+            ));
+        }
         if self.workers.python.trim().is_empty() {
             return Err(invalid("workers.python", "", "must name an interpreter"));
         }
@@ -425,6 +447,26 @@ mod tests {
         assert!(err.to_string().contains("queues.jobs"), "{err}");
         let err = load_env(&[("HYBRID__ENGINE__NO_SUCH_KEY", "1")]).expect_err("unknown");
         assert!(err.to_string().contains("no_such_key"), "{err}");
+    }
+
+    #[test]
+    fn jobs_never_run_as_root_and_the_uid_range_fits() {
+        let err = load_env(&[("HYBRID__SANDBOX__USER", "0")]).expect_err("root");
+        assert!(err.to_string().contains("sandbox.user"), "{err}");
+        let err = load_env(&[("HYBRID__SANDBOX__USERS", "0")]).expect_err("none");
+        assert!(err.to_string().contains("sandbox.users"), "{err}");
+        let err = load_env(&[
+            ("HYBRID__SANDBOX__USER", "4294967290"),
+            ("HYBRID__SANDBOX__USERS", "10"),
+        ])
+        .expect_err("overflow");
+        assert!(err.to_string().contains("sandbox.users"), "{err}");
+        let ok = load_env(&[
+            ("HYBRID__SANDBOX__USER", "100000"),
+            ("HYBRID__SANDBOX__USERS", "8"),
+        ])
+        .expect("a range");
+        assert_eq!((ok.sandbox.user, ok.sandbox.users), (100_000, 8));
     }
 
     #[test]

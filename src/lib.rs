@@ -13,7 +13,8 @@
 //!    ([`worker::venv`]).
 //! 6. [`engine::lock`] — keeps the message's lock while the job runs.
 //! 7. [`runner`] — one OS process per job: [`runner::child`] starts and ends it, [`runtime`]
-//!    is the Python side (`hybrid_worker`), [`runner::output`] reads its channel and output.
+//!    is the Python side (`hybrid_worker`), [`runner::output`] reads its channel and output;
+//!    [`sandbox`] confines it (limits, uid, Landlock, seccomp) before its interpreter starts.
 //! 8. [`engine::settle`] — the one mapping from outcome to broker actions: reply + complete,
 //!    scheduled retry ([`engine::retry`]) + complete, reply + dead-letter, or abandon.
 //!
@@ -29,6 +30,7 @@ pub mod engine;
 pub mod job;
 pub mod runner;
 pub mod runtime;
+pub mod sandbox;
 pub mod servicebus;
 pub mod shutdown;
 pub mod telemetry;

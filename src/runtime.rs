@@ -37,13 +37,16 @@ impl Runtime {
     /// Files are written to a temporary name and renamed, so a concurrent start never sees a
     /// half-written file.
     pub fn install(base: &Path) -> std::io::Result<Runtime> {
-        let mut hasher = Sha256::new();
-        for (name, body) in FILES {
-            hasher.update(name.as_bytes());
-            hasher.update(body.as_bytes());
+        let dir = Self::dir_under(base);
+        // 0755 whatever the umask allows more: jobs read it, only the daemon writes it.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o755)
+            .create(dir.join("hybrid_worker"))?;
+        // The base is often the shared /tmp: a folder of this name made by another user would
+        // let that user swap the code every job runs (or, through a planted link, make the
+        // daemon overwrite a file of its choosing).
+        for folder in [dir.clone(), dir.join("hybrid_worker")] {
+            check_owned(&folder)?;
         }
-        let tag = &hex::encode(hasher.finalize())[..12];
-        let dir = base.join(format!("hybrid-worker-runtime-{tag}"));
         for (name, body) in FILES {
             let path = dir.join(name);
             if std::fs::read(&path).is_ok_and(|b| b == body.as_bytes()) {
@@ -57,5 +60,58 @@ impl Runtime {
             std::fs::rename(&tmp, &path)?;
         }
         Ok(Runtime { dir })
+    }
+
+    /// Where this version of the runtime lives under `base`, installed or not (for reports
+    /// such as `workers verify`, which must not write).
+    pub fn dir_under(base: &Path) -> PathBuf {
+        let mut hasher = Sha256::new();
+        for (name, body) in FILES {
+            hasher.update(name.as_bytes());
+            hasher.update(body.as_bytes());
+        }
+        let tag = &hex::encode(hasher.finalize())[..12];
+        base.join(format!("hybrid-worker-runtime-{tag}"))
+    }
+}
+
+/// Refuses a folder that is not a real folder owned by this process's user (or root), or that
+/// others may write.
+fn check_owned(folder: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(folder)?;
+    let me = nix::unistd::geteuid().as_raw();
+    let owner_ok = meta.uid() == me || meta.uid() == 0;
+    if !meta.is_dir() || !owner_ok || meta.mode() & 0o022 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "refusing the runtime folder {}: it must be a folder owned by uid {me} that only its owner may write (found uid {}, mode {:o})",
+                folder.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_runtime_folder_others_may_write_is_refused() {
+        let base = tempfile::tempdir().expect("tmp");
+        let runtime = Runtime::install(base.path()).expect("installs");
+        assert!(runtime.dir.join("hybrid_worker/__init__.py").is_file());
+        std::fs::set_permissions(&runtime.dir, std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        let err = Runtime::install(base.path()).expect_err("refused");
+        assert!(
+            err.to_string().contains("refusing the runtime folder"),
+            "{err}"
+        );
     }
 }

@@ -13,6 +13,7 @@ use crate::config::Settings;
 use crate::engine::executor::{Executor, ProcessExecutor, ReadyWorker};
 use crate::job::{Envelope, ErrorKind, Job, JobError, JobResult, MessageProperties};
 use crate::runner::{RunOutcome, Runner};
+use crate::sandbox::Sandbox;
 use crate::worker::python::Interpreter;
 
 pub async fn run(settings: &Settings, args: &ExecArgs) -> anyhow::Result<ExitCode> {
@@ -28,7 +29,12 @@ pub async fn run(settings: &Settings, args: &ExecArgs) -> anyhow::Result<ExitCod
     let worker = catalog.get(&args.worker)?.clone();
     let interpreter = Interpreter::resolve(&settings.workers.python)?;
     let python = ready_python(&worker, &interpreter, settings, &dir)?;
-    let runner = Runner::new(install_runtime(settings)?, settings.engine.temp_dir());
+    crate::sandbox::harden_daemon();
+    let runner = Runner::with_sandbox(
+        install_runtime(settings)?,
+        settings.engine.temp_dir(),
+        Sandbox::new(settings.sandbox.clone()),
+    );
     let executor = ProcessExecutor::new(
         vec![ReadyWorker {
             worker: worker.clone(),

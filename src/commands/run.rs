@@ -31,7 +31,12 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     }
     let names: Vec<&str> = ready.iter().map(|r| r.worker.name.as_str()).collect();
     tracing::info!(workers = ?names, "Workers verified.");
-    let runner = Runner::new(install_runtime(settings)?, settings.engine.temp_dir());
+    crate::sandbox::harden_daemon();
+    let runner = Runner::with_sandbox(
+        install_runtime(settings)?,
+        settings.engine.temp_dir(),
+        crate::sandbox::Sandbox::new(settings.sandbox.clone()),
+    );
     let executor = Arc::new(ProcessExecutor::new(ready, &catalog, runner));
 
     let target = Target::of(settings)?;

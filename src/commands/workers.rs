@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::{EXIT_FAILED, UsageError, build_command, scan, workers_dir};
 use crate::cli::WorkersCommand;
 use crate::config::Settings;
+use crate::sandbox::Sandbox;
 use crate::worker::python::Interpreter;
 use crate::worker::venv::{VenvPlan, VenvState};
 use crate::worker::{Catalog, Worker};
@@ -138,14 +139,41 @@ fn build(
     })
 }
 
+/// The sandbox of a worker's jobs, one line per mechanism: what is enforced, and how, or why
+/// not.
+fn print_sandbox(
+    sandbox: &Sandbox,
+    worker: &Worker,
+    python: &Path,
+    runtime_dir: &Path,
+    temp_base: &Path,
+) {
+    let policy = sandbox.policy(worker, python, runtime_dir, temp_base);
+    for e in policy.enforcement() {
+        let state = if e.on { "on" } else { "OFF" };
+        println!(
+            "        sandbox {:<14} {state:<3} {}",
+            e.mechanism, e.detail
+        );
+    }
+}
+
 fn verify(settings: &Settings, dir: &Path) -> anyhow::Result<ExitCode> {
     let catalog = scan(dir)?;
     let python = Interpreter::resolve(&settings.workers.python)?;
+    let sandbox = Sandbox::new(settings.sandbox.clone());
+    let temp_base = settings.engine.temp_dir();
+    // Where `exec` and `run` install the runtime; verify only reads.
+    let runtime_dir = crate::runtime::Runtime::dir_under(&temp_base);
     let mut bad = 0;
     for worker in catalog.workers.values() {
         match plan(settings, worker, &python).map(|p| p.state()) {
-            Ok(VenvState::Ready { dir, .. }) => {
-                println!("ok      {:<20} {}", worker.name, dir.display())
+            Ok(VenvState::Ready {
+                dir,
+                python: venv_python,
+            }) => {
+                println!("ok      {:<20} {}", worker.name, dir.display());
+                print_sandbox(&sandbox, worker, &venv_python, &runtime_dir, &temp_base);
             }
             Ok(VenvState::Missing { expected, stale }) => {
                 bad += 1;

@@ -51,7 +51,17 @@ pub struct ProcessExecutor {
 
 impl ProcessExecutor {
     /// `ready` are the workers that may run; `catalog` tells apart denied and unknown names.
+    /// Logs, for each worker, each sandbox mechanism that is not enforced on this machine.
     pub fn new(ready: Vec<ReadyWorker>, catalog: &Catalog, runner: Runner) -> Self {
+        for r in &ready {
+            for e in runner.enforcement(&r.worker, &r.python) {
+                if e.on {
+                    tracing::debug!(worker = %r.worker.name, mechanism = e.mechanism, detail = %e.detail, "Sandbox mechanism enforced.");
+                } else {
+                    tracing::warn!(worker = %r.worker.name, mechanism = e.mechanism, detail = %e.detail, "Sandbox mechanism NOT enforced for this worker's jobs.");
+                }
+            }
+        }
         let ready: BTreeMap<String, ReadyWorker> = ready
             .into_iter()
             .map(|r| (r.worker.name.clone(), r))

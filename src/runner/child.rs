@@ -1,9 +1,9 @@
 //! Starting a job's process and ending it: the OS side of the runner.
 //!
 //! The child gets its own process group (so a timeout kills the whole job, helpers included),
-//! a clean environment, resource limits and two extra pipes: the job on fd 3, the channel back
-//! on fd 4. Reaping is done by one blocking thread with `wait4`, which is the only call that
-//! reports the job's CPU time and peak memory. Before it reaps, it kills what is left of the
+//! a clean environment, its sandbox ([`crate::sandbox`], applied last before exec) and two
+//! extra pipes: the job on fd 3, the channel back on fd 4. Reaping is done by one blocking
+//! thread with `wait4`, which is the only call that reports the job's CPU time and peak memory. Before it reaps, it kills what is left of the
 //! process group while the group id is still reserved by the unreaped leader.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+
+use crate::sandbox::Prepared;
 
 /// The job's end of the job pipe, as the runtime reads it.
 pub const JOB_FD: RawFd = 3;
@@ -28,7 +30,6 @@ pub struct ChildSpec {
     /// The complete environment; nothing of the daemon's own is added.
     pub env: Vec<(String, String)>,
     pub cwd: PathBuf,
-    pub rlimits: Vec<(nix::sys::resource::Resource, u64, u64)>,
 }
 
 /// The parent's ends of a started job's pipes.
@@ -141,14 +142,13 @@ fn lift(fd: OwnedFd) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-/// Starts the job process. The returned pipes are the parent's ends; the child's ends are
-/// closed here once the child holds them.
-pub fn spawn(spec: &ChildSpec) -> std::io::Result<(ChildHandle, ChildPipes)> {
+/// Starts the job process inside `sandbox`. The returned pipes are the parent's ends; the
+/// child's ends are closed here once the child holds them.
+pub fn spawn(spec: &ChildSpec, sandbox: Prepared) -> std::io::Result<(ChildHandle, ChildPipes)> {
     let (job_read, job_write) = high_pipe()?;
     let (chan_read, chan_write) = high_pipe()?;
     let job_fd = job_read.as_raw_fd();
     let chan_fd = chan_write.as_raw_fd();
-    let rlimits = spec.rlimits.clone();
 
     let mut command = Command::new(&spec.program);
     command
@@ -161,21 +161,16 @@ pub fn spawn(spec: &ChildSpec) -> std::io::Result<(ChildHandle, ChildPipes)> {
         .stderr(Stdio::piped())
         .process_group(0);
     // SAFETY: the closure runs between fork and exec and only makes async-signal-safe system
-    // calls (dup2, prctl, setrlimit) on values computed before the fork.
+    // calls (dup2, then the sandbox's prctl, setrlimit, setuid, landlock and seccomp calls) on
+    // values computed before the fork.
     unsafe {
         command.pre_exec(move || {
             // dup2 clears close-on-exec on the new descriptor, so 3 and 4 survive exec.
             if libc::dup2(job_fd, JOB_FD) < 0 || libc::dup2(chan_fd, CHANNEL_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // If the daemon dies, its jobs die with it rather than run unowned.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            for (resource, soft, hard) in &rlimits {
-                nix::sys::resource::setrlimit(*resource, *soft, *hard)?;
-            }
-            Ok(())
+            // Also sets the parent-death signal: if the daemon dies, its jobs die with it.
+            sandbox.apply_in_child()
         });
     }
     let mut child = command.spawn()?;

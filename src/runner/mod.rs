@@ -11,7 +11,6 @@ pub mod output;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nix::sys::resource::Resource;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
@@ -19,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::job::{ErrorKind, JobError, Resources};
 use crate::runtime::{Runtime, STUB};
+use crate::sandbox::{Enforced, Sandbox, SandboxSettings};
 use crate::worker::Worker;
 use child::{ChildSpec, ExitInfo};
 use output::{Captured, ChannelEnd, LogRecord, Report};
@@ -97,16 +97,36 @@ impl RunReport {
     }
 }
 
-/// Starts job processes from one installed runtime, under one temp folder.
+/// Starts job processes from one installed runtime, under one temp folder, each in its
+/// sandbox.
 #[derive(Debug, Clone)]
 pub struct Runner {
     runtime: Runtime,
     temp_base: PathBuf,
+    sandbox: Sandbox,
 }
 
 impl Runner {
+    /// A runner with the full sandbox and default settings.
     pub fn new(runtime: Runtime, temp_base: PathBuf) -> Self {
-        Self { runtime, temp_base }
+        Self::with_sandbox(runtime, temp_base, Sandbox::new(SandboxSettings::default()))
+    }
+
+    /// A runner with the given sandbox (the configured settings, or fewer mechanisms for the
+    /// benchmark).
+    pub fn with_sandbox(runtime: Runtime, temp_base: PathBuf, sandbox: Sandbox) -> Self {
+        Self {
+            runtime,
+            temp_base,
+            sandbox,
+        }
+    }
+
+    /// What the sandbox enforces for `worker`'s jobs on this kernel, for start-up reports.
+    pub fn enforcement(&self, worker: &Worker, python: &Path) -> Vec<Enforced> {
+        self.sandbox
+            .policy(worker, python, &self.runtime.dir, &self.temp_base)
+            .enforcement()
     }
 
     /// Runs one job to its end. `stop` ends it early with [`RunOutcome::Stopped`]; `on_log`
@@ -138,7 +158,23 @@ impl Runner {
             }
         };
         let spec = self.child_spec(&request, workdir.path());
-        let (handle, pipes) = match child::spawn(&spec) {
+        // `_uid` is held until the run ends: the uid is the job's alone while it runs.
+        let (policy, _uid) = self.sandbox.policy_for_job(
+            request.worker,
+            &request.python,
+            &self.runtime.dir,
+            &self.temp_base,
+        );
+        let prepared = match policy.prepare(workdir.path()) {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                return failed(
+                    ErrorKind::Crashed,
+                    format!("cannot prepare the job's sandbox: {e}"),
+                );
+            }
+        };
+        let (handle, pipes) = match child::spawn(&spec, prepared) {
             Ok(started) => started,
             Err(e) => {
                 return failed(
@@ -274,13 +310,6 @@ impl Runner {
         ];
         env.extend(request.extra_env.iter().cloned());
         env.extend(limits.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        let memory = limits.memory_mb * 1024 * 1024;
-        let rlimits = vec![
-            (Resource::RLIMIT_AS, memory, memory),
-            // SIGXCPU at the soft limit, SIGKILL one second later.
-            (Resource::RLIMIT_CPU, limits.cpu_s, limits.cpu_s + 1),
-            (Resource::RLIMIT_CORE, 0, 0),
-        ];
         ChildSpec {
             program: request.python.clone(),
             args: vec![
@@ -296,7 +325,6 @@ impl Runner {
             ],
             env,
             cwd: workdir.to_path_buf(),
-            rlimits,
         }
     }
 }

@@ -81,6 +81,8 @@ pub struct Limits {
     /// Extra environment variables for the job, with their values (never taken from the
     /// daemon's own environment).
     pub env: BTreeMap<String, String>,
+    /// Absolute folders the job may write besides its temp folder (Landlock read-write).
+    pub writable: Vec<PathBuf>,
 }
 
 impl Default for Limits {
@@ -95,6 +97,7 @@ impl Default for Limits {
             max_output_kb: 256,
             max_result_kb: 192,
             env: BTreeMap::new(),
+            writable: Vec::new(),
         }
     }
 }
@@ -245,6 +248,9 @@ fn check_limits(spec: &WorkerToml) -> Result<(), String> {
             return Err(format!("env key {key:?} is not a variable name"));
         }
     }
+    if let Some(path) = l.writable.iter().find(|p| !p.is_absolute()) {
+        return Err(format!("writable path {} must be absolute", path.display()));
+    }
     let r = &spec.retry;
     let initial_ok = r.initial_delay_s.is_finite() && r.initial_delay_s >= 0.0;
     let max_ok = r.max_delay_s.is_finite() && r.max_delay_s >= r.initial_delay_s;
@@ -357,6 +363,11 @@ mod tests {
                 "e",
                 "entrypoint = \"m:f\"\nmax_attempts = 0\n",
                 "max_attempts",
+            ),
+            (
+                "f",
+                "entrypoint = \"m:f\"\nwritable = [\"data\"]\n",
+                "must be absolute",
             ),
         ];
         for (name, toml, expected) in cases {

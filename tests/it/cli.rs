@@ -4,7 +4,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-use crate::helpers::{ready_worker, venv_root, workers_dir};
+use crate::helpers::{
+    hostile_home, hostile_worker, ready_worker, sandbox_interpreter, venv_root, workers_dir,
+};
 
 fn hybrid(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybrid-worker"));
@@ -171,4 +173,65 @@ fn config_show_prints_the_effective_config_without_secrets() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("other-jobs"));
     assert!(!text.contains("TOPSECRET"));
+}
+
+#[test]
+fn workers_verify_shows_what_the_sandbox_enforces_and_how() {
+    for name in ["benign", "net-connect"] {
+        hostile_worker(name);
+    }
+    let home = hostile_home();
+    let only = tempfile::tempdir().expect("tmp");
+    // Just two workers, so that verify finds every venv it lists.
+    for name in ["benign", "net-connect"] {
+        let to = only.path().join(name);
+        std::fs::create_dir(&to).expect("mkdir");
+        for entry in std::fs::read_dir(home.join("workers").join(name)).expect("fixture") {
+            let entry = entry.expect("entry");
+            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+        }
+    }
+    let venvs = home.join("venvs").display().to_string();
+    let python = sandbox_interpreter().path.display().to_string();
+    let out = hybrid(
+        &[
+            "workers",
+            "verify",
+            "--workers-dir",
+            &only.path().display().to_string(),
+        ],
+        &[
+            ("HYBRID__WORKERS__VENV_ROOT", &venvs),
+            ("HYBRID__WORKERS__PYTHON", &python),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for mechanism in [
+        "user",
+        "rlimits",
+        "processes",
+        "oom_score_adj",
+        "no_new_privs",
+        "seccomp",
+        "landlock",
+        "cgroup",
+    ] {
+        let lines = text
+            .lines()
+            .filter(|l| l.contains(&format!("sandbox {mechanism} ")))
+            .count();
+        assert_eq!(lines, 2, "{mechanism} once per worker:\n{text}");
+    }
+    assert!(text.contains("sockets: AF_UNIX only"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("sandbox landlock") && l.contains(" on ") && l.contains("ABI ")),
+        "{text}"
+    );
 }

@@ -226,3 +226,102 @@ pub fn replies(broker: &MemoryBroker, queue: &str) -> BTreeMap<String, (Outgoing
         })
         .collect()
 }
+
+/// The interpreter the hostile-worker tests build venvs from: one that an unprivileged user can
+/// reach, so that a root test run drops jobs to `nobody` as a root daemon would
+/// (`HYBRID_TEST_SANDBOX_PYTHON`, else the system's `/usr/bin/python3`, else `python3`).
+pub fn sandbox_interpreter() -> &'static Interpreter {
+    static PYTHON: OnceLock<Interpreter> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let command = std::env::var("HYBRID_TEST_SANDBOX_PYTHON").unwrap_or_else(|_| {
+            if Path::new("/usr/bin/python3").exists() {
+                "/usr/bin/python3".into()
+            } else {
+                "python3".into()
+            }
+        });
+        Interpreter::resolve(&command).expect("a Python for the sandbox tests")
+    })
+}
+
+/// A world-searchable copy of the hostile-worker fixtures and their venvs under the system temp
+/// folder (the checkout may sit in a folder `nobody` cannot enter). One folder per user and
+/// checkout, reused across runs like `target/test-venvs`; the fixtures are copied afresh.
+pub fn hostile_home() -> &'static Path {
+    static HOME: OnceLock<PathBuf> = OnceLock::new();
+    HOME.get_or_init(|| {
+        use sha2::Digest;
+        let checkout = hex::encode(sha2::Sha256::digest(env!("CARGO_MANIFEST_DIR").as_bytes()));
+        let uid = nix::unistd::getuid();
+        let home =
+            std::env::temp_dir().join(format!("hybrid-worker-hostile-{uid}-{}", &checkout[..12]));
+        std::fs::create_dir_all(&home).expect("mkdir");
+        open_to_all(&home);
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hostile-workers");
+        let workers = home.join("workers");
+        copy_tree(&source, &workers);
+        home
+    })
+}
+
+fn open_to_all(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    open_to_all(to);
+    for entry in std::fs::read_dir(from).expect("read fixtures") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// A hostile-worker fixture with its venv built (from [`sandbox_interpreter`]).
+pub fn hostile_worker(name: &str) -> ReadyWorker {
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let catalog = Catalog::scan(&hostile_home().join("workers")).expect("fixtures folder");
+    assert!(catalog.broken.is_empty(), "{:?}", catalog.broken);
+    let worker = catalog.get(name).expect("fixture worker").clone();
+    let plan = VenvPlan::new(
+        &worker,
+        sandbox_interpreter(),
+        &hostile_home().join("venvs"),
+    )
+    .expect("plan");
+    if !plan.state().is_ready() {
+        plan.build(sandbox_interpreter(), &|_| {})
+            .expect("venv build");
+    }
+    let VenvState::Ready { python, .. } = plan.state() else {
+        panic!("venv of {name} not ready after build");
+    };
+    ReadyWorker { worker, python }
+}
+
+/// A runner whose temp folder an unprivileged job user can enter.
+pub fn sandboxed_runner(temp: &Path) -> Runner {
+    open_to_all(temp);
+    runner(temp)
+}
+
+/// As [`sandboxed_runner`], with the given `[sandbox]` settings.
+pub fn sandboxed_runner_with(
+    temp: &Path,
+    settings: hybrid_worker::sandbox::SandboxSettings,
+) -> Runner {
+    open_to_all(temp);
+    let runtime = Runtime::install(temp).expect("runtime");
+    Runner::with_sandbox(
+        runtime,
+        temp.to_path_buf(),
+        hybrid_worker::sandbox::Sandbox::new(settings),
+    )
+}

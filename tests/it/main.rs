@@ -3,5 +3,6 @@
 mod cli;
 mod engine;
 mod helpers;
+mod hostile;
 mod runner;
 mod servicebus;

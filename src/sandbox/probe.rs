@@ -1,0 +1,119 @@
+//! What this kernel and this process can enforce, asked once.
+//!
+//! Every mechanism of the sandbox is probed rather than assumed, so that the daemon can say at
+//! start what it enforces and how, and never drop a protection silently on an older kernel or a
+//! stricter container.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The sandbox features of the running kernel and process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelSupport {
+    /// The Landlock ABI version (1 = file system, 4 = TCP, 6 = signal and abstract-socket
+    /// scoping), or why there is none.
+    pub landlock_abi: Result<i32, String>,
+    /// Seccomp filters (`SECCOMP_SET_MODE_FILTER`) are available.
+    pub seccomp: bool,
+    /// The daemon runs as root, so it can (and must) start jobs as another user.
+    pub is_root: bool,
+    /// A cgroup v2 folder this process could create job cgroups in, with the memory and pids
+    /// controllers enabled, or why there is none.
+    pub cgroup: Result<PathBuf, String>,
+}
+
+impl KernelSupport {
+    /// The support of this kernel, probed on first use.
+    pub fn get() -> &'static KernelSupport {
+        static SUPPORT: OnceLock<KernelSupport> = OnceLock::new();
+        SUPPORT.get_or_init(Self::probe)
+    }
+
+    fn probe() -> KernelSupport {
+        KernelSupport {
+            landlock_abi: landlock_abi(),
+            seccomp: seccomp_available(),
+            is_root: nix::unistd::geteuid().is_root(),
+            cgroup: delegated_cgroup(),
+        }
+    }
+}
+
+/// Asks the kernel for its Landlock ABI with `landlock_create_ruleset(NULL, 0, VERSION)`.
+fn landlock_abi() -> Result<i32, String> {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: with a null attribute pointer, size 0 and the VERSION flag the call only returns
+    // a number; it creates nothing.
+    let abi = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    if abi > 0 {
+        return Ok(i32::try_from(abi).unwrap_or(i32::MAX));
+    }
+    let err = std::io::Error::last_os_error();
+    Err(match err.raw_os_error() {
+        Some(libc::ENOSYS) => "the kernel is built without Landlock".into(),
+        Some(libc::EOPNOTSUPP) => "Landlock is not enabled at boot (lsm=...,landlock)".into(),
+        Some(libc::EPERM) => {
+            "the container's seccomp profile blocks the Landlock system calls".into()
+        }
+        _ => format!("the Landlock probe failed: {err}"),
+    })
+}
+
+/// `prctl(PR_GET_SECCOMP)` fails with EINVAL when the kernel has no seccomp at all; seccomp
+/// filters came with it on every kernel this project supports.
+fn seccomp_available() -> bool {
+    // SAFETY: PR_GET_SECCOMP takes no pointer and changes nothing.
+    unsafe { libc::prctl(libc::PR_GET_SECCOMP) >= 0 }
+}
+
+/// Looks for the process's own cgroup v2 folder with `memory` and `pids` delegated to it.
+///
+/// Only reported: job cgroups are not created yet (see README.security.md), so the answer tells
+/// an operator whether the pod could get them, and why not.
+fn delegated_cgroup() -> Result<PathBuf, String> {
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
+    let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return Err("no cgroup v2 hierarchy".into());
+    };
+    let mounts = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(|e| format!("cannot read /proc/self/mounts: {e}"))?;
+    let Some(mount) = mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, kind) = (f.next(), f.next(), f.next());
+        (kind == Some("cgroup2"))
+            .then(|| dir.map(PathBuf::from))
+            .flatten()
+    }) else {
+        return Err("cgroup v2 is not mounted".into());
+    };
+    let dir = mount.join(path.trim_start_matches('/'));
+    let controllers = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
+    if !(has("memory") && has("pids")) {
+        return Err(format!(
+            "{} has no memory and pids controllers (it has: {})",
+            dir.display(),
+            if controllers.trim().is_empty() {
+                "none"
+            } else {
+                controllers.trim()
+            }
+        ));
+    }
+    if !writable(&dir) {
+        return Err(format!("{} is not writable by the daemon", dir.display()));
+    }
+    Ok(dir)
+}
+
+fn writable(dir: &Path) -> bool {
+    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok()
+}

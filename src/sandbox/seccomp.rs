@@ -1,0 +1,179 @@
+//! The job's seccomp filters, compiled in the daemon before the fork.
+//!
+//! A denied call fails with an errno instead of killing the process, so that Python raises a
+//! clear `PermissionError` the handler (and the job's error message) can show. Two filters:
+//! the main one answers EPERM; a second makes `clone3` answer ENOSYS, because its flags sit in
+//! memory a filter cannot read, and glibc then falls back to `clone`, whose flags it can.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+use crate::worker::NetworkPolicy;
+
+/// A filter that could not be built (an unsupported architecture, mostly).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the seccomp filter: {0}")]
+pub struct SeccompError(String);
+
+/// Calls no job needs and that would reach past the sandbox: debugging other processes,
+/// mounting, new namespaces, kernel keyrings, BPF, perf, modules, io_uring (whose operations
+/// bypass the socket rules), and leaving the job's process group (which would let a grandchild
+/// escape the kill at the end of the job).
+const DENIED: &[(&str, libc::c_long)] = &[
+    ("ptrace", libc::SYS_ptrace),
+    ("process_vm_readv", libc::SYS_process_vm_readv),
+    ("process_vm_writev", libc::SYS_process_vm_writev),
+    ("mount", libc::SYS_mount),
+    ("umount2", libc::SYS_umount2),
+    ("pivot_root", libc::SYS_pivot_root),
+    ("chroot", libc::SYS_chroot),
+    ("move_mount", libc::SYS_move_mount),
+    ("open_tree", libc::SYS_open_tree),
+    ("fsopen", libc::SYS_fsopen),
+    ("fsconfig", libc::SYS_fsconfig),
+    ("fsmount", libc::SYS_fsmount),
+    ("fspick", libc::SYS_fspick),
+    ("mount_setattr", libc::SYS_mount_setattr),
+    ("unshare", libc::SYS_unshare),
+    ("setns", libc::SYS_setns),
+    ("bpf", libc::SYS_bpf),
+    ("perf_event_open", libc::SYS_perf_event_open),
+    ("keyctl", libc::SYS_keyctl),
+    ("add_key", libc::SYS_add_key),
+    ("request_key", libc::SYS_request_key),
+    ("kexec_load", libc::SYS_kexec_load),
+    ("kexec_file_load", libc::SYS_kexec_file_load),
+    ("init_module", libc::SYS_init_module),
+    ("finit_module", libc::SYS_finit_module),
+    ("delete_module", libc::SYS_delete_module),
+    ("reboot", libc::SYS_reboot),
+    ("swapon", libc::SYS_swapon),
+    ("swapoff", libc::SYS_swapoff),
+    ("acct", libc::SYS_acct),
+    ("syslog", libc::SYS_syslog),
+    ("userfaultfd", libc::SYS_userfaultfd),
+    ("open_by_handle_at", libc::SYS_open_by_handle_at),
+    ("name_to_handle_at", libc::SYS_name_to_handle_at),
+    ("io_uring_setup", libc::SYS_io_uring_setup),
+    ("io_uring_enter", libc::SYS_io_uring_enter),
+    ("io_uring_register", libc::SYS_io_uring_register),
+    ("setsid", libc::SYS_setsid),
+    ("setpgid", libc::SYS_setpgid),
+    // Obsolete (glibc uses tgkill), and it addresses threads by id alone: denied so that a
+    // job cannot aim at one of the daemon's threads.
+    ("tkill", libc::SYS_tkill),
+];
+
+/// `clone` flags that create namespaces; `unshare` is denied outright.
+const NAMESPACE_FLAGS: &[u64] = &[
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWCGROUP as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+];
+
+/// On x86_64 the x32 ABI reaches the same calls with this bit set; the filter covers both
+/// numbers so that a kernel with x32 enabled offers no way around it.
+#[cfg(target_arch = "x86_64")]
+const X32_BIT: i64 = 0x4000_0000;
+
+/// The names of the calls the filter denies, for `workers verify` and the README.
+pub fn denied_names() -> impl Iterator<Item = &'static str> {
+    DENIED.iter().map(|(name, _)| *name)
+}
+
+/// The compiled filters, in the order they are installed.
+pub fn compile(network: NetworkPolicy, daemon_pid: u32) -> Result<Vec<BpfProgram>, SeccompError> {
+    let err = |e: seccompiler::BackendError| SeccompError(e.to_string());
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(err)?;
+    let arg = |index: u8, op: SeccompCmpOp, value: u64| {
+        SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value).map_err(err)
+    };
+    let rule = |conditions: Vec<SeccompCondition>| SeccompRule::new(conditions).map_err(err);
+
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for (_, nr) in DENIED {
+        rules.insert(*nr, Vec::new());
+    }
+    // Network: with "deny" only local (AF_UNIX) sockets; with "allow" no raw packet sockets.
+    let socket_rule = match network {
+        NetworkPolicy::Deny => rule(vec![arg(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?])?,
+        NetworkPolicy::Allow => rule(vec![arg(0, SeccompCmpOp::Eq, libc::AF_PACKET as u64)?])?,
+    };
+    rules.insert(libc::SYS_socket, vec![socket_rule]);
+    let mut clone_rules = Vec::new();
+    for flag in NAMESPACE_FLAGS {
+        clone_rules.push(rule(vec![arg(0, SeccompCmpOp::MaskedEq(*flag), *flag)?])?);
+    }
+    rules.insert(libc::SYS_clone, clone_rules);
+    // Signals to the daemon itself, its process group, and every process at once (pid -1).
+    // The uid drop or Landlock's signal scope stop these too; this holds even where neither
+    // is available, except for a `kill` aimed at one of the daemon's thread ids, which only
+    // they stop (README.security.md).
+    let pid = u64::from(daemon_pid);
+    let minus_one = u64::from(u32::MAX);
+    // The daemon's process group, as `kill(-pgid)` names it.
+    let daemon_group = u64::from(daemon_pid.wrapping_neg());
+    rules.insert(
+        libc::SYS_kill,
+        vec![
+            rule(vec![arg(0, SeccompCmpOp::Eq, pid)?])?,
+            rule(vec![arg(0, SeccompCmpOp::Eq, minus_one)?])?,
+            rule(vec![arg(0, SeccompCmpOp::Eq, daemon_group)?])?,
+        ],
+    );
+    for nr in [
+        libc::SYS_tgkill,
+        libc::SYS_rt_sigqueueinfo,
+        libc::SYS_rt_tgsigqueueinfo,
+        libc::SYS_pidfd_open,
+    ] {
+        rules.insert(nr, vec![rule(vec![arg(0, SeccompCmpOp::Eq, pid)?])?]);
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let native: Vec<(i64, Vec<SeccompRule>)> =
+            rules.iter().map(|(k, v)| (*k, v.clone())).collect();
+        for (nr, r) in native {
+            rules.insert(nr | X32_BIT, r);
+        }
+    }
+    let main = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(err)?;
+    let mut clone3 = BTreeMap::new();
+    clone3.insert(libc::SYS_clone3, Vec::new());
+    let clone3 = SeccompFilter::new(
+        clone3,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )
+    .map_err(err)?;
+    let main: BpfProgram = main.try_into().map_err(err)?;
+    let clone3: BpfProgram = clone3.try_into().map_err(err)?;
+    Ok(vec![main, clone3])
+}
+
+/// Installs compiled filters on the calling thread. Called between fork and exec: it only
+/// makes system calls on memory prepared before the fork.
+pub fn install(filters: &[BpfProgram]) -> std::io::Result<()> {
+    for filter in filters {
+        seccompiler::apply_filter(filter).map_err(|e| match e {
+            seccompiler::Error::Seccomp(io) | seccompiler::Error::Prctl(io) => io,
+            _ => std::io::Error::from_raw_os_error(libc::EINVAL),
+        })?;
+    }
+    Ok(())
+}
