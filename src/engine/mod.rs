@@ -166,12 +166,22 @@ impl JobTask {
         let span = tracing::info_span!(
             "job",
             job_id = %envelope.job_id,
-            correlation_id = envelope.correlation_id.as_deref().unwrap_or(""),
+            correlation_id = tracing::field::Empty,
             worker = tracing::field::Empty,
             attempt = envelope.attempt,
-            flow_run_id = envelope.flow_run_id.as_deref().unwrap_or(""),
-            traceparent = envelope.traceparent.as_deref().unwrap_or(""),
+            flow_run_id = tracing::field::Empty,
+            traceparent = tracing::field::Empty,
         );
+        // Optional ids appear in the log only when the message carries them.
+        for (field, value) in [
+            ("correlation_id", &envelope.correlation_id),
+            ("flow_run_id", &envelope.flow_run_id),
+            ("traceparent", &envelope.traceparent),
+        ] {
+            if let Some(value) = value {
+                span.record(field, value.as_str());
+            }
+        }
         async move {
             let outcome = self.outcome(&delivery, &envelope).await;
             let result = settle(
