@@ -4,6 +4,9 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio_util::sync::CancellationToken;
 
 use super::connect::{Target, client, start_emulator};
 use super::{UsageError, build_command, install_runtime, scan};
@@ -20,6 +23,17 @@ use crate::worker::venv::{VenvPlan, VenvState};
 
 pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     let shutdown = crate::shutdown::on_signals()?;
+    // Probes and metrics answer from the start: not ready until workers and broker are.
+    let http_stop = CancellationToken::new();
+    let http_addr = crate::telemetry::http::serve(&settings.http.listen, http_stop.clone())
+        .await
+        .map_err(|e| {
+            UsageError(format!(
+                "cannot listen on http.listen = {}: {e}",
+                settings.http.listen
+            ))
+        })?;
+    tracing::info!(addr = %http_addr, "Serving /metrics, /healthz and /readyz.");
     let dir = settings.workers.dir.clone();
     let catalog = scan(&dir)?;
     if let Some(broken) = catalog.broken.first() {
@@ -31,6 +45,8 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     }
     let names: Vec<&str> = ready.iter().map(|r| r.worker.name.as_str()).collect();
     tracing::info!(workers = ?names, "Workers verified.");
+    let ready_state = crate::telemetry::http::readiness();
+    ready_state.workers_verified.store(true, Ordering::SeqCst);
     crate::sandbox::harden_daemon();
     let runner = Runner::with_sandbox(
         install_runtime(settings)?,
@@ -64,7 +80,10 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     };
     let broker = Arc::new(broker);
     match broker.connect().await {
-        Ok(()) => tracing::info!(queue = %settings.queues.jobs, "Connected; receiving jobs."),
+        Ok(()) => {
+            ready_state.broker_up.store(true, Ordering::SeqCst);
+            tracing::info!(queue = %settings.queues.jobs, "Connected; receiving jobs.");
+        }
         Err(BrokerError::Refused(why)) => {
             return Err(UsageError(format!("Service Bus refused the connection: {why}")).into());
         }
@@ -92,6 +111,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     if let Some(handle) = embedded {
         handle.shutdown().await;
     }
+    http_stop.cancel();
     tracing::info!(received = stats.received, "The daemon has stopped.");
     Ok(ExitCode::SUCCESS)
 }

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::broker::{Broker, BrokerError};
+use crate::telemetry::metrics::metrics;
 
 /// How a lock keeper ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,10 +49,14 @@ pub async fn keep_lock(
         }
         match broker.renew_lock(lock_token).await {
             Ok(until) => {
+                metrics().lock_renewals.inc();
                 tracing::debug!("Renewed the job's lock.");
                 locked_until = until;
             }
-            Err(BrokerError::LockLost) => return LockEnd::Lost,
+            Err(BrokerError::LockLost) => {
+                metrics().lock_losses.inc();
+                return LockEnd::Lost;
+            }
             Err(e) if Instant::now() + Duration::from_secs(1) < locked_until => {
                 tracing::warn!(error = %e, "Renewing the job's lock failed; trying again.");
                 tokio::select! {
@@ -61,6 +66,7 @@ pub async fn keep_lock(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "Renewing the job's lock failed and the lock ran out.");
+                metrics().lock_losses.inc();
                 return LockEnd::Lost;
             }
         }

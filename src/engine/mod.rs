@@ -15,9 +15,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use std::sync::atomic::Ordering;
+
 use crate::broker::{Broker, Delivery};
 use crate::job::{Envelope, Job};
 use crate::runner::RunOutcome;
+use crate::telemetry::http::readiness;
+use crate::telemetry::metrics::{ReasonLabel, WorkerLabel, metrics};
 use executor::Executor;
 use lock::{LockEnd, keep_lock};
 use settle::{Outcome, Queues, Settled, settle};
@@ -77,6 +81,9 @@ impl Engine {
         let hard_stop = CancellationToken::new();
         let mut stats = EngineStats::default();
         let mut failures = 0u32;
+        metrics()
+            .free_slots
+            .set(i64::try_from(self.options.concurrency).unwrap_or(i64::MAX));
         tracing::info!(concurrency = self.options.concurrency, queue = %self.options.queues.jobs, "The engine is receiving jobs.");
         loop {
             let first = tokio::select! {
@@ -94,8 +101,10 @@ impl Engine {
                 () = shutdown.cancelled() => break,
                 r = self.broker.receive(permits.len(), self.options.receive_wait) => r,
             };
+            let ready = readiness();
             match received {
                 Ok(deliveries) => {
+                    ready.broker_up.store(true, Ordering::SeqCst);
                     failures = 0;
                     for delivery in deliveries {
                         let Some(permit) = permits.pop() else {
@@ -116,6 +125,7 @@ impl Engine {
                     }
                 }
                 Err(e) => {
+                    ready.broker_up.store(false, Ordering::SeqCst);
                     failures += 1;
                     let pause = Duration::from_millis(200 * 2u64.pow(failures.min(6)));
                     tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "Receiving jobs failed.");
@@ -126,6 +136,7 @@ impl Engine {
                 }
             }
         }
+        readiness().draining.store(true, Ordering::SeqCst);
         self.broker.stop_receiving().await;
         tracker.close();
         let running = tracker.len();
@@ -183,7 +194,21 @@ impl JobTask {
             }
         }
         async move {
+            let m = metrics();
+            let concurrency = i64::try_from(self.options.concurrency).unwrap_or(i64::MAX);
+            let running = m.in_flight.inc() + 1;
+            m.free_slots.set(concurrency - running);
             let outcome = self.outcome(&delivery, &envelope).await;
+            // Only workers this daemon knows become label values: a body naming random workers
+            // must not grow the metrics without bound.
+            let label = match &outcome {
+                Outcome::Succeeded { worker, .. } => worker.clone(),
+                Outcome::Failed { worker: Some(worker), policy: Some(_), .. } => worker.clone(),
+                _ => "unknown".to_owned(),
+            };
+            if let Outcome::Succeeded { duration, .. } | Outcome::Failed { duration, policy: Some(_), .. } = &outcome {
+                m.observe_duration(&label, *duration);
+            }
             let result = settle(
                 self.broker.as_ref(),
                 &self.options.queues,
@@ -192,7 +217,7 @@ impl JobTask {
                 outcome,
             )
             .await;
-            match result {
+            match &result {
                 Ok(Settled::Replied) => tracing::info!("The job succeeded; reply sent and message completed."),
                 Ok(Settled::RetryScheduled { attempt, delay }) => tracing::info!(next_attempt = attempt, delay_ms = delay.as_millis() as u64, "The job failed and will be retried."),
                 Ok(Settled::DeadLettered { reason }) => tracing::warn!(reason = %reason, "The job failed; reply sent and message dead-lettered."),
@@ -200,6 +225,23 @@ impl JobTask {
                 Ok(Settled::LeftToExpire) => tracing::warn!("The job's lock was lost; it was stopped and will be delivered again."),
                 Err(e) => tracing::warn!(error = %e, "Settling the job failed; the message will be delivered again."),
             }
+            let ended = match &result {
+                Ok(Settled::Replied) => "succeeded",
+                Ok(Settled::RetryScheduled { .. }) => {
+                    m.retries_scheduled.get_or_create(&WorkerLabel { worker: label.clone() }).inc();
+                    "retried"
+                }
+                Ok(Settled::DeadLettered { reason }) => {
+                    m.dead_letters.get_or_create(&ReasonLabel { reason: reason.as_str().to_owned() }).inc();
+                    "dead_lettered"
+                }
+                Ok(Settled::Abandoned) => "abandoned",
+                Ok(Settled::LeftToExpire) => "lock_lost",
+                Err(_) => "settle_failed",
+            };
+            m.job_ended(&label, ended);
+            let running = m.in_flight.dec() - 1;
+            m.free_slots.set(concurrency - running);
         }
         .instrument(span)
         .await;
@@ -237,6 +279,12 @@ impl JobTask {
             }
         };
         tracing::info!("The job started.");
+        if let Some(waited) = delivery
+            .enqueued_at
+            .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+        {
+            metrics().observe_queue_wait(&job.worker, waited);
+        }
         let stop = self.hard_stop.child_token();
         let job_ended = CancellationToken::new();
         let keeper = tokio::spawn(

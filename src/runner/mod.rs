@@ -174,7 +174,10 @@ impl Runner {
                 );
             }
         };
-        let (handle, pipes) = match child::spawn(&spec, prepared) {
+        let spawning = std::time::Instant::now();
+        let spawned = child::spawn(&spec, prepared);
+        crate::telemetry::metrics::metrics().observe_process_start("spawn", spawning.elapsed());
+        let (handle, pipes) = match spawned {
             Ok(started) => started,
             Err(e) => {
                 return failed(

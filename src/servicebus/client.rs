@@ -204,6 +204,7 @@ impl ServiceBusBroker {
             .map_err(|e| connection_error("attaching to $cbs", e))?;
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::metrics::metrics().broker_connects.inc();
         tracing::info!(url = %self.config.url, generation, "Connected to Service Bus.");
         Ok(Live {
             generation,

@@ -188,3 +188,134 @@ def test_the_daemon_keeps_working_across_token_expiries(tmp_path):
         daemon.stop()
     puts = daemon.log().count("Put a token on $cbs.")
     assert puts >= 4, f"tokens were put {puts} times over ~10 s of 2 s tokens"
+
+
+def _get(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text, 0 when absent."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        sample, _, label_text = head.partition("{")
+        if sample != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(value)
+    return 0.0
+
+
+def test_metrics_and_probes_follow_an_end_to_end_run(tmp_path):
+    from daemon_harness import free_port
+
+    port = free_port()
+    daemon = Daemon(tmp_path, {"HYBRID__HTTP__LISTEN": f"127.0.0.1:{port}"}).start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert _get(f"{base}/healthz")[0] == 200
+        assert _get(f"{base}/readyz")[0] == 200
+        with daemon.client() as sb:
+            ok = [job("diagnostics", {"action": "echo", "value": i}) for i in range(3)]
+            slow = job("diagnostics", {"action": "sleep", "seconds": 4})  # longer than the 3 s lock
+            invalid = job("diagnostics", {"action": "invalid", "message": "no"})
+            flaky = job("diagnostics", {"action": "fail", "message": "down"})
+            with sb.get_queue_sender("jobs") as sender:
+                sender.send_messages([*ok, slow, invalid, flaky])
+            for m in [*ok, slow, invalid, flaky]:
+                assert len(replies(sb, m.reply_to_session_id, 1)) == 1
+        status, text = _get(f"{base}/metrics")
+        assert status == 200
+        assert _metric(text, "hybrid_jobs_total", worker="diagnostics", outcome="succeeded") == 4
+        assert _metric(text, "hybrid_jobs_total", worker="diagnostics", outcome="dead_lettered") == 2
+        assert _metric(text, "hybrid_jobs_total", worker="diagnostics", outcome="retried") == 2
+        assert _metric(text, "hybrid_retries_scheduled_total", worker="diagnostics") == 2
+        assert _metric(text, "hybrid_dead_letters_total", reason="InvalidInput") == 1
+        assert _metric(text, "hybrid_dead_letters_total", reason="MaxAttemptsExceeded") == 1
+        assert _metric(text, "hybrid_lock_renewals_total") >= 1
+        assert _metric(text, "hybrid_lock_losses_total") == 0
+        assert _metric(text, "hybrid_broker_connects_total") >= 1
+        assert _metric(text, "hybrid_jobs_in_flight") == 0
+        assert _metric(text, "hybrid_free_slots") == 4
+        # 3 echo + 1 sleep + 1 invalid + 3 attempts of the flaky job = 8 processes.
+        assert _metric(text, "hybrid_process_start_seconds_count", mode="spawn") == 8
+        assert _metric(text, "hybrid_job_duration_seconds_count", worker="diagnostics") == 8
+        assert _metric(text, "hybrid_job_queue_wait_seconds_count", worker="diagnostics") == 8
+        assert 'job_id' not in text, "no job ids as labels"
+
+        # Draining: a running job keeps the daemon up while /readyz says no.
+        with daemon.client() as sb:
+            long = job("diagnostics", {"action": "sleep", "seconds": 3})
+            with sb.get_queue_sender("jobs") as sender:
+                sender.send_messages(long)
+            deadline = time.monotonic() + 10
+            def started() -> bool:
+                return any(
+                    long.message_id in l and '"The job started."' in l for l in daemon.log().splitlines()
+                )
+
+            while not started() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert started()
+            daemon.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            assert daemon.proc.poll() is None, "still draining"
+            assert _get(f"{base}/readyz")[0] == 503
+            assert _get(f"{base}/healthz")[0] == 200
+            assert daemon.proc.wait(timeout=30) == 0
+            # The embedded emulator stopped with the daemon, so the log is the witness.
+            assert any(
+                long.message_id in l and "The job succeeded" in l for l in daemon.log().splitlines()
+            ), "the running job finished during the drain"
+    finally:
+        daemon.stop()
+
+    # Every log line of a job carries its ids.
+    lines = [json.loads(l) for l in daemon.log().splitlines() if l.startswith("{")]
+    started = [l for l in lines if l.get("message") == "The job started."]
+    assert started
+    for line in started:
+        span = next(s for s in line["spans"] if s["name"] == "job")
+        assert {"job_id", "correlation_id", "worker", "attempt", "flow_run_id"} <= set(span)
+
+
+def test_readyz_is_false_while_the_broker_is_unreachable(tmp_path):
+    from daemon_harness import free_port
+
+    port, dead = free_port(), free_port()
+    cs = f"Endpoint=sb://127.0.0.1:{dead};SharedAccessKeyName=k;SharedAccessKey=v;UseDevelopmentEmulator=true;"
+    daemon = Daemon(
+        tmp_path,
+        {"HYBRID__HTTP__LISTEN": f"127.0.0.1:{port}", "HYBRID__SERVICEBUS__CONNECTION_STRING": cs},
+    )
+    log = open(tmp_path / "unreachable.log", "wb")
+    import subprocess
+
+    from daemon_harness import BIN
+
+    proc = subprocess.Popen([BIN, "run"], env=daemon.env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if _get(f"http://127.0.0.1:{port}/healthz")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        status, text = _get(f"http://127.0.0.1:{port}/readyz")
+        assert status == 503
+        assert "broker_up=false" in text
+        assert _get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -1,6 +1,9 @@
 //! Logs: `tracing` to stderr, JSON in containers and text on a terminal. Standard output stays
 //! free for command results (`exec` prints its result there).
 
+pub mod http;
+pub mod metrics;
+
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
