@@ -431,6 +431,25 @@ impl ServiceBusBroker {
         }
     }
 
+    /// A send retried with backoff and jitter across a reconnect. A send whose outcome was lost
+    /// with the connection may go twice; replies and retry copies carry deterministic
+    /// MessageIds, so duplicate detection drops the second.
+    async fn send_retried(
+        &self,
+        queue: &str,
+        message: &OutgoingMessage,
+        enqueue_at: Option<SystemTime>,
+    ) -> Result<(), BrokerError> {
+        (|| self.send_at(queue, message, enqueue_at))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_max_times(3)
+                    .with_jitter(),
+            )
+            .when(BrokerError::is_transient)
+            .await
+    }
+
     async fn attach_receiver(&self, live: &Live) -> Result<Receiver, BrokerError> {
         let id = Uuid::new_v4();
         let mut session = live.session.lock().await;
@@ -714,14 +733,7 @@ impl Broker for ServiceBusBroker {
     }
 
     async fn send(&self, queue: &str, message: OutgoingMessage) -> Result<(), BrokerError> {
-        (|| self.send_at(queue, &message, None))
-            .retry(
-                ExponentialBuilder::default()
-                    .with_max_times(3)
-                    .with_jitter(),
-            )
-            .when(BrokerError::is_transient)
-            .await
+        self.send_retried(queue, &message, None).await
     }
 
     async fn schedule(
@@ -730,14 +742,7 @@ impl Broker for ServiceBusBroker {
         message: OutgoingMessage,
         delay: Duration,
     ) -> Result<(), BrokerError> {
-        let at = SystemTime::now() + delay;
-        (|| self.send_at(queue, &message, Some(at)))
-            .retry(
-                ExponentialBuilder::default()
-                    .with_max_times(3)
-                    .with_jitter(),
-            )
-            .when(BrokerError::is_transient)
+        self.send_retried(queue, &message, Some(SystemTime::now() + delay))
             .await
     }
 }
