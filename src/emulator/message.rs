@@ -135,6 +135,15 @@ impl MessageParts {
         })
     }
 
+    /// Gives a message without a message-id a new one, as Service Bus does: JS sends none,
+    /// and its receiver needs one to track the message's lock.
+    pub fn ensure_message_id(&mut self) {
+        let props = self.properties.get_or_insert_with(Properties::default);
+        if props.message_id.is_none() {
+            props.message_id = Some(MessageId::String(uuid::Uuid::new_v4().simple().to_string()));
+        }
+    }
+
     /// Header TTL in milliseconds, if any.
     pub fn ttl_ms(&self) -> Option<u32> {
         self.header.as_ref()?.ttl

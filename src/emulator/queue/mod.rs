@@ -241,7 +241,8 @@ impl Broker {
         let mut next_seq = q.next_seq;
         let window = millis(q.cfg.duplicate_window);
         let mut seen_now: Vec<String> = Vec::new();
-        for parts in msgs {
+        for mut parts in msgs {
+            parts.ensure_message_id();
             if q.cfg.requires_session && parts.session_id().is_none() {
                 return Err(SbError::NotAllowed(format!(
                     "queue {} requires a session id on every message",
