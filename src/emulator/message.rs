@@ -2,8 +2,8 @@
 //! body and footer stay as the client's bytes so body types survive unchanged (§4.3).
 
 use fe2o3_amqp_types::messaging::{
-    ApplicationProperties, Data, Header, MessageAnnotations, MessageId, Properties,
-    annotations::OwnedKey,
+    ApplicationProperties, Data, DeliveryAnnotations, Header, MessageAnnotations, MessageId,
+    Properties, annotations::OwnedKey,
 };
 use fe2o3_amqp_types::primitives::{SimpleValue, Symbol, Timestamp, Value};
 use serde_amqp::described::Described;
@@ -14,12 +14,14 @@ use super::codec::{CodecError, decode, descriptor_code, encode, encoded_len};
 /// Message format of a Service Bus batch: each `data` section is a whole encoded message.
 pub const BATCH_FORMAT: u32 = 0x8001_3700;
 
-/// The sections of one message. Delivery annotations are dropped on purpose: they belong to
-/// one hop, and the broker writes its own.
+/// The sections of one message. Incoming delivery annotations are dropped on purpose: they
+/// belong to one hop, and the broker writes its own.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MessageParts {
     /// TTL in, delivery count out.
     pub header: Option<Header>,
+    /// Broker-written, per delivery (`x-opt-lock-token`); never stored.
+    pub delivery_annotations: Option<DeliveryAnnotations>,
     /// Client annotations plus the broker's `x-opt-*` ones.
     pub annotations: Option<MessageAnnotations>,
     /// Message id (dedupe), group id (session id), and the rest passed through.
@@ -65,6 +67,9 @@ impl MessageParts {
         if let Some(h) = &self.header {
             out.extend(encode_header(h)?);
         }
+        if let Some(a) = &self.delivery_annotations {
+            out.extend(encode("delivery-annotations", a)?);
+        }
         if let Some(a) = &self.annotations {
             out.extend(encode("message-annotations", a)?);
         }
@@ -109,6 +114,17 @@ impl MessageParts {
             .get_or_insert_with(|| MessageAnnotations(Default::default()))
             .0
             .insert(OwnedKey::Symbol(Symbol::from(key)), value);
+    }
+
+    /// Puts the lock token in the `x-opt-lock-token` delivery annotation.
+    pub fn set_lock_token(&mut self, token: uuid::Uuid) {
+        self.delivery_annotations
+            .get_or_insert_with(|| DeliveryAnnotations(Default::default()))
+            .0
+            .insert(
+                OwnedKey::Symbol(Symbol::from("x-opt-lock-token")),
+                Value::Uuid(fe2o3_amqp_types::primitives::Uuid::from(token.into_bytes())),
+            );
     }
 
     /// Sets a user property, creating the section when needed.

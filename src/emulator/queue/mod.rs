@@ -339,7 +339,7 @@ impl Broker {
                 until_ms,
                 owner,
             });
-            let bytes = render(&live.m, Some(until_ms), false)?;
+            let bytes = render(&live.m, Some((token, until_ms)), false)?;
             state.locks.insert(token, (name, e.dlq, seq));
             Ok(Some(Delivery {
                 token: Some(token),
@@ -478,7 +478,9 @@ fn merge_props(parts: &mut MessageParts, props: Vec<(String, SimpleValue)>) {
 }
 
 /// Encodes a message for delivery or peek with the broker's header and annotations.
-fn render(m: &StoredMessage, locked_until: Option<i64>, peek: bool) -> Result<Vec<u8>, SbError> {
+/// `lock` is the lock token and its expiry for peek-lock deliveries; the token also goes into
+/// the `x-opt-lock-token` delivery annotation for clients that read it there (§4.2).
+fn render(m: &StoredMessage, lock: Option<(Uuid, i64)>, peek: bool) -> Result<Vec<u8>, SbError> {
     let mut parts = m.parts.clone();
     parts.set_delivery_count(m.delivery_count);
     parts.set_annotation("x-opt-sequence-number", Value::Long(m.seq));
@@ -486,11 +488,12 @@ fn render(m: &StoredMessage, locked_until: Option<i64>, peek: bool) -> Result<Ve
         "x-opt-enqueued-time",
         Value::Timestamp(Timestamp::from_milliseconds(m.enqueued_ms)),
     );
-    if let Some(until) = locked_until {
+    if let Some((token, until)) = lock {
         parts.set_annotation(
             "x-opt-locked-until",
             Value::Timestamp(Timestamp::from_milliseconds(until)),
         );
+        parts.set_lock_token(token);
     }
     if peek || m.state != MsgState::Active {
         parts.set_annotation("x-opt-message-state", Value::Int(m.state as i32));

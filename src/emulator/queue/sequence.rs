@@ -118,7 +118,7 @@ impl Broker {
                 out.push(Delivery {
                     token: Some(token),
                     seq: *seq,
-                    bytes: render(&live.m, Some(until_ms), false)?,
+                    bytes: render(&live.m, Some((token, until_ms)), false)?,
                 });
             } else {
                 let bytes = render(&live.m, None, false)?;
