@@ -15,6 +15,7 @@
 
 pub mod cbs;
 pub mod cli;
+pub mod clock;
 pub mod codec;
 pub mod connection;
 pub mod entities;
@@ -42,6 +43,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use clock::{Clock, SystemClock};
 use entities::QueueConfig;
 use error::SbError;
 use queue::{Broker, LinkId};
@@ -61,6 +63,8 @@ pub struct EmulatorConfig {
     pub rules: Vec<SasRule>,
     /// Accept Entra ID tokens (`jwt`) after checking audience and expiry only; see `jwt.rs`.
     pub accept_jwt: bool,
+    /// Time source for locks, TTL and scheduling; tests pass a [`clock::ManualClock`].
+    pub clock: Arc<dyn Clock>,
 }
 
 impl EmulatorConfig {
@@ -73,6 +77,7 @@ impl EmulatorConfig {
             data_dir: None,
             rules: vec![SasRule::default()],
             accept_jwt: false,
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -120,7 +125,7 @@ impl Emulator {
     /// Opens the store, binds the port and starts serving in the background.
     pub async fn start(config: EmulatorConfig) -> Result<EmulatorHandle, StartError> {
         let store = Store::open(config.data_dir.as_deref()).map_err(SbError::from)?;
-        let broker = Broker::new(config.queues, store)?;
+        let broker = Broker::with_clock(config.queues, store, config.clock.clone())?;
         let listener =
             TcpListener::bind(config.listen)
                 .await

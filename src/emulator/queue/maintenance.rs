@@ -30,7 +30,7 @@ impl Broker {
 
     /// Periodic work: lock expiry, scheduled messages, TTL, session locks, dedupe history.
     pub fn sweep(&self) -> Result<(), SbError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
         let mut changed = false;

@@ -5,7 +5,7 @@
 //! the [`Store`] before the call returns (see the crash-ordering rules in `store.rs`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use fe2o3_amqp_types::primitives::{SimpleValue, Timestamp, Value};
 use tokio::sync::watch;
@@ -15,6 +15,7 @@ mod maintenance;
 mod sequence;
 mod sessions;
 
+use super::clock::{Clock, SystemClock};
 use super::entities::QueueConfig;
 use super::error::SbError;
 use super::message::MessageParts;
@@ -127,6 +128,7 @@ struct State {
 pub struct Broker {
     state: Mutex<State>,
     changed: watch::Sender<u64>,
+    clock: Arc<dyn Clock>,
 }
 
 /// A duration in milliseconds, saturating (an "unlimited" TTL is `Duration::MAX`).
@@ -134,17 +136,23 @@ fn millis(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Current time in Unix milliseconds.
+/// Current system time in Unix milliseconds (token expiry and other non-queue uses).
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemClock.now_ms()
 }
 
 impl Broker {
     /// Builds the broker from queue definitions and whatever the store holds.
     pub fn new(queues: Vec<QueueConfig>, store: Store) -> Result<Broker, SbError> {
+        Broker::with_clock(queues, store, Arc::new(SystemClock))
+    }
+
+    /// Like [`Broker::new`] with another clock (tests move time instead of sleeping).
+    pub fn with_clock(
+        queues: Vec<QueueConfig>,
+        store: Store,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Broker, SbError> {
         let mut map = HashMap::new();
         for cfg in queues {
             let next_seq = store.next_seq(&cfg.name)?;
@@ -183,6 +191,7 @@ impl Broker {
                 store,
             }),
             changed,
+            clock,
         })
     }
 
@@ -233,7 +242,7 @@ impl Broker {
                 "messages cannot be sent to a dead-letter queue".into(),
             ));
         }
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
         let q = queue_mut(&mut state.queues, e)?;
@@ -307,7 +316,7 @@ impl Broker {
         owner: LinkId,
         peek_lock: bool,
     ) -> Result<Option<Delivery>, SbError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
         let q = queue_mut(&mut state.queues, e)?;
@@ -361,7 +370,7 @@ impl Broker {
 
     /// Applies a client's outcome to the message locked under `token`.
     pub fn settle(&self, token: Uuid, outcome: Outcome) -> Result<(), SbError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
         let (queue, dlq, seq) = state.locks.get(&token).cloned().ok_or(SbError::LockLost)?;

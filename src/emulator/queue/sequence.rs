@@ -7,7 +7,7 @@ use super::*;
 impl Broker {
     /// Extends locks; returns the new expiry of each, in order (§6.2 `renew-lock`).
     pub fn renew_locks(&self, tokens: &[Uuid]) -> Result<Vec<i64>, SbError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
         let mut out = Vec::with_capacity(tokens.len());
@@ -38,7 +38,7 @@ impl Broker {
         count: usize,
         session: Option<&str>,
     ) -> Result<Vec<Vec<u8>>, SbError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let q = queue_mut(&mut guard.queues, e)?;
         let map = q.map(e.dlq);
@@ -87,7 +87,7 @@ impl Broker {
         peek_lock: bool,
         owner: LinkId,
     ) -> Result<Vec<Delivery>, SbError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
         let q = queue_mut(&mut state.queues, e)?;

@@ -11,7 +11,7 @@ impl Broker {
         requested: Option<&str>,
         owner: LinkId,
     ) -> Result<Option<(String, i64)>, SbError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let q = queue_mut(&mut guard.queues, e)?;
         let lock_ms = q.lock_ms();
@@ -51,7 +51,7 @@ impl Broker {
 
     /// Whether `owner` still holds the session lock.
     pub fn holds_session(&self, e: &EntityRef, sid: &str, owner: LinkId) -> bool {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let guard = self.lock();
         guard
             .queues
@@ -62,7 +62,7 @@ impl Broker {
 
     /// Renews a held session lock; returns the new expiry.
     pub fn renew_session_lock(&self, e: &EntityRef, sid: &str) -> Result<i64, SbError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let q = queue_mut(&mut guard.queues, e)?;
         let lock_ms = q.lock_ms();
