@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use super::entities::{self, QueueConfig};
+use super::entities::{self, Entities};
 use super::{Emulator, EmulatorConfig};
 
 /// Command-line options of `hybrid-worker emulator`.
@@ -39,12 +39,13 @@ pub struct EmulatorArgs {
 
 /// Runs until SIGINT or SIGTERM, then closes connections cleanly.
 pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
-    let queues: Vec<QueueConfig> = match &args.entities {
+    let entities = match &args.entities {
         Some(path) => entities::load(path)?,
-        None => QueueConfig::defaults(),
+        None => Entities::defaults(),
     };
     let mut config = EmulatorConfig::new(args.listen);
-    config.queues = queues;
+    config.queues = entities.queues;
+    config.topics = entities.topics;
     config.data_dir = (!args.in_memory).then(|| args.data.clone());
     let handle = Emulator::start(config)
         .await

@@ -20,6 +20,7 @@ pub mod codec;
 pub mod connection;
 pub mod entities;
 pub mod error;
+pub mod filter;
 pub mod frame;
 pub mod jwt;
 pub mod link;
@@ -44,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use clock::{Clock, SystemClock};
-use entities::QueueConfig;
+use entities::{Entities, QueueConfig, TopicConfig};
 use error::SbError;
 use queue::{Broker, LinkId};
 use sas::SasRule;
@@ -57,6 +58,8 @@ pub struct EmulatorConfig {
     pub listen: SocketAddr,
     /// Queues to serve.
     pub queues: Vec<QueueConfig>,
+    /// Topics (with subscriptions) to serve.
+    pub topics: Vec<TopicConfig>,
     /// Directory of the SQLite store; `None` keeps everything in memory.
     pub data_dir: Option<PathBuf>,
     /// SAS rules tokens may be signed with.
@@ -74,6 +77,7 @@ impl EmulatorConfig {
         EmulatorConfig {
             listen,
             queues: QueueConfig::defaults(),
+            topics: Vec::new(),
             data_dir: None,
             rules: vec![SasRule::default()],
             accept_jwt: false,
@@ -125,7 +129,11 @@ impl Emulator {
     /// Opens the store, binds the port and starts serving in the background.
     pub async fn start(config: EmulatorConfig) -> Result<EmulatorHandle, StartError> {
         let store = Store::open(config.data_dir.as_deref()).map_err(SbError::from)?;
-        let broker = Broker::with_clock(config.queues, store, config.clock.clone())?;
+        let entities = Entities {
+            queues: config.queues,
+            topics: config.topics,
+        };
+        let broker = Broker::with_entities(entities, store, config.clock.clone())?;
         let listener =
             TcpListener::bind(config.listen)
                 .await

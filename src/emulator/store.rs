@@ -143,14 +143,27 @@ impl Store {
         next_seq: i64,
         msgs: &[&StoredMessage],
     ) -> Result<(), StoreError> {
+        self.insert_batches(&[(queue, Some(next_seq), msgs.to_vec())])
+    }
+
+    /// Inserts several queues' messages in one transaction; each batch may also move its
+    /// entity's next sequence number (a topic's copies are numbered by the topic).
+    pub fn insert_batches(
+        &mut self,
+        batches: &[(&str, Option<i64>, Vec<&StoredMessage>)],
+    ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO queues (name, next_seq) VALUES (?1, ?2)
-             ON CONFLICT(name) DO UPDATE SET next_seq = excluded.next_seq",
-            params![queue, next_seq],
-        )?;
-        for m in msgs {
-            write_row(&tx, m)?;
+        for (queue, next_seq, msgs) in batches {
+            if let Some(next_seq) = next_seq {
+                tx.execute(
+                    "INSERT INTO queues (name, next_seq) VALUES (?1, ?2)
+                     ON CONFLICT(name) DO UPDATE SET next_seq = excluded.next_seq",
+                    params![queue, next_seq],
+                )?;
+            }
+            for m in msgs {
+                write_row(&tx, m)?;
+            }
         }
         tx.commit()?;
         Ok(())

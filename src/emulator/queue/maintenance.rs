@@ -35,6 +35,9 @@ impl Broker {
         let state = &mut *guard;
         let mut changed = false;
         let mut to_dead_letter: Vec<(String, StoredMessage, &'static str, String)> = Vec::new();
+        for t in state.topics.values_mut() {
+            t.prune(now);
+        }
         for q in state.queues.values_mut() {
             let window = millis(q.cfg.duplicate_window);
             q.dedupe.retain(|_, t| now - *t < window);

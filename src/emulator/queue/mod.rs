@@ -14,9 +14,10 @@ use uuid::Uuid;
 mod maintenance;
 mod sequence;
 mod sessions;
+mod topic;
 
 use super::clock::{Clock, SystemClock};
-use super::entities::QueueConfig;
+use super::entities::{Entities, QueueConfig};
 use super::error::SbError;
 use super::message::MessageParts;
 use super::store::{MsgState, Store, StoredMessage};
@@ -42,6 +43,17 @@ impl EntityRef {
             self.queue.clone()
         }
     }
+}
+
+/// The kinds of entity, for deciding which links they take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntityKind {
+    /// Send and receive.
+    Queue,
+    /// Send only.
+    Topic,
+    /// Receive only.
+    Subscription,
 }
 
 /// What the client decided about a locked message (§5.1).
@@ -105,9 +117,53 @@ struct Queue {
     dedupe: HashMap<String, i64>,
     session_state: HashMap<String, Vec<u8>>,
     session_locks: HashMap<String, SessionLock>,
+    /// A topic's subscription: receive only, fed by its topic.
+    subscription: bool,
 }
 
 impl Queue {
+    /// Numbers and stamps new messages (session check, schedule, TTL); stores nothing.
+    fn prepare(
+        &self,
+        msgs: Vec<MessageParts>,
+        now: i64,
+        next_seq: &mut i64,
+    ) -> Result<Vec<StoredMessage>, SbError> {
+        let mut stored = Vec::with_capacity(msgs.len());
+        for mut parts in msgs {
+            parts.ensure_message_id();
+            if self.cfg.requires_session && parts.session_id().is_none() {
+                return Err(SbError::NotAllowed(format!(
+                    "{} requires a session id on every message",
+                    self.cfg.name
+                )));
+            }
+            let visible_ms = parts.scheduled_enqueue_ms().unwrap_or(now).max(now);
+            let default_ttl = millis(self.cfg.default_ttl);
+            let ttl = parts
+                .ttl_ms()
+                .map(|t| i64::from(t).min(default_ttl))
+                .unwrap_or(default_ttl);
+            stored.push(StoredMessage {
+                queue: self.cfg.name.clone(),
+                dlq: false,
+                seq: *next_seq,
+                parts,
+                enqueued_ms: now,
+                delivery_count: 0,
+                state: if visible_ms > now {
+                    MsgState::Scheduled
+                } else {
+                    MsgState::Active
+                },
+                visible_ms,
+                expires_ms: visible_ms.checked_add(ttl),
+            });
+            *next_seq += 1;
+        }
+        Ok(stored)
+    }
+
     fn map(&mut self, dlq: bool) -> &mut BTreeMap<i64, Live> {
         if dlq { &mut self.dlq } else { &mut self.active }
     }
@@ -119,6 +175,7 @@ impl Queue {
 #[derive(Debug)]
 struct State {
     queues: HashMap<String, Queue>,
+    topics: HashMap<String, topic::Topic>,
     locks: HashMap<Uuid, (String, bool, i64)>,
     store: Store,
 }
@@ -153,8 +210,27 @@ impl Broker {
         store: Store,
         clock: Arc<dyn Clock>,
     ) -> Result<Broker, SbError> {
+        let entities = Entities {
+            queues,
+            topics: Vec::new(),
+        };
+        Broker::with_entities(entities, store, clock)
+    }
+
+    /// Builds the broker for queues and topics (each subscription becomes a receive-only queue).
+    pub fn with_entities(
+        entities: Entities,
+        store: Store,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Broker, SbError> {
         let mut map = HashMap::new();
-        for cfg in queues {
+        let mut topics = HashMap::new();
+        let subscriptions = entities
+            .topics
+            .iter()
+            .flat_map(|t| t.subscriptions.iter().map(|s| (s.queue.clone(), true)));
+        let queues = entities.queues.into_iter().map(|q| (q, false));
+        for (cfg, subscription) in queues.chain(subscriptions) {
             let next_seq = store.next_seq(&cfg.name)?;
             map.insert(
                 cfg.name.to_ascii_lowercase(),
@@ -166,7 +242,15 @@ impl Broker {
                     dedupe: HashMap::new(),
                     session_state: HashMap::new(),
                     session_locks: HashMap::new(),
+                    subscription,
                 },
+            );
+        }
+        for cfg in entities.topics {
+            let next_seq = store.next_seq(&cfg.name)?;
+            topics.insert(
+                cfg.name.to_ascii_lowercase(),
+                topic::Topic::new(cfg, next_seq),
             );
         }
         for m in store.load()? {
@@ -178,6 +262,9 @@ impl Broker {
                 tracing::warn!(queue = %m.queue, seq = m.seq, "Stored message belongs to a queue that is no longer configured; it is kept but unreachable.");
             }
         }
+        for t in topics.values_mut() {
+            t.catch_up(&map);
+        }
         for (queue, session, state) in store.load_session_states()? {
             if let Some(q) = map.get_mut(&queue.to_ascii_lowercase()) {
                 q.session_state.insert(session, state);
@@ -187,6 +274,7 @@ impl Broker {
         Ok(Broker {
             state: Mutex::new(State {
                 queues: map,
+                topics,
                 locks: HashMap::new(),
                 store,
             }),
@@ -218,11 +306,30 @@ impl Broker {
             None => (path, false),
         };
         let state = self.lock();
+        if let Some(t) = state.topics.get(&queue) {
+            return (!dlq).then(|| EntityRef {
+                queue: t.name().to_string(),
+                dlq: false,
+            });
+        }
         let q = state.queues.get(&queue)?;
         Some(EntityRef {
             queue: q.cfg.name.clone(),
             dlq,
         })
+    }
+
+    /// What kind of entity `e` is, which decides the link directions it allows.
+    pub fn kind(&self, e: &EntityRef) -> EntityKind {
+        let state = self.lock();
+        let key = e.queue.to_ascii_lowercase();
+        if state.topics.contains_key(&key) {
+            EntityKind::Topic
+        } else if state.queues.get(&key).is_some_and(|q| q.subscription) {
+            EntityKind::Subscription
+        } else {
+            EntityKind::Queue
+        }
     }
 
     /// Whether the queue requires sessions.
@@ -245,52 +352,27 @@ impl Broker {
         let now = self.clock.now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
-        let q = queue_mut(&mut state.queues, e)?;
-        let mut stored = Vec::new();
-        let mut next_seq = q.next_seq;
-        let window = millis(q.cfg.duplicate_window);
-        let mut seen_now: Vec<String> = Vec::new();
-        for mut parts in msgs {
-            parts.ensure_message_id();
-            if q.cfg.requires_session && parts.session_id().is_none() {
-                return Err(SbError::NotAllowed(format!(
-                    "queue {} requires a session id on every message",
-                    q.cfg.name
-                )));
-            }
-            if q.cfg.duplicate_detection
-                && let Some(id) = parts.message_id_text()
-            {
-                let dup =
-                    q.dedupe.get(&id).is_some_and(|t| now - t < window) || seen_now.contains(&id);
-                if dup {
-                    continue;
-                }
-                seen_now.push(id);
-            }
-            let visible_ms = parts.scheduled_enqueue_ms().unwrap_or(now).max(now);
-            let default_ttl = millis(q.cfg.default_ttl);
-            let ttl = parts
-                .ttl_ms()
-                .map(|t| i64::from(t).min(default_ttl))
-                .unwrap_or(default_ttl);
-            stored.push(StoredMessage {
-                queue: q.cfg.name.clone(),
-                dlq: false,
-                seq: next_seq,
-                parts,
-                enqueued_ms: now,
-                delivery_count: 0,
-                state: if visible_ms > now {
-                    MsgState::Scheduled
-                } else {
-                    MsgState::Active
-                },
-                visible_ms,
-                expires_ms: visible_ms.checked_add(ttl),
-            });
-            next_seq += 1;
+        let key = e.queue.to_ascii_lowercase();
+        if state.topics.contains_key(&key) {
+            let seqs = topic::fan_out(state, &key, msgs, now)?;
+            drop(guard);
+            self.notify();
+            return Ok(seqs);
         }
+        let q = queue_mut(&mut state.queues, e)?;
+        if q.subscription {
+            return Err(SbError::NotAllowed(
+                "messages cannot be sent to a subscription; send them to its topic".into(),
+            ));
+        }
+        let window = millis(q.cfg.duplicate_window);
+        let (msgs, seen_now) = if q.cfg.duplicate_detection {
+            dedupe(&q.dedupe, window, now, msgs)
+        } else {
+            (msgs, Vec::new())
+        };
+        let mut next_seq = q.next_seq;
+        let stored = q.prepare(msgs, now, &mut next_seq)?;
         state
             .store
             .insert(&q.cfg.name, next_seq, &stored.iter().collect::<Vec<_>>())?;
@@ -470,6 +552,31 @@ fn dead_letter(
         q.dlq.insert(m.seq, Live { m, lock: None });
     }
     Ok(())
+}
+
+/// Gives every message a message-id, then drops those whose id was seen within `window`
+/// (§7: duplicates are accepted and silently dropped). Returns the kept messages and the new
+/// ids to remember.
+fn dedupe(
+    seen: &HashMap<String, i64>,
+    window: i64,
+    now: i64,
+    msgs: Vec<MessageParts>,
+) -> (Vec<MessageParts>, Vec<String>) {
+    let mut kept = Vec::with_capacity(msgs.len());
+    let mut new_ids: Vec<String> = Vec::new();
+    for mut m in msgs {
+        m.ensure_message_id();
+        if let Some(id) = m.message_id_text() {
+            let dup = seen.get(&id).is_some_and(|t| now - t < window) || new_ids.contains(&id);
+            if dup {
+                continue;
+            }
+            new_ids.push(id);
+        }
+        kept.push(m);
+    }
+    (kept, new_ids)
 }
 
 /// Puts an updated message back in its slot, unlocked.

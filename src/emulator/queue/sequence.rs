@@ -62,6 +62,10 @@ impl Broker {
     pub fn cancel_scheduled(&self, e: &EntityRef, seqs: &[i64]) -> Result<(), SbError> {
         let mut guard = self.lock();
         let state = &mut *guard;
+        let key = e.queue.to_ascii_lowercase();
+        if state.topics.contains_key(&key) {
+            return topic::cancel(state, &key, seqs);
+        }
         let q = queue_mut(&mut state.queues, e)?;
         for seq in seqs {
             let scheduled = q
