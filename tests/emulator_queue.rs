@@ -157,7 +157,8 @@ fn sessions_lock_exclusively_and_filter_messages() -> TestResult {
     );
     b.set_session_state(&s, "A", Some(b"state".to_vec()))?;
     assert_eq!(b.session_state(&s, "A")?, Some(b"state".to_vec()));
-    assert_eq!(b.list_sessions(&s)?, ["A", "B"]);
+    assert_eq!(b.list_sessions(&s, None)?, ["A", "B"]);
+    assert_eq!(b.list_sessions(&s, Some(0))?, ["A"], "only A has state");
     Ok(())
 }
 

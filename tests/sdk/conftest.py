@@ -38,6 +38,7 @@ QUEUES = {
     "asyncq": {},
     "autorenew": {"LockDuration": "PT2S"},
     "sessiondlq": {"RequiresSession": True},
+    "listsessions": {"RequiresSession": True},
     "emptysessions": {"RequiresSession": True},
     "sessionlock": {"RequiresSession": True},
     "shortsession": {"RequiresSession": True, "LockDuration": "PT2S"},

@@ -115,7 +115,8 @@ struct Queue {
     active: BTreeMap<i64, Live>,
     dlq: BTreeMap<i64, Live>,
     dedupe: HashMap<String, i64>,
-    session_state: HashMap<String, Vec<u8>>,
+    /// Session state and when it was last set (Unix ms).
+    session_state: HashMap<String, (Vec<u8>, i64)>,
     session_locks: HashMap<String, SessionLock>,
     /// A topic's subscription: receive only, fed by its topic.
     subscription: bool,
@@ -265,9 +266,9 @@ impl Broker {
         for t in topics.values_mut() {
             t.catch_up(&map);
         }
-        for (queue, session, state) in store.load_session_states()? {
+        for (queue, session, state, updated) in store.load_session_states()? {
             if let Some(q) = map.get_mut(&queue.to_ascii_lowercase()) {
-                q.session_state.insert(session, state);
+                q.session_state.insert(session, (state, updated));
             }
         }
         let (changed, _) = watch::channel(0);
