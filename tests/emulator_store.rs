@@ -138,3 +138,25 @@ fn topic_copies_survive_restart_and_numbers_keep_rising() -> TestResult {
     assert_eq!(next, [first[1] + 1]);
     Ok(())
 }
+
+#[test]
+fn session_state_survives_restart() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let results = EntityRef {
+        queue: "results".into(),
+        dlq: false,
+    };
+    {
+        let broker = open(dir.path())?;
+        broker.set_session_state(&results, "job-7", Some(b"step=3".to_vec()))?;
+        broker.set_session_state(&results, "job-8", Some(b"x".to_vec()))?;
+        broker.set_session_state(&results, "job-8", None)?;
+    }
+    let broker = open(dir.path())?;
+    assert_eq!(
+        broker.session_state(&results, "job-7")?,
+        Some(b"step=3".to_vec())
+    );
+    assert_eq!(broker.session_state(&results, "job-8")?, None);
+    Ok(())
+}

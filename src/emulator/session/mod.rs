@@ -206,6 +206,7 @@ impl Session {
             Ok(Dest::Entity(e)) => LinkKind::Inbound(e),
             Err(e) => return self.refuse(a, e, ctx),
         };
+        tracing::debug!(link = %a.name, kind = ?kind, "Attached a link the broker receives on.");
         let h = a.handle.0;
         let max = match kind {
             LinkKind::Inbound(_) => MAX_MESSAGE,
@@ -322,6 +323,7 @@ impl Session {
             props.insert(Symbol::from(LOCKED_UNTIL), Value::Long(dotnet_ticks(until)));
             properties = Some(props);
         }
+        tracing::debug!(link = %a.name, kind = ?kind, "Attached a link the broker sends on.");
         let reply = Attach {
             role: Role::Sender,
             source,
