@@ -97,6 +97,8 @@ async fn send_receive_complete_with_small_frames() -> TestResult {
         .await?;
     receiver.set_credit(1).await?;
     let delivery = receiver.recv::<Body<Value>>().await?;
+    let locked = handle.counts("jobs").map(|c| c.locked);
+    assert_eq!(locked, Some(1));
     assert_eq!(delivery.delivery_tag().len(), 16, "lock token tag");
     match delivery.body() {
         Body::Value(v) => assert_eq!(v.0, Value::String(body)),
@@ -135,6 +137,10 @@ async fn send_receive_complete_with_small_frames() -> TestResult {
     mgmt.close().await?;
 
     receiver.accept(info).await?;
+
+    let empty = hybrid_worker::emulator::queue::Counts::default();
+    assert_eq!(handle.counts("jobs"), Some(empty), "completed and gone");
+    assert_eq!(handle.counts("nope"), None);
 
     // Nothing left: a drain must come back with the credit used up.
     receiver.set_credit(5).await?;

@@ -47,7 +47,7 @@ use tokio_util::task::TaskTracker;
 use clock::{Clock, SystemClock};
 use entities::{Entities, QueueConfig, TopicConfig};
 use error::SbError;
-use queue::{Broker, LinkId};
+use queue::{Broker, Counts, LinkId};
 use sas::SasRule;
 use store::Store;
 
@@ -159,11 +159,13 @@ impl Emulator {
             stop.clone(),
             tracker.clone(),
         ));
+        let shared_for_handle = shared.clone();
         tracker.spawn(sweep_loop(shared, stop.clone()));
         let key = config.rules.first().cloned().unwrap_or_default();
         Ok(EmulatorHandle {
             addr,
             key,
+            shared: shared_for_handle,
             stop,
             tracker,
         })
@@ -175,6 +177,7 @@ impl Emulator {
 pub struct EmulatorHandle {
     addr: SocketAddr,
     key: SasRule,
+    shared: Arc<Shared>,
     stop: CancellationToken,
     tracker: TaskTracker,
 }
@@ -191,6 +194,15 @@ impl EmulatorHandle {
             "Endpoint=sb://{};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true;",
             self.addr, self.key.name, self.key.key
         )
+    }
+
+    /// Message counts of a queue, subscription (`topic/Subscriptions/name`) or their
+    /// dead-letter path; `None` for an unknown or topic path. Lets tests wait until a queue is
+    /// drained without a client.
+    pub fn counts(&self, path: &str) -> Option<Counts> {
+        let broker = &self.shared.broker;
+        let e = broker.resolve(path)?;
+        broker.counts(&e).ok()
     }
 
     /// Closes every connection (AMQP close), stops accepting and waits for all tasks.

@@ -16,6 +16,8 @@ mod sequence;
 mod sessions;
 mod topic;
 
+pub use sequence::Counts;
+
 use super::clock::{Clock, SystemClock};
 use super::entities::{Entities, QueueConfig};
 use super::error::SbError;
