@@ -138,7 +138,12 @@ async fn send_receive_complete_with_small_frames() -> TestResult {
 
     receiver.accept(info).await?;
 
+    // fe2o3's accept does not wait for the broker's reply, so poll until it has landed.
     let empty = hybrid_worker::emulator::queue::Counts::default();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while handle.counts("jobs") != Some(empty) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert_eq!(handle.counts("jobs"), Some(empty), "completed and gone");
     assert_eq!(handle.counts("nope"), None);
 
