@@ -7,7 +7,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use super::entities::{self, Entities};
 use super::{Emulator, EmulatorConfig};
 
 /// Command-line options of `hybrid-worker emulator`.
@@ -39,14 +38,8 @@ pub struct EmulatorArgs {
 
 /// Runs until SIGINT or SIGTERM, then closes connections cleanly.
 pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
-    let entities = match &args.entities {
-        Some(path) => entities::load(path)?,
-        None => Entities::defaults(),
-    };
-    let mut config = EmulatorConfig::new(args.listen);
-    config.queues = entities.queues;
-    config.topics = entities.topics;
-    config.data_dir = (!args.in_memory).then(|| args.data.clone());
+    let data_dir = (!args.in_memory).then(|| args.data.clone());
+    let config = EmulatorConfig::load(args.listen, args.entities.as_deref(), data_dir)?;
     let handle = Emulator::start(config)
         .await
         .context("starting the emulator")?;

@@ -86,6 +86,27 @@ impl EmulatorConfig {
     }
 }
 
+impl EmulatorConfig {
+    /// The configuration `hybrid-worker run` and `hybrid-worker emulator` build from their
+    /// settings: entities from a `Config.json` (or the defaults), durable in `data_dir` (or
+    /// in memory when `None`).
+    pub fn load(
+        listen: SocketAddr,
+        entities_file: Option<&std::path::Path>,
+        data_dir: Option<PathBuf>,
+    ) -> Result<EmulatorConfig, entities::EntitiesError> {
+        let entities = match entities_file {
+            Some(path) => entities::load(path)?,
+            None => Entities::defaults(),
+        };
+        let mut config = EmulatorConfig::new(listen);
+        config.queues = entities.queues;
+        config.topics = entities.topics;
+        config.data_dir = data_dir;
+        Ok(config)
+    }
+}
+
 /// Why the emulator could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

@@ -76,7 +76,10 @@ impl Session {
         let Some(link) = self.links.get_mut(&h) else {
             // Most often a transfer that crossed our detach (lock lost, token expired); the
             // link is gone, the connection need not be.
-            tracing::debug!(handle = h, "Ignored a transfer on a handle that is not attached.");
+            tracing::debug!(
+                handle = h,
+                "Ignored a transfer on a handle that is not attached."
+            );
             return Ok(());
         };
         if link.is_sending() {
