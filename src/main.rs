@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use hybrid_worker::emulator::cli::{EmulatorArgs, run};
+use hybrid_worker::emulator::entities::EntitiesError;
 
 #[derive(Debug, Parser)]
 #[command(name = "hybrid-worker")]
@@ -30,7 +31,9 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            // A refused entities file is a configuration error (design.md: exit code 2).
+            let config_error = e.downcast_ref::<EntitiesError>().is_some();
+            ExitCode::from(if config_error { 2 } else { 1 })
         }
     }
 }

@@ -111,7 +111,7 @@ impl EmulatorConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         /// Requested address.
         addr: SocketAddr,
