@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
 
 use super::{Emulator, EmulatorConfig};
 
@@ -38,6 +39,9 @@ pub struct EmulatorArgs {
 
 /// Runs until SIGINT or SIGTERM, then closes connections cleanly.
 pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
+    // Signal handlers first: whoever reads the connection string may stop us right away.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let data_dir = (!args.in_memory).then(|| args.data.clone());
     let config = EmulatorConfig::load(args.listen, args.entities.as_deref(), data_dir)?;
     let handle = Emulator::start(config)
@@ -47,18 +51,11 @@ pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
     writeln!(stdout, "{}", handle.connection_string())?;
     stdout.flush()?;
     tracing::info!(addr = %handle.local_addr(), in_memory = args.in_memory, "Service Bus emulator is listening.");
-    wait_for_signal().await?;
-    tracing::info!("Service Bus emulator is shutting down.");
-    handle.shutdown().await;
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
+        _ = interrupt.recv() => {}
         _ = term.recv() => {}
     }
+    tracing::info!("Service Bus emulator is shutting down.");
+    handle.shutdown().await;
     Ok(())
 }
