@@ -185,6 +185,8 @@ struct QueueProps {
     requires_session: Option<bool>,
     requires_duplicate_detection: Option<bool>,
     duplicate_detection_history_time_window: Option<String>,
+    forward_to: Option<String>,
+    forward_dead_lettered_messages_to: Option<String>,
 }
 
 /// Reads a `Config.json` file.
@@ -264,6 +266,22 @@ fn invalid(name: &str, reason: String) -> EntitiesError {
 
 fn apply(q: &mut QueueConfig, p: &QueueProps) -> Result<(), EntitiesError> {
     let name = q.name.clone();
+    let forwards = [
+        ("ForwardTo", &p.forward_to),
+        (
+            "ForwardDeadLetteredMessagesTo",
+            &p.forward_dead_lettered_messages_to,
+        ),
+    ];
+    for (key, value) in forwards {
+        if value.as_deref().is_some_and(|v| !v.trim().is_empty()) {
+            // Refused rather than ignored: messages would silently stay where they are.
+            return Err(invalid(
+                &name,
+                format!("{key} (auto-forwarding) is not supported by this emulator"),
+            ));
+        }
+    }
     let dur = |v: &Option<String>, key: &str| -> Result<Option<Duration>, EntitiesError> {
         v.as_deref()
             .map(|s| parse_iso_duration(s).ok_or_else(|| invalid(&name, format!("{key}={s:?}"))))
@@ -342,6 +360,21 @@ mod tests {
         );
         assert_eq!(parse_iso_duration("1M"), None);
         assert_eq!(parse_iso_duration("PT1X"), None);
+    }
+
+    #[test]
+    fn forwarding_is_refused_unless_empty() {
+        let with = |v: &str| {
+            format!(
+                r#"{{"UserConfig":{{"Namespaces":[{{"Name":"n","Queues":[
+                {{"Name":"q","Properties":{{"ForwardTo":"{v}"}}}}]}}]}}}}"#
+            )
+        };
+        assert!(parse(&with("")).is_ok());
+        assert!(matches!(
+            parse(&with("other")),
+            Err(EntitiesError::Invalid { .. })
+        ));
     }
 
     #[test]
