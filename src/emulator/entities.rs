@@ -54,12 +54,12 @@ pub struct QueueConfig {
 }
 
 impl QueueConfig {
-    /// A queue with the official emulator's defaults.
+    /// A queue with the official emulator's defaults (its schema's `MaxDeliveryCount` is 3).
     pub fn new(name: &str) -> Self {
         QueueConfig {
             name: name.to_string(),
             lock_duration: Duration::from_secs(60),
-            max_delivery_count: 10,
+            max_delivery_count: 3,
             default_ttl: Duration::from_secs(3600),
             dead_letter_on_expiration: false,
             requires_session: false,
@@ -74,8 +74,10 @@ impl QueueConfig {
     pub fn defaults() -> Vec<QueueConfig> {
         let mut jobs = QueueConfig::new("jobs");
         jobs.default_ttl = Duration::MAX;
+        jobs.max_delivery_count = 10;
         let mut results = QueueConfig::new("results");
         results.default_ttl = Duration::MAX;
+        results.max_delivery_count = 10;
         results.requires_session = true;
         vec![jobs, results]
     }
