@@ -243,3 +243,59 @@ fn deferred_messages_only_by_sequence_number() -> TestResult {
     ));
     Ok(())
 }
+
+#[test]
+fn forwarding_moves_messages_and_dead_letters() -> TestResult {
+    use hybrid_worker::emulator::clock::SystemClock;
+    use hybrid_worker::emulator::entities::parse;
+    let text = r#"{"UserConfig":{"Namespaces":[{"Name":"n",
+        "Queues":[
+          {"Name":"in","Properties":{"ForwardTo":"mid"}},
+          {"Name":"mid","Properties":{"ForwardTo":"out"}},
+          {"Name":"out","Properties":{"ForwardDeadLetteredMessagesTo":"dead"}},
+          {"Name":"dead","Properties":{}}],
+        "Topics":[{"Name":"t","Properties":{},"Subscriptions":[
+          {"Name":"s","Properties":{"ForwardTo":"out"}}]}]}]}}"#;
+    let b = Broker::with_entities(parse(text)?, Store::open(None)?, Arc::new(SystemClock))?;
+    b.enqueue(&queue("in"), vec![msg("a", None)?])?;
+    assert!(b.acquire(&queue("in"), None, 1, true)?.is_none());
+    assert!(b.acquire(&queue("mid"), None, 1, true)?.is_none());
+    let d = b
+        .acquire(&queue("out"), None, 1, true)?
+        .ok_or("not forwarded")?;
+    b.settle(
+        d.token.ok_or("token")?,
+        Outcome::DeadLetter {
+            reason: Some("Bad".into()),
+            description: None,
+            props: Vec::new(),
+        },
+    )?;
+    let out_dlq = EntityRef {
+        queue: "out".into(),
+        dlq: true,
+    };
+    assert!(
+        b.peek(&out_dlq, 0, 10, None)?.is_empty(),
+        "forwarded, not kept"
+    );
+    let dead = b
+        .acquire(&queue("dead"), None, 1, true)?
+        .ok_or("dead letter not forwarded")?;
+    let parts = MessageParts::parse(&dead.bytes)?;
+    let reason = parts
+        .app_props
+        .as_ref()
+        .and_then(|p| p.0.get("DeadLetterReason").cloned());
+    assert_eq!(reason, Some(SimpleValue::String("Bad".into())));
+    let topic = EntityRef {
+        queue: "t".into(),
+        dlq: false,
+    };
+    b.enqueue(&topic, vec![msg("via-topic", None)?])?;
+    assert!(
+        b.acquire(&queue("out"), None, 1, true)?.is_some(),
+        "subscription forwarded"
+    );
+    Ok(())
+}

@@ -51,6 +51,10 @@ pub struct QueueConfig {
     pub duplicate_detection: bool,
     /// Duplicate detection window.
     pub duplicate_window: Duration,
+    /// Auto-forwarding: messages sent here end up in this queue instead.
+    pub forward_to: Option<String>,
+    /// Dead-lettered messages go to this queue instead of the dead-letter sub-queue.
+    pub forward_dead_letters_to: Option<String>,
 }
 
 impl QueueConfig {
@@ -65,6 +69,8 @@ impl QueueConfig {
             requires_session: false,
             duplicate_detection: false,
             duplicate_window: Duration::from_secs(20),
+            forward_to: None,
+            forward_dead_letters_to: None,
         }
     }
 
@@ -256,7 +262,45 @@ pub fn parse(text: &str) -> Result<Entities, EntitiesError> {
             out.topics.push(topic);
         }
     }
+    check_forwarding(&out)?;
     Ok(out)
+}
+
+/// Forwarding targets must be plain queues (not topics or subscriptions), not the entity
+/// itself, and `ForwardTo` chains must end.
+fn check_forwarding(e: &Entities) -> Result<(), EntitiesError> {
+    let subs = e
+        .topics
+        .iter()
+        .flat_map(|t| t.subscriptions.iter().map(|s| &s.queue));
+    let all: Vec<&QueueConfig> = e.queues.iter().chain(subs).collect();
+    let plain = |name: &str| e.queues.iter().find(|q| q.name.eq_ignore_ascii_case(name));
+    for q in &all {
+        let targets = [
+            ("ForwardTo", &q.forward_to),
+            ("ForwardDeadLetteredMessagesTo", &q.forward_dead_letters_to),
+        ];
+        for (key, target) in targets {
+            let Some(target) = target else { continue };
+            if target.eq_ignore_ascii_case(&q.name) {
+                return Err(invalid(&q.name, format!("{key} names the entity itself")));
+            }
+            if plain(target).is_none() {
+                return Err(invalid(
+                    &q.name,
+                    format!("{key}={target}: forwarding targets must be queues defined here"),
+                ));
+            }
+        }
+        let mut hop = q.forward_to.as_deref();
+        for _ in 0..=e.queues.len() {
+            hop = hop.and_then(plain).and_then(|n| n.forward_to.as_deref());
+        }
+        if hop.is_some() {
+            return Err(invalid(&q.name, "ForwardTo chain loops".into()));
+        }
+    }
+    Ok(())
 }
 
 fn invalid(name: &str, reason: String) -> EntitiesError {
@@ -268,22 +312,14 @@ fn invalid(name: &str, reason: String) -> EntitiesError {
 
 fn apply(q: &mut QueueConfig, p: &QueueProps) -> Result<(), EntitiesError> {
     let name = q.name.clone();
-    let forwards = [
-        ("ForwardTo", &p.forward_to),
-        (
-            "ForwardDeadLetteredMessagesTo",
-            &p.forward_dead_lettered_messages_to,
-        ),
-    ];
-    for (key, value) in forwards {
-        if value.as_deref().is_some_and(|v| !v.trim().is_empty()) {
-            // Refused rather than ignored: messages would silently stay where they are.
-            return Err(invalid(
-                &name,
-                format!("{key} (auto-forwarding) is not supported by this emulator"),
-            ));
-        }
-    }
+    let target = |v: &Option<String>| {
+        v.as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    };
+    q.forward_to = target(&p.forward_to);
+    q.forward_dead_letters_to = target(&p.forward_dead_lettered_messages_to);
     let dur = |v: &Option<String>, key: &str| -> Result<Option<Duration>, EntitiesError> {
         v.as_deref()
             .map(|s| parse_iso_duration(s).ok_or_else(|| invalid(&name, format!("{key}={s:?}"))))

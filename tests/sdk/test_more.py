@@ -72,3 +72,19 @@ def test_dead_letter_queue_management_and_session_dlq(conn_str):
             assert m.session_id == "S"
             assert m.dead_letter_reason == "why"
             r.complete_message(m)
+
+
+def test_auto_forwarding_and_dead_letter_forwarding(conn_str):
+    with ServiceBusClient.from_connection_string(conn_str) as client:
+        with client.get_queue_sender("fwd-in") as s:
+            s.send_messages(ServiceBusMessage("hop"))
+        with client.get_queue_receiver("fwd-out") as r:
+            (m,) = r.receive_messages(max_message_count=1, max_wait_time=WAIT)
+            assert str(m) == "hop"
+            r.dead_letter_message(m, reason="forward me")
+        with client.get_queue_receiver("fwd-dead") as r:
+            (m,) = r.receive_messages(max_message_count=1, max_wait_time=WAIT)
+            assert str(m) == "hop"
+            assert m.dead_letter_reason == "forward me"
+            assert m.dead_letter_source == "fwd-out"
+            r.complete_message(m)

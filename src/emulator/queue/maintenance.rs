@@ -99,7 +99,7 @@ impl Broker {
             }
         }
         for (queue, m, reason, description) in to_dead_letter {
-            dead_letter(state, &queue, m, reason, &description)?;
+            dead_letter(state, &queue, m, reason, &description, now)?;
         }
         drop(guard);
         if changed {

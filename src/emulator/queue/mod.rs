@@ -362,12 +362,17 @@ impl Broker {
             self.notify();
             return Ok(seqs);
         }
-        let q = queue_mut(&mut state.queues, e)?;
-        if q.subscription {
+        let addressed = queue_mut(&mut state.queues, e)?;
+        if addressed.subscription {
             return Err(SbError::NotAllowed(
                 "messages cannot be sent to a subscription; send them to its topic".into(),
             ));
         }
+        let key = final_queue(&state.queues, &key);
+        let q = state
+            .queues
+            .get_mut(&key)
+            .ok_or_else(|| SbError::EntityNotFound(key.clone()))?;
         let window = millis(q.cfg.duplicate_window);
         let (msgs, seen_now) = if q.cfg.duplicate_detection {
             dedupe(&q.dedupe, window, now, msgs)
@@ -488,7 +493,7 @@ impl Broker {
                 if !dlq && m.delivery_count >= max {
                     let why =
                         format!("Message could not be consumed after {max} delivery attempts.");
-                    dead_letter(state, &queue, m, "MaxDeliveryCountExceeded", &why)?;
+                    dead_letter(state, &queue, m, "MaxDeliveryCountExceeded", &why, now)?;
                 } else {
                     state.store.update(&m)?;
                     put_back(state, m);
@@ -513,7 +518,7 @@ impl Broker {
                 merge_props(&mut m.parts, props);
                 let reason = reason.unwrap_or_default();
                 let description = description.unwrap_or_default();
-                dead_letter(state, &queue, m, &reason, &description)?;
+                dead_letter(state, &queue, m, &reason, &description, now)?;
             }
         }
         state.locks.remove(&token);
@@ -540,6 +545,7 @@ fn dead_letter(
     mut m: StoredMessage,
     reason: &str,
     description: &str,
+    now: i64,
 ) -> Result<(), SbError> {
     m.parts
         .set_app_prop("DeadLetterReason", SimpleValue::String(reason.to_string()));
@@ -547,14 +553,68 @@ fn dead_letter(
         "DeadLetterErrorDescription",
         SimpleValue::String(description.to_string()),
     );
+    let source_key = queue.to_ascii_lowercase();
+    let forward = state
+        .queues
+        .get(&source_key)
+        .and_then(|q| q.cfg.forward_dead_letters_to.as_deref())
+        .map(|t| final_queue(&state.queues, &t.to_ascii_lowercase()));
+    if let Some(dest_key) = forward {
+        return forward_dead_letter(state, &source_key, &dest_key, m, now);
+    }
     m.dlq = true;
     m.state = MsgState::Active;
     state.store.update(&m)?;
-    if let Some(q) = state.queues.get_mut(&queue.to_ascii_lowercase()) {
+    if let Some(q) = state.queues.get_mut(&source_key) {
         q.active.remove(&m.seq);
         q.dlq.insert(m.seq, Live { m, lock: None });
     }
     Ok(())
+}
+
+/// `ForwardDeadLetteredMessagesTo`: the dead letter becomes a new message in `dest_key`. The
+/// copy is committed before the original is deleted, so a crash in between duplicates it
+/// rather than losing it.
+fn forward_dead_letter(
+    state: &mut State,
+    source_key: &str,
+    dest_key: &str,
+    m: StoredMessage,
+    now: i64,
+) -> Result<(), SbError> {
+    let mut parts = m.parts.clone();
+    parts.set_annotation("x-opt-deadletter-source", Value::String(m.queue.clone()));
+    let dest = state
+        .queues
+        .get_mut(dest_key)
+        .ok_or_else(|| SbError::EntityNotFound(dest_key.to_string()))?;
+    let mut next = dest.next_seq;
+    let copies = dest.prepare(vec![parts], now, &mut next)?;
+    state
+        .store
+        .insert(&dest.cfg.name, next, &copies.iter().collect::<Vec<_>>())?;
+    dest.next_seq = next;
+    for c in copies {
+        dest.active.insert(c.seq, Live { m: c, lock: None });
+    }
+    state.store.delete(&m.queue, m.seq)?;
+    if let Some(q) = state.queues.get_mut(source_key) {
+        q.active.remove(&m.seq);
+    }
+    Ok(())
+}
+
+/// Follows `ForwardTo` from queue `key` to the queue that keeps messages (chains were
+/// checked for loops when the entities were loaded; the bound is a second guard).
+fn final_queue(queues: &HashMap<String, Queue>, key: &str) -> String {
+    let mut key = key.to_string();
+    for _ in 0..16 {
+        match queues.get(&key).and_then(|q| q.cfg.forward_to.as_deref()) {
+            Some(next) => key = next.to_ascii_lowercase(),
+            None => break,
+        }
+    }
+    key
 }
 
 /// Gives every message a message-id, then drops those whose id was seen within `window`

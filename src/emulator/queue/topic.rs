@@ -74,31 +74,47 @@ pub(super) fn fan_out(
     };
     let first_seq = topic.next_seq;
     let end_seq = first_seq + msgs.len() as i64;
-    let mut copies: Vec<(String, Vec<StoredMessage>)> = Vec::new();
+    // Copies for a subscription that forwards go to the final queue, numbered by it.
+    let mut copies: Vec<(String, Option<i64>, Vec<StoredMessage>)> = Vec::new();
     for sub in &topic.cfg.subscriptions {
         let skey = sub.queue.name.to_ascii_lowercase();
-        let Some(q) = state.queues.get(&skey) else {
+        let dest_key = match sub.queue.forward_to.as_deref() {
+            Some(t) => final_queue(&state.queues, &t.to_ascii_lowercase()),
+            None => skey.clone(),
+        };
+        let forwarded = dest_key != skey;
+        let Some(q) = state.queues.get(&dest_key) else {
             continue;
         };
+        let mut own_next = copies
+            .iter()
+            .rev()
+            .find(|(k, n, _)| *k == dest_key && n.is_some())
+            .and_then(|(_, n, _)| *n)
+            .unwrap_or(q.next_seq);
         let mut stored = Vec::new();
         for (i, m) in msgs.iter().enumerate() {
             let pass = sub.rules.is_empty() || sub.rules.iter().any(|r| r.matches(m));
             if !pass {
                 continue;
             }
-            let mut seq = first_seq + i as i64;
-            stored.extend(q.prepare(vec![m.clone()], now, &mut seq)?);
+            if forwarded {
+                stored.extend(q.prepare(vec![m.clone()], now, &mut own_next)?);
+            } else {
+                let mut seq = first_seq + i as i64;
+                stored.extend(q.prepare(vec![m.clone()], now, &mut seq)?);
+            }
         }
         if !stored.is_empty() {
-            copies.push((skey, stored));
+            copies.push((dest_key, forwarded.then_some(own_next), stored));
         }
     }
     let topic_name = topic.cfg.name.clone();
     let batches: Vec<(&str, Option<i64>, Vec<&StoredMessage>)> =
         std::iter::once((topic_name.as_str(), Some(end_seq), Vec::new()))
-            .chain(copies.iter().map(|(k, ms)| {
+            .chain(copies.iter().map(|(k, next, ms)| {
                 let name = ms.first().map(|m| m.queue.as_str()).unwrap_or(k.as_str());
-                (name, None, ms.iter().collect())
+                (name, *next, ms.iter().collect())
             }))
             .collect();
     state.store.insert_batches(&batches)?;
@@ -108,8 +124,11 @@ pub(super) fn fan_out(
             topic.dedupe.insert(id, now);
         }
     }
-    for (skey, stored) in copies {
+    for (skey, next, stored) in copies {
         if let Some(q) = state.queues.get_mut(&skey) {
+            if let Some(next) = next {
+                q.next_seq = q.next_seq.max(next);
+            }
             for m in stored {
                 q.active.insert(m.seq, Live { m, lock: None });
             }
