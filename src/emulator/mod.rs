@@ -11,7 +11,12 @@
 //!    numbers, stores ([`store`]) and only then settles as accepted.
 //! 4. Receivers with credit get messages under a peek-lock; their dispositions map to broker
 //!    outcomes in [`outcome`]; `$management` requests go to [`management`] via [`request`].
-//! 5. Queue definitions come from a `Config.json` ([`entities`]); [`cli`] runs it all.
+//! 5. Queue, topic and subscription definitions come from a `Config.json` ([`entities`]);
+//!    subscription rules are in [`filter`]; [`cli`] runs it all.
+//!
+//! Not supported: TLS and WebSockets (the official emulator has neither), transactions,
+//! partitioning, rule actions and the rule-management operations, SQL filters beyond the
+//! subset described in [`filter`], forwarding to topics.
 
 pub mod cbs;
 pub mod cli;
