@@ -31,11 +31,23 @@ async fn connect(
     handle: &EmulatorHandle,
     max_frame: u32,
 ) -> Result<(ConnectionHandle<()>, SessionHandle<()>), Box<dyn std::error::Error>> {
-    let mut conn = Connection::builder()
+    connect_idle(handle, max_frame, None).await
+}
+
+async fn connect_idle(
+    handle: &EmulatorHandle,
+    max_frame: u32,
+    idle_ms: Option<u32>,
+) -> Result<(ConnectionHandle<()>, SessionHandle<()>), Box<dyn std::error::Error>> {
+    let mut builder = Connection::builder()
         .container_id("fe2o3-test")
         .hostname("127.0.0.1")
         .sasl_profile(SaslProfile::Anonymous)
-        .max_frame_size(max_frame)
+        .max_frame_size(max_frame);
+    if let Some(ms) = idle_ms {
+        builder = builder.idle_time_out(ms);
+    }
+    let mut conn = builder
         .open(format!("amqp://{}", handle.local_addr()).as_str())
         .await?;
     let session = Session::begin(&mut conn).await?;
@@ -85,6 +97,8 @@ async fn send_receive_complete_with_small_frames() -> TestResult {
         .await?;
     receiver.set_credit(1).await?;
     let delivery = receiver.recv::<Body<Value>>().await?;
+    let locked = handle.counts("jobs").map(|c| c.locked);
+    assert_eq!(locked, Some(1));
     assert_eq!(delivery.delivery_tag().len(), 16, "lock token tag");
     match delivery.body() {
         Body::Value(v) => assert_eq!(v.0, Value::String(body)),
@@ -92,6 +106,23 @@ async fn send_receive_complete_with_small_frames() -> TestResult {
     }
     let tag: [u8; 16] = delivery.delivery_tag().as_slice().try_into()?;
     let token = uuid::Uuid::from_bytes_le(tag);
+    let annotated = delivery
+        .message()
+        .delivery_annotations
+        .as_ref()
+        .and_then(|a| {
+            a.0.get(
+                &fe2o3_amqp::types::messaging::annotations::OwnedKey::Symbol(
+                    "x-opt-lock-token".into(),
+                ),
+            )
+        })
+        .cloned();
+    assert_eq!(
+        annotated,
+        Some(Value::Uuid(AmqpUuid::from(*token.as_bytes()))),
+        "x-opt-lock-token is the tag's GUID in RFC 4122 order"
+    );
     let info = DeliveryInfo::from(delivery);
 
     // Renew the lock through $management; fe2o3 numbers its requests with ulong ids, and
@@ -106,6 +137,15 @@ async fn send_receive_complete_with_small_frames() -> TestResult {
     mgmt.close().await?;
 
     receiver.accept(info).await?;
+
+    // fe2o3's accept does not wait for the broker's reply, so poll until it has landed.
+    let empty = hybrid_worker::emulator::queue::Counts::default();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while handle.counts("jobs") != Some(empty) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(handle.counts("jobs"), Some(empty), "completed and gone");
+    assert_eq!(handle.counts("nope"), None);
 
     // Nothing left: a drain must come back with the credit used up.
     receiver.set_credit(5).await?;
@@ -221,5 +261,22 @@ async fn jwt_is_accepted_only_when_switched_on() -> TestResult {
         let _ = conn.close().await;
         handle.shutdown().await;
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn idle_connection_is_kept_alive_by_heartbeats() -> TestResult {
+    let handle = start().await?;
+    // The client closes the connection if the broker stays silent for 600 ms.
+    let (mut conn, mut session) = connect_idle(&handle, 65536, Some(600)).await?;
+    authorize(&mut session, &handle, "jobs", &SasRule::default()).await?;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let mut sender = Sender::attach(&mut session, "after-idle", "jobs").await?;
+    let outcome = sender.send(Message::from("still here")).await?;
+    assert!(matches!(outcome, Outcome::Accepted(_)));
+    sender.close().await?;
+    session.end().await?;
+    conn.close().await?;
+    handle.shutdown().await;
     Ok(())
 }

@@ -1,9 +1,11 @@
 //! Queue semantics at the broker level (§4, §5.2, §7), without the wire in between.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fe2o3_amqp_types::messaging::{Data, MessageId, Properties};
 use fe2o3_amqp_types::primitives::{Binary, SimpleValue};
+use hybrid_worker::emulator::clock::ManualClock;
 use hybrid_worker::emulator::entities::QueueConfig;
 use hybrid_worker::emulator::error::SbError;
 use hybrid_worker::emulator::message::MessageParts;
@@ -35,6 +37,14 @@ fn broker(cfg: QueueConfig) -> Result<Broker, Box<dyn std::error::Error>> {
     Ok(Broker::new(vec![cfg], Store::open(None)?)?)
 }
 
+const T0: i64 = 1_800_000_000_000;
+
+fn broker_at(cfg: QueueConfig) -> Result<(Broker, Arc<ManualClock>), Box<dyn std::error::Error>> {
+    let clock = Arc::new(ManualClock::new(T0));
+    let b = Broker::with_clock(vec![cfg], Store::open(None)?, clock.clone())?;
+    Ok((b, clock))
+}
+
 fn delivery_count(bytes: &[u8]) -> Result<u32, Box<dyn std::error::Error>> {
     let parts = MessageParts::parse(bytes)?;
     Ok(parts.header.map(|h| h.delivery_count).unwrap_or(0))
@@ -57,11 +67,17 @@ fn release_does_not_count_abandon_does() -> TestResult {
 #[test]
 fn expired_lock_is_lost_and_redelivered() -> TestResult {
     let mut cfg = QueueConfig::new("q");
-    cfg.lock_duration = Duration::from_millis(30);
-    let b = broker(cfg)?;
+    cfg.lock_duration = Duration::from_secs(30);
+    let (b, clock) = broker_at(cfg)?;
     b.enqueue(&queue("q"), vec![msg("a", None)?])?;
     let d = b.acquire(&queue("q"), None, 1, true)?.ok_or("none")?;
-    std::thread::sleep(Duration::from_millis(60));
+    clock.advance(29_000);
+    b.sweep()?;
+    assert!(
+        b.acquire(&queue("q"), None, 1, true)?.is_none(),
+        "still locked"
+    );
+    clock.advance(1_000);
     b.sweep()?;
     let err = b.settle(d.token.ok_or("token")?, Outcome::Complete);
     assert!(matches!(err, Err(SbError::LockLost)));
@@ -141,8 +157,56 @@ fn sessions_lock_exclusively_and_filter_messages() -> TestResult {
     );
     b.set_session_state(&s, "A", Some(b"state".to_vec()))?;
     assert_eq!(b.session_state(&s, "A")?, Some(b"state".to_vec()));
-    assert_eq!(b.list_sessions(&s)?, ["A", "B"]);
+    assert_eq!(b.list_sessions(&s, None)?, ["A", "B"]);
+    assert_eq!(b.list_sessions(&s, Some(0))?, ["A"], "only A has state");
     Ok(())
+}
+
+#[test]
+fn scheduled_messages_activate_on_time() -> TestResult {
+    let (b, clock) = broker_at(QueueConfig::new("q"))?;
+    b.enqueue(&queue("q"), vec![scheduled("later", T0 + 60_000)?])?;
+    clock.advance(59_999);
+    b.sweep()?;
+    assert!(b.acquire(&queue("q"), None, 1, true)?.is_none());
+    clock.advance(1);
+    b.sweep()?;
+    assert!(b.acquire(&queue("q"), None, 1, true)?.is_some());
+    Ok(())
+}
+
+#[test]
+fn expired_messages_dead_letter_or_vanish() -> TestResult {
+    for dead_letter in [true, false] {
+        let mut cfg = QueueConfig::new("q");
+        cfg.default_ttl = Duration::from_secs(10);
+        cfg.dead_letter_on_expiration = dead_letter;
+        let (b, clock) = broker_at(cfg)?;
+        b.enqueue(&queue("q"), vec![msg("old", None)?])?;
+        clock.advance(10_000);
+        assert!(
+            b.acquire(&queue("q"), None, 1, true)?.is_none(),
+            "never delivered"
+        );
+        b.sweep()?;
+        let dlq = EntityRef {
+            queue: "q".into(),
+            dlq: true,
+        };
+        assert_eq!(b.peek(&dlq, 0, 10, None)?.len(), usize::from(dead_letter));
+        assert!(b.peek(&queue("q"), 0, 10, None)?.is_empty());
+    }
+    Ok(())
+}
+
+fn scheduled(id: &str, at: i64) -> Result<MessageParts, Box<dyn std::error::Error>> {
+    use fe2o3_amqp_types::primitives::{Timestamp, Value};
+    let mut m = msg(id, None)?;
+    m.set_annotation(
+        "x-opt-scheduled-enqueue-time",
+        Value::Timestamp(Timestamp::from_milliseconds(at)),
+    );
+    Ok(m)
 }
 
 #[test]
@@ -177,5 +241,61 @@ fn deferred_messages_only_by_sequence_number() -> TestResult {
         b.receive_deferred(&queue("q"), &[d.seq], true, 1),
         Err(SbError::MessageNotFound(_))
     ));
+    Ok(())
+}
+
+#[test]
+fn forwarding_moves_messages_and_dead_letters() -> TestResult {
+    use hybrid_worker::emulator::clock::SystemClock;
+    use hybrid_worker::emulator::entities::parse;
+    let text = r#"{"UserConfig":{"Namespaces":[{"Name":"n",
+        "Queues":[
+          {"Name":"in","Properties":{"ForwardTo":"mid"}},
+          {"Name":"mid","Properties":{"ForwardTo":"out"}},
+          {"Name":"out","Properties":{"ForwardDeadLetteredMessagesTo":"dead"}},
+          {"Name":"dead","Properties":{}}],
+        "Topics":[{"Name":"t","Properties":{},"Subscriptions":[
+          {"Name":"s","Properties":{"ForwardTo":"out"}}]}]}]}}"#;
+    let b = Broker::with_entities(parse(text)?, Store::open(None)?, Arc::new(SystemClock))?;
+    b.enqueue(&queue("in"), vec![msg("a", None)?])?;
+    assert!(b.acquire(&queue("in"), None, 1, true)?.is_none());
+    assert!(b.acquire(&queue("mid"), None, 1, true)?.is_none());
+    let d = b
+        .acquire(&queue("out"), None, 1, true)?
+        .ok_or("not forwarded")?;
+    b.settle(
+        d.token.ok_or("token")?,
+        Outcome::DeadLetter {
+            reason: Some("Bad".into()),
+            description: None,
+            props: Vec::new(),
+        },
+    )?;
+    let out_dlq = EntityRef {
+        queue: "out".into(),
+        dlq: true,
+    };
+    assert!(
+        b.peek(&out_dlq, 0, 10, None)?.is_empty(),
+        "forwarded, not kept"
+    );
+    let dead = b
+        .acquire(&queue("dead"), None, 1, true)?
+        .ok_or("dead letter not forwarded")?;
+    let parts = MessageParts::parse(&dead.bytes)?;
+    let reason = parts
+        .app_props
+        .as_ref()
+        .and_then(|p| p.0.get("DeadLetterReason").cloned());
+    assert_eq!(reason, Some(SimpleValue::String("Bad".into())));
+    let topic = EntityRef {
+        queue: "t".into(),
+        dlq: false,
+    };
+    b.enqueue(&topic, vec![msg("via-topic", None)?])?;
+    assert!(
+        b.acquire(&queue("out"), None, 1, true)?.is_some(),
+        "subscription forwarded"
+    );
     Ok(())
 }

@@ -99,3 +99,64 @@ fn in_memory_store_starts_empty() -> TestResult {
     assert!(broker.peek(&jobs(), 0, 10, None)?.is_empty());
     Ok(())
 }
+
+#[test]
+fn topic_copies_survive_restart_and_numbers_keep_rising() -> TestResult {
+    use hybrid_worker::emulator::clock::SystemClock;
+    use hybrid_worker::emulator::entities::{Entities, parse};
+    let text = r#"{"UserConfig":{"Namespaces":[{"Name":"sbemulatorns","Topics":[
+        {"Name":"t","Properties":{},"Subscriptions":[
+          {"Name":"a","Properties":{}},
+          {"Name":"b","Properties":{},"Rules":[{"Name":"r","Properties":{
+            "FilterType":"Sql","SqlFilter":{"SqlExpression":"sys.Label = 'm1'"}}}]}]}]}]}}"#;
+    let entities: Entities = parse(text)?;
+    let dir = tempfile::tempdir()?;
+    let open = |e: Entities| -> Result<Broker, Box<dyn std::error::Error>> {
+        Ok(Broker::with_entities(
+            e,
+            Store::open(Some(dir.path()))?,
+            std::sync::Arc::new(SystemClock),
+        )?)
+    };
+    let topic = EntityRef {
+        queue: "t".into(),
+        dlq: false,
+    };
+    let sub = |name: &str| EntityRef {
+        queue: format!("t/Subscriptions/{name}"),
+        dlq: false,
+    };
+    let first = {
+        let broker = open(entities.clone())?;
+        broker.enqueue(&topic, vec![message("m0")?, message("m1")?])?
+    };
+    assert_eq!(first.len(), 2);
+    let broker = open(entities)?;
+    assert_eq!(subjects(&broker, &sub("a"))?, ["m0", "m1"]);
+    assert_eq!(subjects(&broker, &sub("b"))?, ["m1"]);
+    let next = broker.enqueue(&topic, vec![message("m2")?])?;
+    assert_eq!(next, [first[1] + 1]);
+    Ok(())
+}
+
+#[test]
+fn session_state_survives_restart() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let results = EntityRef {
+        queue: "results".into(),
+        dlq: false,
+    };
+    {
+        let broker = open(dir.path())?;
+        broker.set_session_state(&results, "job-7", Some(b"step=3".to_vec()))?;
+        broker.set_session_state(&results, "job-8", Some(b"x".to_vec()))?;
+        broker.set_session_state(&results, "job-8", None)?;
+    }
+    let broker = open(dir.path())?;
+    assert_eq!(
+        broker.session_state(&results, "job-7")?,
+        Some(b"step=3".to_vec())
+    );
+    assert_eq!(broker.session_state(&results, "job-8")?, None);
+    Ok(())
+}

@@ -35,6 +35,7 @@ pub fn exit_code_for(error: &anyhow::Error) -> ExitCode {
             || cause.is::<crate::worker::WorkerError>()
             || cause.is::<crate::worker::python::PythonError>()
             || cause.is::<crate::worker::VenvError>()
+            || cause.is::<crate::emulator::entities::EntitiesError>()
     });
     ExitCode::from(if usage { EXIT_USAGE } else { EXIT_FAILED })
 }

@@ -24,14 +24,9 @@ impl Authz {
     /// queue's token covers its dead-letter sub-queue too).
     pub fn allows(&self, entity: &EntityRef, now_s: i64) -> bool {
         let path = entity.path().to_ascii_lowercase();
-        self.grants.iter().any(|(grant, exp)| {
-            *exp > now_s
-                && (grant.is_empty()
-                    || path == *grant
-                    || path
-                        .strip_prefix(grant.as_str())
-                        .is_some_and(|rest| rest.starts_with('/')))
-        })
+        self.grants
+            .iter()
+            .any(|(grant, exp)| *exp > now_s && covers(grant, &path))
     }
 
     /// Handles a put-token request; returns the CBS status code and description.
@@ -86,9 +81,9 @@ impl Authz {
             let claims =
                 verify(token, rules, now_s).map_err(|e| SbError::Unauthorized(e.to_string()))?;
             let path = normalize(&claims.audience);
-            if named.as_ref().is_some_and(|n| *n != path) {
+            if named.as_ref().is_some_and(|n| !covers(&path, n)) {
                 return Err(SbError::Unauthorized(
-                    "the token's audience does not match the name it was put for".into(),
+                    "the token's audience does not cover the name it was put for".into(),
                 ));
             }
             (path, claims.expires_s)
@@ -112,4 +107,14 @@ impl Authz {
 
 fn normalize(uri: &str) -> String {
     strip_authority(uri).trim_matches('/').to_ascii_lowercase()
+}
+
+/// Whether a token for path `grant` covers `path`: the same path, a sub-path, or any path
+/// for a namespace-wide (empty) grant.
+fn covers(grant: &str, path: &str) -> bool {
+    grant.is_empty()
+        || path == grant
+        || path
+            .strip_prefix(grant)
+            .is_some_and(|rest| rest.starts_with('/'))
 }

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
 
-use super::entities::{self, QueueConfig};
 use super::{Emulator, EmulatorConfig};
 use crate::config::EmulatorSettings;
 
@@ -42,21 +42,19 @@ pub fn config(settings: &EmulatorSettings, args: &EmulatorArgs) -> anyhow::Resul
         .entities
         .clone()
         .or_else(|| (!settings.entities.as_os_str().is_empty()).then(|| settings.entities.clone()));
-    let mut config = EmulatorConfig::new(listen);
-    config.queues = match &entities {
-        Some(path) => entities::load(path)?,
-        None => QueueConfig::defaults(),
-    };
-    config.data_dir = (!args.in_memory).then(|| {
+    let data_dir = (!args.in_memory).then(|| {
         args.data
             .clone()
             .unwrap_or_else(|| settings.data_dir.clone())
     });
-    Ok(config)
+    Ok(EmulatorConfig::load(listen, entities.as_deref(), data_dir)?)
 }
 
 /// Runs until SIGINT or SIGTERM, then closes connections cleanly.
 pub async fn run(settings: &EmulatorSettings, args: EmulatorArgs) -> anyhow::Result<()> {
+    // Signal handlers first: whoever reads the connection string may stop us right away.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let config = config(settings, &args)?;
     let handle = Emulator::start(config)
         .await
@@ -65,18 +63,11 @@ pub async fn run(settings: &EmulatorSettings, args: EmulatorArgs) -> anyhow::Res
     writeln!(stdout, "{}", handle.connection_string())?;
     stdout.flush()?;
     tracing::info!(addr = %handle.local_addr(), in_memory = args.in_memory, "Service Bus emulator is listening.");
-    wait_for_signal().await?;
-    tracing::info!("Service Bus emulator is shutting down.");
-    handle.shutdown().await;
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
+        _ = interrupt.recv() => {}
         _ = term.recv() => {}
     }
+    tracing::info!("Service Bus emulator is shutting down.");
+    handle.shutdown().await;
     Ok(())
 }

@@ -4,13 +4,15 @@
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use super::filter::{Rule, RuleEntry};
 use thiserror::Error;
 
 /// Why an entities file was refused.
 #[derive(Debug, Error)]
 pub enum EntitiesError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         /// File path.
         path: String,
@@ -49,20 +51,26 @@ pub struct QueueConfig {
     pub duplicate_detection: bool,
     /// Duplicate detection window.
     pub duplicate_window: Duration,
+    /// Auto-forwarding: messages sent here end up in this queue instead.
+    pub forward_to: Option<String>,
+    /// Dead-lettered messages go to this queue instead of the dead-letter sub-queue.
+    pub forward_dead_letters_to: Option<String>,
 }
 
 impl QueueConfig {
-    /// A queue with the official emulator's defaults.
+    /// A queue with the official emulator's defaults (its schema's `MaxDeliveryCount` is 3).
     pub fn new(name: &str) -> Self {
         QueueConfig {
             name: name.to_string(),
             lock_duration: Duration::from_secs(60),
-            max_delivery_count: 10,
+            max_delivery_count: 3,
             default_ttl: Duration::from_secs(3600),
             dead_letter_on_expiration: false,
             requires_session: false,
             duplicate_detection: false,
             duplicate_window: Duration::from_secs(20),
+            forward_to: None,
+            forward_dead_letters_to: None,
         }
     }
 
@@ -72,10 +80,56 @@ impl QueueConfig {
     pub fn defaults() -> Vec<QueueConfig> {
         let mut jobs = QueueConfig::new("jobs");
         jobs.default_ttl = Duration::MAX;
+        jobs.max_delivery_count = 10;
         let mut results = QueueConfig::new("results");
         results.default_ttl = Duration::MAX;
+        results.max_delivery_count = 10;
         results.requires_session = true;
         vec![jobs, results]
+    }
+}
+
+/// A topic: messages sent to it are copied to every subscription whose rules match.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicConfig {
+    /// Topic name.
+    pub name: String,
+    /// Duplicate detection happens at the topic, before the copies are made.
+    pub duplicate_detection: bool,
+    /// Duplicate detection window.
+    pub duplicate_window: Duration,
+    /// Upper bound of a message's TTL, applied to each subscription too.
+    pub default_ttl: Duration,
+    /// The topic's subscriptions.
+    pub subscriptions: Vec<SubscriptionConfig>,
+}
+
+/// A subscription: a queue named `<topic>/Subscriptions/<name>` plus the rules that decide
+/// which of the topic's messages it gets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriptionConfig {
+    /// Queue semantics of the subscription; its name is the full path.
+    pub queue: QueueConfig,
+    /// Rules; a message is copied when any rule matches. No rules means `$Default` (all).
+    pub rules: Vec<Rule>,
+}
+
+/// Everything a `Config.json` defines.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Entities {
+    /// Queues.
+    pub queues: Vec<QueueConfig>,
+    /// Topics with their subscriptions.
+    pub topics: Vec<TopicConfig>,
+}
+
+impl Entities {
+    /// The embedded defaults (see [`QueueConfig::defaults`]); no topics.
+    pub fn defaults() -> Entities {
+        Entities {
+            queues: QueueConfig::defaults(),
+            topics: Vec::new(),
+        }
     }
 }
 
@@ -97,6 +151,8 @@ struct UserConfig {
 struct Namespace {
     #[serde(default)]
     queues: Vec<QueueEntry>,
+    #[serde(default)]
+    topics: Vec<TopicEntry>,
 }
 
 #[derive(Deserialize)]
@@ -105,6 +161,26 @@ struct QueueEntry {
     name: String,
     #[serde(default)]
     properties: QueueProps,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct TopicEntry {
+    name: String,
+    #[serde(default)]
+    properties: QueueProps,
+    #[serde(default)]
+    subscriptions: Vec<SubscriptionEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct SubscriptionEntry {
+    name: String,
+    #[serde(default)]
+    properties: QueueProps,
+    #[serde(default)]
+    rules: Vec<RuleEntry>,
 }
 
 #[derive(Deserialize, Default)]
@@ -117,10 +193,12 @@ struct QueueProps {
     requires_session: Option<bool>,
     requires_duplicate_detection: Option<bool>,
     duplicate_detection_history_time_window: Option<String>,
+    forward_to: Option<String>,
+    forward_dead_lettered_messages_to: Option<String>,
 }
 
-/// Reads the queues of a `Config.json` file. Topics are not supported yet and are ignored.
-pub fn load(path: &std::path::Path) -> Result<Vec<QueueConfig>, EntitiesError> {
+/// Reads a `Config.json` file.
+pub fn load(path: &std::path::Path) -> Result<Entities, EntitiesError> {
     let text = std::fs::read_to_string(path).map_err(|source| EntitiesError::Read {
         path: path.display().to_string(),
         source,
@@ -129,58 +207,146 @@ pub fn load(path: &std::path::Path) -> Result<Vec<QueueConfig>, EntitiesError> {
 }
 
 /// Parses the text of a `Config.json` file.
-pub fn parse(text: &str) -> Result<Vec<QueueConfig>, EntitiesError> {
+pub fn parse(text: &str) -> Result<Entities, EntitiesError> {
     let file: File = serde_json::from_str(text)?;
-    let mut out: Vec<QueueConfig> = Vec::new();
-    for entry in file
-        .user_config
-        .namespaces
-        .into_iter()
-        .flat_map(|n| n.queues)
-    {
-        let invalid = |reason: String| EntitiesError::Invalid {
-            queue: entry.name.clone(),
-            reason,
+    let mut out = Entities::default();
+    let mut names: Vec<String> = Vec::new();
+    let mut claim = |name: &str| -> Result<(), EntitiesError> {
+        let invalid = |reason: &str| EntitiesError::Invalid {
+            queue: name.to_string(),
+            reason: reason.to_string(),
         };
-        if !valid_name(&entry.name) {
-            return Err(invalid(
-                "name has characters Service Bus does not allow".into(),
-            ));
+        if !valid_name(name) {
+            return Err(invalid("name has characters Service Bus does not allow"));
         }
-        if out.iter().any(|q| q.name.eq_ignore_ascii_case(&entry.name)) {
-            return Err(invalid("defined twice".into()));
+        if names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            return Err(invalid("defined twice"));
         }
-        let mut q = QueueConfig::new(&entry.name);
-        let p = &entry.properties;
-        let dur = |v: &Option<String>, key: &str| -> Result<Option<Duration>, EntitiesError> {
-            v.as_deref()
-                .map(|s| parse_iso_duration(s).ok_or_else(|| invalid(format!("{key}={s:?}"))))
-                .transpose()
-        };
-        if let Some(d) = dur(&p.lock_duration, "LockDuration")? {
-            q.lock_duration = d;
+        names.push(name.to_string());
+        Ok(())
+    };
+    for ns in file.user_config.namespaces {
+        for entry in ns.queues {
+            claim(&entry.name)?;
+            let mut q = QueueConfig::new(&entry.name);
+            apply(&mut q, &entry.properties)?;
+            out.queues.push(q);
         }
-        if let Some(d) = dur(&p.default_message_time_to_live, "DefaultMessageTimeToLive")? {
-            q.default_ttl = d;
-        }
-        if let Some(d) = dur(
-            &p.duplicate_detection_history_time_window,
-            "DuplicateDetectionHistoryTimeWindow",
-        )? {
-            q.duplicate_window = d;
-        }
-        if let Some(n) = p.max_delivery_count {
-            if n == 0 {
-                return Err(invalid("MaxDeliveryCount must be at least 1".into()));
+        for entry in ns.topics {
+            claim(&entry.name)?;
+            let mut t = QueueConfig::new(&entry.name);
+            apply(&mut t, &entry.properties)?;
+            let mut topic = TopicConfig {
+                name: entry.name.clone(),
+                duplicate_detection: t.duplicate_detection,
+                duplicate_window: t.duplicate_window,
+                default_ttl: t.default_ttl,
+                subscriptions: Vec::new(),
+            };
+            for sub in entry.subscriptions {
+                let path = format!("{}/Subscriptions/{}", entry.name, sub.name);
+                claim(&path)?;
+                let mut q = QueueConfig::new(&path);
+                q.default_ttl = t.default_ttl;
+                apply(&mut q, &sub.properties)?;
+                q.duplicate_detection = false;
+                let rules = sub
+                    .rules
+                    .iter()
+                    .map(|r| Rule::from_entry(r).map_err(|reason| invalid(&path, reason)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                topic
+                    .subscriptions
+                    .push(SubscriptionConfig { queue: q, rules });
             }
-            q.max_delivery_count = n;
+            out.topics.push(topic);
         }
-        q.dead_letter_on_expiration = p.dead_lettering_on_message_expiration.unwrap_or(false);
-        q.requires_session = p.requires_session.unwrap_or(false);
-        q.duplicate_detection = p.requires_duplicate_detection.unwrap_or(false);
-        out.push(q);
     }
+    check_forwarding(&out)?;
     Ok(out)
+}
+
+/// Forwarding targets must be plain queues (not topics or subscriptions), not the entity
+/// itself, and `ForwardTo` chains must end.
+fn check_forwarding(e: &Entities) -> Result<(), EntitiesError> {
+    let subs = e
+        .topics
+        .iter()
+        .flat_map(|t| t.subscriptions.iter().map(|s| &s.queue));
+    let all: Vec<&QueueConfig> = e.queues.iter().chain(subs).collect();
+    let plain = |name: &str| e.queues.iter().find(|q| q.name.eq_ignore_ascii_case(name));
+    for q in &all {
+        let targets = [
+            ("ForwardTo", &q.forward_to),
+            ("ForwardDeadLetteredMessagesTo", &q.forward_dead_letters_to),
+        ];
+        for (key, target) in targets {
+            let Some(target) = target else { continue };
+            if target.eq_ignore_ascii_case(&q.name) {
+                return Err(invalid(&q.name, format!("{key} names the entity itself")));
+            }
+            if plain(target).is_none() {
+                return Err(invalid(
+                    &q.name,
+                    format!("{key}={target}: forwarding targets must be queues defined here"),
+                ));
+            }
+        }
+        let mut hop = q.forward_to.as_deref();
+        for _ in 0..=e.queues.len() {
+            hop = hop.and_then(plain).and_then(|n| n.forward_to.as_deref());
+        }
+        if hop.is_some() {
+            return Err(invalid(&q.name, "ForwardTo chain loops".into()));
+        }
+    }
+    Ok(())
+}
+
+fn invalid(name: &str, reason: String) -> EntitiesError {
+    EntitiesError::Invalid {
+        queue: name.to_string(),
+        reason,
+    }
+}
+
+fn apply(q: &mut QueueConfig, p: &QueueProps) -> Result<(), EntitiesError> {
+    let name = q.name.clone();
+    let target = |v: &Option<String>| {
+        v.as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    };
+    q.forward_to = target(&p.forward_to);
+    q.forward_dead_letters_to = target(&p.forward_dead_lettered_messages_to);
+    let dur = |v: &Option<String>, key: &str| -> Result<Option<Duration>, EntitiesError> {
+        v.as_deref()
+            .map(|s| parse_iso_duration(s).ok_or_else(|| invalid(&name, format!("{key}={s:?}"))))
+            .transpose()
+    };
+    if let Some(d) = dur(&p.lock_duration, "LockDuration")? {
+        q.lock_duration = d;
+    }
+    if let Some(d) = dur(&p.default_message_time_to_live, "DefaultMessageTimeToLive")? {
+        q.default_ttl = d;
+    }
+    if let Some(d) = dur(
+        &p.duplicate_detection_history_time_window,
+        "DuplicateDetectionHistoryTimeWindow",
+    )? {
+        q.duplicate_window = d;
+    }
+    if let Some(n) = p.max_delivery_count {
+        if n == 0 {
+            return Err(invalid(&name, "MaxDeliveryCount must be at least 1".into()));
+        }
+        q.max_delivery_count = n;
+    }
+    q.dead_letter_on_expiration = p.dead_lettering_on_message_expiration.unwrap_or(false);
+    q.requires_session = p.requires_session.unwrap_or(false);
+    q.duplicate_detection = p.requires_duplicate_detection.unwrap_or(false);
+    Ok(())
 }
 
 fn valid_name(name: &str) -> bool {
@@ -235,12 +401,27 @@ mod tests {
     }
 
     #[test]
+    fn forwarding_is_refused_unless_empty() {
+        let with = |v: &str| {
+            format!(
+                r#"{{"UserConfig":{{"Namespaces":[{{"Name":"n","Queues":[
+                {{"Name":"q","Properties":{{"ForwardTo":"{v}"}}}}]}}]}}}}"#
+            )
+        };
+        assert!(parse(&with("")).is_ok());
+        assert!(matches!(
+            parse(&with("other")),
+            Err(EntitiesError::Invalid { .. })
+        ));
+    }
+
+    #[test]
     fn official_shape() -> Result<(), EntitiesError> {
         let text = r#"{"UserConfig":{"Namespaces":[{"Name":"sbemulatorns","Queues":[
             {"Name":"queue.1","Properties":{"LockDuration":"PT5S","MaxDeliveryCount":3,
              "RequiresSession":true,"DefaultMessageTimeToLive":"PT1H"}}]}],
             "Logging":{"Type":"File"}}}"#;
-        let queues = parse(text)?;
+        let queues = parse(text)?.queues;
         assert_eq!(queues.len(), 1);
         assert_eq!(queues[0].lock_duration, Duration::from_secs(5));
         assert_eq!(queues[0].max_delivery_count, 3);

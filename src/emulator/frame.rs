@@ -4,6 +4,7 @@
 //! allocation, so a hostile size field cannot exhaust memory.
 
 use fe2o3_amqp_types::performatives::Performative;
+use fe2o3_amqp_types::primitives::{Symbol, Value};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -106,13 +107,49 @@ pub fn decode_amqp(raw: RawFrame) -> Result<Option<AmqpFrame>, CodecError> {
         return Ok(None);
     }
     let len = encoded_len(&raw.body)?;
-    let performative: Performative = decode("performative", &raw.body[..len])?;
+    let bytes = &raw.body[..len];
+    let performative: Performative = match decode("performative", bytes) {
+        Ok(p) => p,
+        Err(e) => lenient(bytes).ok_or(e)?,
+    };
     let payload = raw.body[len..].to_vec();
     Ok(Some(AmqpFrame {
         channel: raw.channel,
         performative,
         payload,
     }))
+}
+
+/// Retries a performative whose `fields` maps have `str` keys where AMQP says `sym`. JS
+/// (rhea) sends the dead-letter `info` and `properties-to-modify` that way, and one bad key
+/// must not cost the client its connection.
+fn lenient(bytes: &[u8]) -> Option<Performative> {
+    let mut value: Value = serde_amqp::from_slice(bytes).ok()?;
+    symbolize_keys(&mut value, 0);
+    let again = serde_amqp::to_vec(&value).ok()?;
+    serde_amqp::from_slice(&again).ok()
+}
+
+fn symbolize_keys(value: &mut Value, depth: usize) {
+    if depth > 16 {
+        return;
+    }
+    match value {
+        Value::Described(d) => symbolize_keys(&mut d.value, depth + 1),
+        Value::List(items) => items.iter_mut().for_each(|v| symbolize_keys(v, depth + 1)),
+        Value::Map(map) => {
+            let entries = std::mem::take(map.as_inner_mut());
+            for (k, mut v) in entries {
+                symbolize_keys(&mut v, depth + 1);
+                let k = match k {
+                    Value::String(s) => Value::Symbol(Symbol::from(s)),
+                    other => other,
+                };
+                map.insert(k, v);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Encodes a frame of `frame_type` on `channel` with an already-encoded body.
@@ -163,6 +200,40 @@ mod tests {
         let frame = decode_amqp(raw)?.ok_or(FrameError::BadOffset(0))?;
         assert!(matches!(frame.performative, Performative::Close(_)));
         assert_eq!(frame.payload, b"xy");
+        Ok(())
+    }
+
+    #[test]
+    fn string_keyed_error_info_is_accepted() -> Result<(), CodecError> {
+        // disposition(role=receiver, first=2, last=2, settled=false,
+        //   rejected(error(com.microsoft:dead-letter, null, {"DeadLetterReason": "R"})))
+        let info = serde_amqp::to_vec(&std::collections::BTreeMap::from([(
+            "DeadLetterReason".to_string(),
+            "R".to_string(),
+        )]))
+        .map_err(|e| CodecError::Decode {
+            what: "test",
+            reason: e.to_string(),
+        })?;
+        let mut error = vec![0x00, 0x53, 0x1d, 0xc0, 0, 3];
+        error.extend([0xa3, 25]);
+        error.extend(b"com.microsoft:dead-letter");
+        error.push(0x40);
+        error.extend(info);
+        error[4] = (error.len() - 5) as u8;
+        let mut rejected = vec![0x00, 0x53, 0x25, 0xc0, 0, 1];
+        rejected.extend(error);
+        rejected[4] = (rejected.len() - 5) as u8;
+        let mut body = vec![0x00, 0x53, 0x15, 0xc0, 0, 5, 0x41, 0x52, 2, 0x52, 2, 0x42];
+        body.extend(rejected);
+        body[4] = (body.len() - 5) as u8;
+        let raw = RawFrame {
+            frame_type: TYPE_AMQP,
+            channel: 0,
+            body,
+        };
+        let frame = decode_amqp(raw)?.ok_or(CodecError::Truncated)?;
+        assert!(matches!(frame.performative, Performative::Disposition(_)));
         Ok(())
     }
 

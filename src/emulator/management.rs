@@ -167,8 +167,13 @@ fn dispatch(
         "get-message-sessions" => {
             let skip = req.field("skip").and_then(as_i64).unwrap_or(0).max(0) as usize;
             let top = req.field("top").and_then(as_i64).unwrap_or(100).max(0) as usize;
+            // DateTime.MaxValue (year 10000) means "no filter" (Python and .NET send it).
+            let after = req
+                .field("last-updated-time")
+                .and_then(as_i64)
+                .filter(|ms| *ms < DATETIME_MAX_MS);
             let ids: Vec<Value> = broker
-                .list_sessions(e)?
+                .list_sessions(e, after)?
                 .into_iter()
                 .skip(skip)
                 .take(top)
@@ -187,6 +192,9 @@ fn dispatch(
         ))),
     }
 }
+
+/// .NET `DateTime.MaxValue` in Unix milliseconds, rounded down to the second.
+const DATETIME_MAX_MS: i64 = 253_402_300_799_000;
 
 fn missing(key: &str) -> SbError {
     SbError::Argument(format!("the request has no valid {key}"))

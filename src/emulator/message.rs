@@ -2,8 +2,8 @@
 //! body and footer stay as the client's bytes so body types survive unchanged (§4.3).
 
 use fe2o3_amqp_types::messaging::{
-    ApplicationProperties, Data, Header, MessageAnnotations, MessageId, Properties,
-    annotations::OwnedKey,
+    ApplicationProperties, Data, DeliveryAnnotations, Header, MessageAnnotations, MessageId,
+    Properties, annotations::OwnedKey,
 };
 use fe2o3_amqp_types::primitives::{SimpleValue, Symbol, Timestamp, Value};
 use serde_amqp::described::Described;
@@ -14,12 +14,14 @@ use super::codec::{CodecError, decode, descriptor_code, encode, encoded_len};
 /// Message format of a Service Bus batch: each `data` section is a whole encoded message.
 pub const BATCH_FORMAT: u32 = 0x8001_3700;
 
-/// The sections of one message. Delivery annotations are dropped on purpose: they belong to
-/// one hop, and the broker writes its own.
+/// The sections of one message. Incoming delivery annotations are dropped on purpose: they
+/// belong to one hop, and the broker writes its own.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MessageParts {
     /// TTL in, delivery count out.
     pub header: Option<Header>,
+    /// Broker-written, per delivery (`x-opt-lock-token`); never stored.
+    pub delivery_annotations: Option<DeliveryAnnotations>,
     /// Client annotations plus the broker's `x-opt-*` ones.
     pub annotations: Option<MessageAnnotations>,
     /// Message id (dedupe), group id (session id), and the rest passed through.
@@ -64,6 +66,9 @@ impl MessageParts {
         let mut out = Vec::with_capacity(self.body.len() + 256);
         if let Some(h) = &self.header {
             out.extend(encode_header(h)?);
+        }
+        if let Some(a) = &self.delivery_annotations {
+            out.extend(encode("delivery-annotations", a)?);
         }
         if let Some(a) = &self.annotations {
             out.extend(encode("message-annotations", a)?);
@@ -111,6 +116,17 @@ impl MessageParts {
             .insert(OwnedKey::Symbol(Symbol::from(key)), value);
     }
 
+    /// Puts the lock token in the `x-opt-lock-token` delivery annotation.
+    pub fn set_lock_token(&mut self, token: uuid::Uuid) {
+        self.delivery_annotations
+            .get_or_insert_with(|| DeliveryAnnotations(Default::default()))
+            .0
+            .insert(
+                OwnedKey::Symbol(Symbol::from("x-opt-lock-token")),
+                Value::Uuid(fe2o3_amqp_types::primitives::Uuid::from(token.into_bytes())),
+            );
+    }
+
     /// Sets a user property, creating the section when needed.
     pub fn set_app_prop(&mut self, key: &str, value: SimpleValue) {
         self.app_props
@@ -133,6 +149,15 @@ impl MessageParts {
             MessageId::Uuid(u) => format!("u:{}", hex::encode(u.as_inner())),
             MessageId::Binary(b) => format!("b:{}", hex::encode(b.as_slice())),
         })
+    }
+
+    /// Gives a message without a message-id a new one, as Service Bus does: JS sends none,
+    /// and its receiver needs one to track the message's lock.
+    pub fn ensure_message_id(&mut self) {
+        let props = self.properties.get_or_insert_with(Properties::default);
+        if props.message_id.is_none() {
+            props.message_id = Some(MessageId::String(uuid::Uuid::new_v4().simple().to_string()));
+        }
     }
 
     /// Header TTL in milliseconds, if any.

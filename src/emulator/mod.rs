@@ -11,14 +11,21 @@
 //!    numbers, stores ([`store`]) and only then settles as accepted.
 //! 4. Receivers with credit get messages under a peek-lock; their dispositions map to broker
 //!    outcomes in [`outcome`]; `$management` requests go to [`management`] via [`request`].
-//! 5. Queue definitions come from a `Config.json` ([`entities`]); [`cli`] runs it all.
+//! 5. Queue, topic and subscription definitions come from a `Config.json` ([`entities`]);
+//!    subscription rules are in [`filter`]; [`cli`] runs it all.
+//!
+//! Not supported: TLS and WebSockets (the official emulator has neither), transactions,
+//! partitioning, rule actions and the rule-management operations, SQL filters beyond the
+//! subset described in [`filter`], forwarding to topics.
 
 pub mod cbs;
 pub mod cli;
+pub mod clock;
 pub mod codec;
 pub mod connection;
 pub mod entities;
 pub mod error;
+pub mod filter;
 pub mod frame;
 pub mod jwt;
 pub mod link;
@@ -42,9 +49,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use entities::QueueConfig;
+use clock::{Clock, SystemClock};
+use entities::{Entities, QueueConfig, TopicConfig};
 use error::SbError;
-use queue::{Broker, LinkId};
+use queue::{Broker, Counts, LinkId};
 use sas::SasRule;
 use store::Store;
 
@@ -55,12 +63,16 @@ pub struct EmulatorConfig {
     pub listen: SocketAddr,
     /// Queues to serve.
     pub queues: Vec<QueueConfig>,
+    /// Topics (with subscriptions) to serve.
+    pub topics: Vec<TopicConfig>,
     /// Directory of the SQLite store; `None` keeps everything in memory.
     pub data_dir: Option<PathBuf>,
     /// SAS rules tokens may be signed with.
     pub rules: Vec<SasRule>,
     /// Accept Entra ID tokens (`jwt`) after checking audience and expiry only; see `jwt.rs`.
     pub accept_jwt: bool,
+    /// Time source for locks, TTL and scheduling; tests pass a [`clock::ManualClock`].
+    pub clock: Arc<dyn Clock>,
 }
 
 impl EmulatorConfig {
@@ -70,10 +82,33 @@ impl EmulatorConfig {
         EmulatorConfig {
             listen,
             queues: QueueConfig::defaults(),
+            topics: Vec::new(),
             data_dir: None,
             rules: vec![SasRule::default()],
             accept_jwt: false,
+            clock: Arc::new(SystemClock),
         }
+    }
+}
+
+impl EmulatorConfig {
+    /// The configuration `hybrid-worker run` and `hybrid-worker emulator` build from their
+    /// settings: entities from a `Config.json` (or the defaults), durable in `data_dir` (or
+    /// in memory when `None`).
+    pub fn load(
+        listen: SocketAddr,
+        entities_file: Option<&std::path::Path>,
+        data_dir: Option<PathBuf>,
+    ) -> Result<EmulatorConfig, entities::EntitiesError> {
+        let entities = match entities_file {
+            Some(path) => entities::load(path)?,
+            None => Entities::defaults(),
+        };
+        let mut config = EmulatorConfig::new(listen);
+        config.queues = entities.queues;
+        config.topics = entities.topics;
+        config.data_dir = data_dir;
+        Ok(config)
     }
 }
 
@@ -81,7 +116,7 @@ impl EmulatorConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         /// Requested address.
         addr: SocketAddr,
@@ -120,7 +155,11 @@ impl Emulator {
     /// Opens the store, binds the port and starts serving in the background.
     pub async fn start(config: EmulatorConfig) -> Result<EmulatorHandle, StartError> {
         let store = Store::open(config.data_dir.as_deref()).map_err(SbError::from)?;
-        let broker = Broker::new(config.queues, store)?;
+        let entities = Entities {
+            queues: config.queues,
+            topics: config.topics,
+        };
+        let broker = Broker::with_entities(entities, store, config.clock.clone())?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -146,11 +185,13 @@ impl Emulator {
             stop.clone(),
             tracker.clone(),
         ));
+        let shared_for_handle = shared.clone();
         tracker.spawn(sweep_loop(shared, stop.clone()));
         let key = config.rules.first().cloned().unwrap_or_default();
         Ok(EmulatorHandle {
             addr,
             key,
+            shared: shared_for_handle,
             stop,
             tracker,
         })
@@ -162,6 +203,7 @@ impl Emulator {
 pub struct EmulatorHandle {
     addr: SocketAddr,
     key: SasRule,
+    shared: Arc<Shared>,
     stop: CancellationToken,
     tracker: TaskTracker,
 }
@@ -178,6 +220,15 @@ impl EmulatorHandle {
             "Endpoint=sb://{};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true;",
             self.addr, self.key.name, self.key.key
         )
+    }
+
+    /// Message counts of a queue, subscription (`topic/Subscriptions/name`) or their
+    /// dead-letter path; `None` for an unknown or topic path. Lets tests wait until a queue is
+    /// drained without a client.
+    pub fn counts(&self, path: &str) -> Option<Counts> {
+        let broker = &self.shared.broker;
+        let e = broker.resolve(path)?;
+        broker.counts(&e).ok()
     }
 
     /// Closes every connection (AMQP close), stops accepting and waits for all tasks.

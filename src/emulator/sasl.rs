@@ -35,6 +35,7 @@ const MECHANISMS: [&str; 2] = ["ANONYMOUS", "PLAIN"];
 pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) -> Result<(), PreambleError> {
     let header = read_header(io).await?;
     if header == AMQP_HEADER {
+        tracing::debug!("Client skipped SASL (plain AMQP header).");
         write_all(io, &AMQP_HEADER).await?;
         return Ok(());
     }
@@ -65,6 +66,7 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S) -> Result<
         SaslCode::Auth
     };
     let ok = code == SaslCode::Ok;
+    tracing::debug!(mechanism = init.mechanism.as_str(), ok, "SASL init.");
     let outcome = SaslOutcome {
         code,
         additional_data: None,

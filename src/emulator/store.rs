@@ -89,6 +89,9 @@ pub struct StoredMessage {
     pub expires_ms: Option<i64>,
 }
 
+/// A stored session state: queue, session id, state bytes, last update (Unix ms).
+pub type SessionStateRow = (String, String, Vec<u8>, i64);
+
 /// The SQLite connection.
 #[derive(Debug)]
 pub struct Store {
@@ -102,7 +105,7 @@ CREATE TABLE IF NOT EXISTS messages (
   enqueued_ms INTEGER NOT NULL, delivery_count INTEGER NOT NULL, state INTEGER NOT NULL,
   visible_ms INTEGER NOT NULL, expires_ms INTEGER, PRIMARY KEY (queue, seq));
 CREATE TABLE IF NOT EXISTS session_state (
-  queue TEXT NOT NULL, session_id TEXT NOT NULL, state BLOB NOT NULL,
+  queue TEXT NOT NULL, session_id TEXT NOT NULL, state BLOB NOT NULL, updated_ms INTEGER NOT NULL,
   PRIMARY KEY (queue, session_id));
 ";
 
@@ -143,14 +146,27 @@ impl Store {
         next_seq: i64,
         msgs: &[&StoredMessage],
     ) -> Result<(), StoreError> {
+        self.insert_batches(&[(queue, Some(next_seq), msgs.to_vec())])
+    }
+
+    /// Inserts several queues' messages in one transaction; each batch may also move its
+    /// entity's next sequence number (a topic's copies are numbered by the topic).
+    pub fn insert_batches(
+        &mut self,
+        batches: &[(&str, Option<i64>, Vec<&StoredMessage>)],
+    ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO queues (name, next_seq) VALUES (?1, ?2)
-             ON CONFLICT(name) DO UPDATE SET next_seq = excluded.next_seq",
-            params![queue, next_seq],
-        )?;
-        for m in msgs {
-            write_row(&tx, m)?;
+        for (queue, next_seq, msgs) in batches {
+            if let Some(next_seq) = next_seq {
+                tx.execute(
+                    "INSERT INTO queues (name, next_seq) VALUES (?1, ?2)
+                     ON CONFLICT(name) DO UPDATE SET next_seq = excluded.next_seq",
+                    params![queue, next_seq],
+                )?;
+            }
+            for m in msgs {
+                write_row(&tx, m)?;
+            }
         }
         tx.commit()?;
         Ok(())
@@ -212,18 +228,21 @@ impl Store {
         Ok(out)
     }
 
-    /// Sets or clears (`None`) a session's state.
+    /// Sets (at `updated_ms`) or clears (`None`) a session's state.
     pub fn set_session_state(
         &mut self,
         queue: &str,
         session: &str,
         state: Option<&[u8]>,
+        updated_ms: i64,
     ) -> Result<(), StoreError> {
         match state {
             Some(bytes) => self.conn.execute(
-                "INSERT INTO session_state (queue, session_id, state) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(queue, session_id) DO UPDATE SET state = excluded.state",
-                params![queue, session, bytes],
+                "INSERT INTO session_state (queue, session_id, state, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(queue, session_id) DO UPDATE SET state = excluded.state,
+                   updated_ms = excluded.updated_ms",
+                params![queue, session, bytes, updated_ms],
             )?,
             None => self.conn.execute(
                 "DELETE FROM session_state WHERE queue = ?1 AND session_id = ?2",
@@ -233,12 +252,12 @@ impl Store {
         Ok(())
     }
 
-    /// All stored session states as (queue, session id, state).
-    pub fn load_session_states(&self) -> Result<Vec<(String, String, Vec<u8>)>, StoreError> {
+    /// All stored session states as (queue, session id, state, updated at).
+    pub fn load_session_states(&self) -> Result<Vec<SessionStateRow>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT queue, session_id, state FROM session_state")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            .prepare("SELECT queue, session_id, state, updated_ms FROM session_state")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 }

@@ -34,10 +34,63 @@ QUEUES = {
     "sessionstate": {"RequiresSession": True},
     "restart": {},
     "large": {},
+    "prefetch": {},
+    "asyncq": {},
+    "autorenew": {"LockDuration": "PT2S"},
+    "sessiondlq": {"RequiresSession": True},
+    "listsessions": {"RequiresSession": True},
+    "fwd-in": {"ForwardTo": "fwd-out"},
+    "fwd-out": {"ForwardDeadLetteredMessagesTo": "fwd-dead"},
+    "fwd-dead": {},
     "emptysessions": {"RequiresSession": True},
     "sessionlock": {"RequiresSession": True},
     "shortsession": {"RequiresSession": True, "LockDuration": "PT2S"},
 }
+
+
+TOPICS = [
+    {
+        "Name": "orders",
+        "Properties": {"DefaultMessageTimeToLive": "PT1H"},
+        "Subscriptions": [
+            {"Name": "all", "Properties": {}},
+            {
+                "Name": "blue",
+                "Properties": {},
+                "Rules": [
+                    {
+                        "Name": "blue-only",
+                        "Properties": {
+                            "FilterType": "Correlation",
+                            "CorrelationFilter": {"Properties": {"color": "blue"}},
+                        },
+                    }
+                ],
+            },
+            {
+                "Name": "big-orders",
+                "Properties": {},
+                "Rules": [
+                    {
+                        "Name": "big",
+                        "Properties": {
+                            "FilterType": "Sql",
+                            "SqlFilter": {"SqlExpression": "size = 5 AND sys.Label = 'order'"},
+                        },
+                    }
+                ],
+            },
+            {
+                "Name": "none",
+                "Properties": {},
+                "Rules": [
+                    {"Name": "never", "Properties": {"FilterType": "Sql", "SqlFilter": {"SqlExpression": "1=0"}}}
+                ],
+            },
+        ],
+    },
+    {"Name": "events", "Properties": {}, "Subscriptions": [{"Name": "s1", "Properties": {}}]},
+]
 
 
 def write_entities(path: pathlib.Path) -> pathlib.Path:
@@ -47,6 +100,7 @@ def write_entities(path: pathlib.Path) -> pathlib.Path:
                 {
                     "Name": "sbemulatorns",
                     "Queues": [{"Name": n, "Properties": p} for n, p in QUEUES.items()],
+                    "Topics": TOPICS,
                 }
             ],
             "Logging": {"Type": "Console"},

@@ -130,3 +130,16 @@ def test_expired_session_lock_is_lost(conn_str):
             time.sleep(3)
             with pytest.raises(SessionLockLostError):
                 r.complete_message(m)
+
+
+def test_list_queue_sessions(conn_str):
+    import datetime
+
+    with ServiceBusClient.from_connection_string(conn_str) as client:
+        with client.get_queue_sender("listsessions") as s:
+            s.send_messages([ServiceBusMessage("x", session_id=sid) for sid in ("L1", "L2")])
+        before = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=1)
+        with client.get_queue_receiver("listsessions", session_id="L2") as r:
+            r.session.set_state("s")
+        assert sorted(client.list_queue_sessions("listsessions")) == ["L1", "L2"]
+        assert list(client.list_queue_sessions("listsessions", state_updated_after=before)) == ["L2"]

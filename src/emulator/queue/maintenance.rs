@@ -30,11 +30,14 @@ impl Broker {
 
     /// Periodic work: lock expiry, scheduled messages, TTL, session locks, dedupe history.
     pub fn sweep(&self) -> Result<(), SbError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
         let mut changed = false;
         let mut to_dead_letter: Vec<(String, StoredMessage, &'static str, String)> = Vec::new();
+        for t in state.topics.values_mut() {
+            t.prune(now);
+        }
         for q in state.queues.values_mut() {
             let window = millis(q.cfg.duplicate_window);
             q.dedupe.retain(|_, t| now - *t < window);
@@ -96,7 +99,7 @@ impl Broker {
             }
         }
         for (queue, m, reason, description) in to_dead_letter {
-            dead_letter(state, &queue, m, reason, &description)?;
+            dead_letter(state, &queue, m, reason, &description, now)?;
         }
         drop(guard);
         if changed {

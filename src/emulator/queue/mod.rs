@@ -5,7 +5,7 @@
 //! the [`Store`] before the call returns (see the crash-ordering rules in `store.rs`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use fe2o3_amqp_types::primitives::{SimpleValue, Timestamp, Value};
 use tokio::sync::watch;
@@ -14,8 +14,12 @@ use uuid::Uuid;
 mod maintenance;
 mod sequence;
 mod sessions;
+mod topic;
 
-use super::entities::QueueConfig;
+pub use sequence::Counts;
+
+use super::clock::{Clock, SystemClock};
+use super::entities::{Entities, QueueConfig};
 use super::error::SbError;
 use super::message::MessageParts;
 use super::store::{MsgState, Store, StoredMessage};
@@ -41,6 +45,17 @@ impl EntityRef {
             self.queue.clone()
         }
     }
+}
+
+/// The kinds of entity, for deciding which links they take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntityKind {
+    /// Send and receive.
+    Queue,
+    /// Send only.
+    Topic,
+    /// Receive only.
+    Subscription,
 }
 
 /// What the client decided about a locked message (§5.1).
@@ -102,11 +117,56 @@ struct Queue {
     active: BTreeMap<i64, Live>,
     dlq: BTreeMap<i64, Live>,
     dedupe: HashMap<String, i64>,
-    session_state: HashMap<String, Vec<u8>>,
+    /// Session state and when it was last set (Unix ms).
+    session_state: HashMap<String, (Vec<u8>, i64)>,
     session_locks: HashMap<String, SessionLock>,
+    /// A topic's subscription: receive only, fed by its topic.
+    subscription: bool,
 }
 
 impl Queue {
+    /// Numbers and stamps new messages (session check, schedule, TTL); stores nothing.
+    fn prepare(
+        &self,
+        msgs: Vec<MessageParts>,
+        now: i64,
+        next_seq: &mut i64,
+    ) -> Result<Vec<StoredMessage>, SbError> {
+        let mut stored = Vec::with_capacity(msgs.len());
+        for mut parts in msgs {
+            parts.ensure_message_id();
+            if self.cfg.requires_session && parts.session_id().is_none() {
+                return Err(SbError::NotAllowed(format!(
+                    "{} requires a session id on every message",
+                    self.cfg.name
+                )));
+            }
+            let visible_ms = parts.scheduled_enqueue_ms().unwrap_or(now).max(now);
+            let default_ttl = millis(self.cfg.default_ttl);
+            let ttl = parts
+                .ttl_ms()
+                .map(|t| i64::from(t).min(default_ttl))
+                .unwrap_or(default_ttl);
+            stored.push(StoredMessage {
+                queue: self.cfg.name.clone(),
+                dlq: false,
+                seq: *next_seq,
+                parts,
+                enqueued_ms: now,
+                delivery_count: 0,
+                state: if visible_ms > now {
+                    MsgState::Scheduled
+                } else {
+                    MsgState::Active
+                },
+                visible_ms,
+                expires_ms: visible_ms.checked_add(ttl),
+            });
+            *next_seq += 1;
+        }
+        Ok(stored)
+    }
+
     fn map(&mut self, dlq: bool) -> &mut BTreeMap<i64, Live> {
         if dlq { &mut self.dlq } else { &mut self.active }
     }
@@ -118,6 +178,7 @@ impl Queue {
 #[derive(Debug)]
 struct State {
     queues: HashMap<String, Queue>,
+    topics: HashMap<String, topic::Topic>,
     locks: HashMap<Uuid, (String, bool, i64)>,
     store: Store,
 }
@@ -127,6 +188,7 @@ struct State {
 pub struct Broker {
     state: Mutex<State>,
     changed: watch::Sender<u64>,
+    clock: Arc<dyn Clock>,
 }
 
 /// A duration in milliseconds, saturating (an "unlimited" TTL is `Duration::MAX`).
@@ -134,19 +196,44 @@ fn millis(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Current time in Unix milliseconds.
+/// Current system time in Unix milliseconds (token expiry and other non-queue uses).
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemClock.now_ms()
 }
 
 impl Broker {
     /// Builds the broker from queue definitions and whatever the store holds.
     pub fn new(queues: Vec<QueueConfig>, store: Store) -> Result<Broker, SbError> {
+        Broker::with_clock(queues, store, Arc::new(SystemClock))
+    }
+
+    /// Like [`Broker::new`] with another clock (tests move time instead of sleeping).
+    pub fn with_clock(
+        queues: Vec<QueueConfig>,
+        store: Store,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Broker, SbError> {
+        let entities = Entities {
+            queues,
+            topics: Vec::new(),
+        };
+        Broker::with_entities(entities, store, clock)
+    }
+
+    /// Builds the broker for queues and topics (each subscription becomes a receive-only queue).
+    pub fn with_entities(
+        entities: Entities,
+        store: Store,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Broker, SbError> {
         let mut map = HashMap::new();
-        for cfg in queues {
+        let mut topics = HashMap::new();
+        let subscriptions = entities
+            .topics
+            .iter()
+            .flat_map(|t| t.subscriptions.iter().map(|s| (s.queue.clone(), true)));
+        let queues = entities.queues.into_iter().map(|q| (q, false));
+        for (cfg, subscription) in queues.chain(subscriptions) {
             let next_seq = store.next_seq(&cfg.name)?;
             map.insert(
                 cfg.name.to_ascii_lowercase(),
@@ -158,7 +245,15 @@ impl Broker {
                     dedupe: HashMap::new(),
                     session_state: HashMap::new(),
                     session_locks: HashMap::new(),
+                    subscription,
                 },
+            );
+        }
+        for cfg in entities.topics {
+            let next_seq = store.next_seq(&cfg.name)?;
+            topics.insert(
+                cfg.name.to_ascii_lowercase(),
+                topic::Topic::new(cfg, next_seq),
             );
         }
         for m in store.load()? {
@@ -170,19 +265,24 @@ impl Broker {
                 tracing::warn!(queue = %m.queue, seq = m.seq, "Stored message belongs to a queue that is no longer configured; it is kept but unreachable.");
             }
         }
-        for (queue, session, state) in store.load_session_states()? {
+        for t in topics.values_mut() {
+            t.catch_up(&map);
+        }
+        for (queue, session, state, updated) in store.load_session_states()? {
             if let Some(q) = map.get_mut(&queue.to_ascii_lowercase()) {
-                q.session_state.insert(session, state);
+                q.session_state.insert(session, (state, updated));
             }
         }
         let (changed, _) = watch::channel(0);
         Ok(Broker {
             state: Mutex::new(State {
                 queues: map,
+                topics,
                 locks: HashMap::new(),
                 store,
             }),
             changed,
+            clock,
         })
     }
 
@@ -209,11 +309,30 @@ impl Broker {
             None => (path, false),
         };
         let state = self.lock();
+        if let Some(t) = state.topics.get(&queue) {
+            return (!dlq).then(|| EntityRef {
+                queue: t.name().to_string(),
+                dlq: false,
+            });
+        }
         let q = state.queues.get(&queue)?;
         Some(EntityRef {
             queue: q.cfg.name.clone(),
             dlq,
         })
+    }
+
+    /// What kind of entity `e` is, which decides the link directions it allows.
+    pub fn kind(&self, e: &EntityRef) -> EntityKind {
+        let state = self.lock();
+        let key = e.queue.to_ascii_lowercase();
+        if state.topics.contains_key(&key) {
+            EntityKind::Topic
+        } else if state.queues.get(&key).is_some_and(|q| q.subscription) {
+            EntityKind::Subscription
+        } else {
+            EntityKind::Queue
+        }
     }
 
     /// Whether the queue requires sessions.
@@ -233,54 +352,35 @@ impl Broker {
                 "messages cannot be sent to a dead-letter queue".into(),
             ));
         }
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
-        let q = queue_mut(&mut state.queues, e)?;
-        let mut stored = Vec::new();
-        let mut next_seq = q.next_seq;
-        let window = millis(q.cfg.duplicate_window);
-        let mut seen_now: Vec<String> = Vec::new();
-        for parts in msgs {
-            if q.cfg.requires_session && parts.session_id().is_none() {
-                return Err(SbError::NotAllowed(format!(
-                    "queue {} requires a session id on every message",
-                    q.cfg.name
-                )));
-            }
-            if q.cfg.duplicate_detection
-                && let Some(id) = parts.message_id_text()
-            {
-                let dup =
-                    q.dedupe.get(&id).is_some_and(|t| now - t < window) || seen_now.contains(&id);
-                if dup {
-                    continue;
-                }
-                seen_now.push(id);
-            }
-            let visible_ms = parts.scheduled_enqueue_ms().unwrap_or(now).max(now);
-            let default_ttl = millis(q.cfg.default_ttl);
-            let ttl = parts
-                .ttl_ms()
-                .map(|t| i64::from(t).min(default_ttl))
-                .unwrap_or(default_ttl);
-            stored.push(StoredMessage {
-                queue: q.cfg.name.clone(),
-                dlq: false,
-                seq: next_seq,
-                parts,
-                enqueued_ms: now,
-                delivery_count: 0,
-                state: if visible_ms > now {
-                    MsgState::Scheduled
-                } else {
-                    MsgState::Active
-                },
-                visible_ms,
-                expires_ms: visible_ms.checked_add(ttl),
-            });
-            next_seq += 1;
+        let key = e.queue.to_ascii_lowercase();
+        if state.topics.contains_key(&key) {
+            let seqs = topic::fan_out(state, &key, msgs, now)?;
+            drop(guard);
+            self.notify();
+            return Ok(seqs);
         }
+        let addressed = queue_mut(&mut state.queues, e)?;
+        if addressed.subscription {
+            return Err(SbError::NotAllowed(
+                "messages cannot be sent to a subscription; send them to its topic".into(),
+            ));
+        }
+        let key = final_queue(&state.queues, &key);
+        let q = state
+            .queues
+            .get_mut(&key)
+            .ok_or_else(|| SbError::EntityNotFound(key.clone()))?;
+        let window = millis(q.cfg.duplicate_window);
+        let (msgs, seen_now) = if q.cfg.duplicate_detection {
+            dedupe(&q.dedupe, window, now, msgs)
+        } else {
+            (msgs, Vec::new())
+        };
+        let mut next_seq = q.next_seq;
+        let stored = q.prepare(msgs, now, &mut next_seq)?;
         state
             .store
             .insert(&q.cfg.name, next_seq, &stored.iter().collect::<Vec<_>>())?;
@@ -306,7 +406,7 @@ impl Broker {
         owner: LinkId,
         peek_lock: bool,
     ) -> Result<Option<Delivery>, SbError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
         let q = queue_mut(&mut state.queues, e)?;
@@ -338,7 +438,7 @@ impl Broker {
                 until_ms,
                 owner,
             });
-            let bytes = render(&live.m, Some(until_ms), false)?;
+            let bytes = render(&live.m, Some((token, until_ms)), false)?;
             state.locks.insert(token, (name, e.dlq, seq));
             Ok(Some(Delivery {
                 token: Some(token),
@@ -360,7 +460,7 @@ impl Broker {
 
     /// Applies a client's outcome to the message locked under `token`.
     pub fn settle(&self, token: Uuid, outcome: Outcome) -> Result<(), SbError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
         let (queue, dlq, seq) = state.locks.get(&token).cloned().ok_or(SbError::LockLost)?;
@@ -393,7 +493,7 @@ impl Broker {
                 if !dlq && m.delivery_count >= max {
                     let why =
                         format!("Message could not be consumed after {max} delivery attempts.");
-                    dead_letter(state, &queue, m, "MaxDeliveryCountExceeded", &why)?;
+                    dead_letter(state, &queue, m, "MaxDeliveryCountExceeded", &why, now)?;
                 } else {
                     state.store.update(&m)?;
                     put_back(state, m);
@@ -418,7 +518,7 @@ impl Broker {
                 merge_props(&mut m.parts, props);
                 let reason = reason.unwrap_or_default();
                 let description = description.unwrap_or_default();
-                dead_letter(state, &queue, m, &reason, &description)?;
+                dead_letter(state, &queue, m, &reason, &description, now)?;
             }
         }
         state.locks.remove(&token);
@@ -445,6 +545,7 @@ fn dead_letter(
     mut m: StoredMessage,
     reason: &str,
     description: &str,
+    now: i64,
 ) -> Result<(), SbError> {
     m.parts
         .set_app_prop("DeadLetterReason", SimpleValue::String(reason.to_string()));
@@ -452,14 +553,93 @@ fn dead_letter(
         "DeadLetterErrorDescription",
         SimpleValue::String(description.to_string()),
     );
+    let source_key = queue.to_ascii_lowercase();
+    let forward = state
+        .queues
+        .get(&source_key)
+        .and_then(|q| q.cfg.forward_dead_letters_to.as_deref())
+        .map(|t| final_queue(&state.queues, &t.to_ascii_lowercase()));
+    if let Some(dest_key) = forward {
+        return forward_dead_letter(state, &source_key, &dest_key, m, now);
+    }
     m.dlq = true;
     m.state = MsgState::Active;
     state.store.update(&m)?;
-    if let Some(q) = state.queues.get_mut(&queue.to_ascii_lowercase()) {
+    if let Some(q) = state.queues.get_mut(&source_key) {
         q.active.remove(&m.seq);
         q.dlq.insert(m.seq, Live { m, lock: None });
     }
     Ok(())
+}
+
+/// `ForwardDeadLetteredMessagesTo`: the dead letter becomes a new message in `dest_key`. The
+/// copy is committed before the original is deleted, so a crash in between duplicates it
+/// rather than losing it.
+fn forward_dead_letter(
+    state: &mut State,
+    source_key: &str,
+    dest_key: &str,
+    m: StoredMessage,
+    now: i64,
+) -> Result<(), SbError> {
+    let mut parts = m.parts.clone();
+    parts.set_annotation("x-opt-deadletter-source", Value::String(m.queue.clone()));
+    let dest = state
+        .queues
+        .get_mut(dest_key)
+        .ok_or_else(|| SbError::EntityNotFound(dest_key.to_string()))?;
+    let mut next = dest.next_seq;
+    let copies = dest.prepare(vec![parts], now, &mut next)?;
+    state
+        .store
+        .insert(&dest.cfg.name, next, &copies.iter().collect::<Vec<_>>())?;
+    dest.next_seq = next;
+    for c in copies {
+        dest.active.insert(c.seq, Live { m: c, lock: None });
+    }
+    state.store.delete(&m.queue, m.seq)?;
+    if let Some(q) = state.queues.get_mut(source_key) {
+        q.active.remove(&m.seq);
+    }
+    Ok(())
+}
+
+/// Follows `ForwardTo` from queue `key` to the queue that keeps messages (chains were
+/// checked for loops when the entities were loaded; the bound is a second guard).
+fn final_queue(queues: &HashMap<String, Queue>, key: &str) -> String {
+    let mut key = key.to_string();
+    for _ in 0..16 {
+        match queues.get(&key).and_then(|q| q.cfg.forward_to.as_deref()) {
+            Some(next) => key = next.to_ascii_lowercase(),
+            None => break,
+        }
+    }
+    key
+}
+
+/// Gives every message a message-id, then drops those whose id was seen within `window`
+/// (§7: duplicates are accepted and silently dropped). Returns the kept messages and the new
+/// ids to remember.
+fn dedupe(
+    seen: &HashMap<String, i64>,
+    window: i64,
+    now: i64,
+    msgs: Vec<MessageParts>,
+) -> (Vec<MessageParts>, Vec<String>) {
+    let mut kept = Vec::with_capacity(msgs.len());
+    let mut new_ids: Vec<String> = Vec::new();
+    for mut m in msgs {
+        m.ensure_message_id();
+        if let Some(id) = m.message_id_text() {
+            let dup = seen.get(&id).is_some_and(|t| now - t < window) || new_ids.contains(&id);
+            if dup {
+                continue;
+            }
+            new_ids.push(id);
+        }
+        kept.push(m);
+    }
+    (kept, new_ids)
 }
 
 /// Puts an updated message back in its slot, unlocked.
@@ -477,7 +657,9 @@ fn merge_props(parts: &mut MessageParts, props: Vec<(String, SimpleValue)>) {
 }
 
 /// Encodes a message for delivery or peek with the broker's header and annotations.
-fn render(m: &StoredMessage, locked_until: Option<i64>, peek: bool) -> Result<Vec<u8>, SbError> {
+/// `lock` is the lock token and its expiry for peek-lock deliveries; the token also goes into
+/// the `x-opt-lock-token` delivery annotation for clients that read it there (§4.2).
+fn render(m: &StoredMessage, lock: Option<(Uuid, i64)>, peek: bool) -> Result<Vec<u8>, SbError> {
     let mut parts = m.parts.clone();
     parts.set_delivery_count(m.delivery_count);
     parts.set_annotation("x-opt-sequence-number", Value::Long(m.seq));
@@ -485,11 +667,12 @@ fn render(m: &StoredMessage, locked_until: Option<i64>, peek: bool) -> Result<Ve
         "x-opt-enqueued-time",
         Value::Timestamp(Timestamp::from_milliseconds(m.enqueued_ms)),
     );
-    if let Some(until) = locked_until {
+    if let Some((token, until)) = lock {
         parts.set_annotation(
             "x-opt-locked-until",
             Value::Timestamp(Timestamp::from_milliseconds(until)),
         );
+        parts.set_lock_token(token);
     }
     if peek || m.state != MsgState::Active {
         parts.set_annotation("x-opt-message-state", Value::Int(m.state as i32));

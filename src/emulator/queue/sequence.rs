@@ -7,7 +7,7 @@ use super::*;
 impl Broker {
     /// Extends locks; returns the new expiry of each, in order (§6.2 `renew-lock`).
     pub fn renew_locks(&self, tokens: &[Uuid]) -> Result<Vec<i64>, SbError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
         let mut out = Vec::with_capacity(tokens.len());
@@ -38,7 +38,7 @@ impl Broker {
         count: usize,
         session: Option<&str>,
     ) -> Result<Vec<Vec<u8>>, SbError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let q = queue_mut(&mut guard.queues, e)?;
         let map = q.map(e.dlq);
@@ -62,6 +62,10 @@ impl Broker {
     pub fn cancel_scheduled(&self, e: &EntityRef, seqs: &[i64]) -> Result<(), SbError> {
         let mut guard = self.lock();
         let state = &mut *guard;
+        let key = e.queue.to_ascii_lowercase();
+        if state.topics.contains_key(&key) {
+            return topic::cancel(state, &key, seqs);
+        }
         let q = queue_mut(&mut state.queues, e)?;
         for seq in seqs {
             let scheduled = q
@@ -87,7 +91,7 @@ impl Broker {
         peek_lock: bool,
         owner: LinkId,
     ) -> Result<Vec<Delivery>, SbError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
         let q = queue_mut(&mut state.queues, e)?;
@@ -118,7 +122,7 @@ impl Broker {
                 out.push(Delivery {
                     token: Some(token),
                     seq: *seq,
-                    bytes: render(&live.m, Some(until_ms), false)?,
+                    bytes: render(&live.m, Some((token, until_ms)), false)?,
                 });
             } else {
                 let bytes = render(&live.m, None, false)?;
@@ -133,4 +137,43 @@ impl Broker {
         }
         Ok(out)
     }
+
+    /// How many messages the queue, subscription or dead-letter sub-queue holds, by state.
+    pub fn counts(&self, e: &EntityRef) -> Result<Counts, SbError> {
+        let mut guard = self.lock();
+        let q = queue_mut(&mut guard.queues, e)?;
+        let (map, dead_lettered) = if e.dlq {
+            (&q.dlq, 0)
+        } else {
+            (&q.active, q.dlq.len())
+        };
+        let mut c = Counts {
+            dead_lettered,
+            ..Counts::default()
+        };
+        for live in map.values() {
+            match live.m.state {
+                MsgState::Active if live.lock.is_some() => c.locked += 1,
+                MsgState::Active => c.active += 1,
+                MsgState::Deferred => c.deferred += 1,
+                MsgState::Scheduled => c.scheduled += 1,
+            }
+        }
+        Ok(c)
+    }
+}
+
+/// Message counts of one queue, for tests and tooling that wait until a queue is drained.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Available to receivers now.
+    pub active: usize,
+    /// Under a peek-lock.
+    pub locked: usize,
+    /// Deferred (reachable by sequence number only).
+    pub deferred: usize,
+    /// Waiting for their scheduled time.
+    pub scheduled: usize,
+    /// In the dead-letter sub-queue.
+    pub dead_lettered: usize,
 }

@@ -11,7 +11,7 @@ impl Broker {
         requested: Option<&str>,
         owner: LinkId,
     ) -> Result<Option<(String, i64)>, SbError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let q = queue_mut(&mut guard.queues, e)?;
         let lock_ms = q.lock_ms();
@@ -51,7 +51,7 @@ impl Broker {
 
     /// Whether `owner` still holds the session lock.
     pub fn holds_session(&self, e: &EntityRef, sid: &str, owner: LinkId) -> bool {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let guard = self.lock();
         guard
             .queues
@@ -62,7 +62,7 @@ impl Broker {
 
     /// Renews a held session lock; returns the new expiry.
     pub fn renew_session_lock(&self, e: &EntityRef, sid: &str) -> Result<i64, SbError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let q = queue_mut(&mut guard.queues, e)?;
         let lock_ms = q.lock_ms();
@@ -79,7 +79,7 @@ impl Broker {
     pub fn session_state(&self, e: &EntityRef, sid: &str) -> Result<Option<Vec<u8>>, SbError> {
         let mut guard = self.lock();
         let q = queue_mut(&mut guard.queues, e)?;
-        Ok(q.session_state.get(sid).cloned())
+        Ok(q.session_state.get(sid).map(|(s, _)| s.clone()))
     }
 
     /// Sets (or clears with `None`) session state, durably.
@@ -89,29 +89,43 @@ impl Broker {
         sid: &str,
         value: Option<Vec<u8>>,
     ) -> Result<(), SbError> {
+        let now = self.clock.now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
         let q = queue_mut(&mut state.queues, e)?;
         state
             .store
-            .set_session_state(&q.cfg.name, sid, value.as_deref())?;
+            .set_session_state(&q.cfg.name, sid, value.as_deref(), now)?;
         match value {
-            Some(v) => q.session_state.insert(sid.to_string(), v),
+            Some(v) => q.session_state.insert(sid.to_string(), (v, now)),
             None => q.session_state.remove(sid),
         };
         Ok(())
     }
 
-    /// Ids of sessions that have messages or state, sorted.
-    pub fn list_sessions(&self, e: &EntityRef) -> Result<Vec<String>, SbError> {
+    /// Ids of sessions, sorted. With `state_updated_after`, only sessions whose state was
+    /// set after that time; otherwise every session that has messages or state.
+    pub fn list_sessions(
+        &self,
+        e: &EntityRef,
+        state_updated_after: Option<i64>,
+    ) -> Result<Vec<String>, SbError> {
         let mut guard = self.lock();
         let q = queue_mut(&mut guard.queues, e)?;
-        let mut ids: Vec<String> = q
-            .active
-            .values()
-            .filter_map(|l| l.m.parts.session_id().map(str::to_string))
-            .chain(q.session_state.keys().cloned())
-            .collect();
+        let mut ids: Vec<String> = match state_updated_after {
+            Some(after) => q
+                .session_state
+                .iter()
+                .filter(|(_, (_, updated))| *updated > after)
+                .map(|(sid, _)| sid.clone())
+                .collect(),
+            None => q
+                .active
+                .values()
+                .filter_map(|l| l.m.parts.session_id().map(str::to_string))
+                .chain(q.session_state.keys().cloned())
+                .collect(),
+        };
         ids.sort();
         ids.dedup();
         Ok(ids)

@@ -20,6 +20,16 @@ impl Session {
         let Some(link) = self.links.get_mut(&h) else {
             return;
         };
+        tracing::debug!(
+            handle = h,
+            delivery_count = ?f.delivery_count,
+            link_credit = ?f.link_credit,
+            drain = f.drain,
+            next_incoming_id = ?f.next_incoming_id,
+            incoming_window = f.incoming_window,
+            ours = link.delivery_count,
+            "Flow from the client."
+        );
         if link.is_sending() {
             let theirs = f.delivery_count.unwrap_or(link.delivery_count);
             let credit = theirs
@@ -64,10 +74,13 @@ impl Session {
         }
         let h = t.handle.0;
         let Some(link) = self.links.get_mut(&h) else {
-            return Err(fatal(
-                "amqp:session:unattached-handle",
-                "transfer on a handle that is not attached",
-            ));
+            // Most often a transfer that crossed our detach (lock lost, token expired); the
+            // link is gone, the connection need not be.
+            tracing::debug!(
+                handle = h,
+                "Ignored a transfer on a handle that is not attached."
+            );
+            return Ok(());
         };
         if link.is_sending() {
             return Err(fatal(
@@ -135,6 +148,7 @@ impl Session {
 
     /// Handles a client's Disposition of deliveries the broker sent (§5.1).
     pub fn on_disposition(&mut self, d: Disposition, ctx: &mut Ctx<'_>) {
+        tracing::debug!(role = ?d.role, first = d.first, last = ?d.last, settled = d.settled, state = ?d.state, "Disposition from the client.");
         if d.role == Role::Sender {
             // The client settles its own sends; the broker settled them already.
             return;
@@ -329,6 +343,12 @@ impl Session {
                 }
                 None => id.to_be_bytes().to_vec(),
             };
+            tracing::debug!(
+                handle = h,
+                delivery_id = id,
+                len = bytes.len(),
+                "Sending a delivery."
+            );
             self.send_transfer(h, id, tag, token.is_none(), &bytes, ctx);
         }
         if let Some(link) = self.links.get_mut(&h)

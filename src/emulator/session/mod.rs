@@ -25,7 +25,7 @@ use super::link::{Link, LinkKind, NodeAddr, Partial, source_address, target_addr
 use super::management;
 use super::message::{BATCH_FORMAT, MessageParts};
 use super::outcome::{outcome_of, reply_state};
-use super::queue::{EntityRef, LinkId, now_ms, strip_authority};
+use super::queue::{EntityKind, EntityRef, LinkId, now_ms, strip_authority};
 use super::request::{Node, Request, as_i64, response};
 
 /// Session window we advertise and top up.
@@ -199,9 +199,14 @@ impl Session {
                 let err = SbError::NotAllowed("cannot send to a dead-letter queue".into());
                 return self.refuse(a, err, ctx);
             }
+            Ok(Dest::Entity(e)) if ctx.shared.broker.kind(&e) == EntityKind::Subscription => {
+                let err = SbError::NotAllowed("cannot send to a subscription".into());
+                return self.refuse(a, err, ctx);
+            }
             Ok(Dest::Entity(e)) => LinkKind::Inbound(e),
             Err(e) => return self.refuse(a, e, ctx),
         };
+        tracing::debug!(link = %a.name, kind = ?kind, "Attached a link the broker receives on.");
         let h = a.handle.0;
         let max = match kind {
             LinkKind::Inbound(_) => MAX_MESSAGE,
@@ -241,6 +246,12 @@ impl Session {
                     target: target_address(a.target.as_deref()).map(normalize),
                 };
                 return self.complete_outbound(a, id, kind, None, ctx);
+            }
+            Ok(Dest::Entity(e)) if ctx.shared.broker.kind(&e) == EntityKind::Topic => {
+                let err = SbError::NotAllowed(
+                    "cannot receive from a topic; receive from one of its subscriptions".into(),
+                );
+                return self.refuse(a, err, ctx);
             }
             Ok(Dest::Entity(e)) => e,
             Err(e) => return self.refuse(a, e, ctx),
@@ -312,6 +323,7 @@ impl Session {
             props.insert(Symbol::from(LOCKED_UNTIL), Value::Long(dotnet_ticks(until)));
             properties = Some(props);
         }
+        tracing::debug!(link = %a.name, kind = ?kind, "Attached a link the broker sends on.");
         let reply = Attach {
             role: Role::Sender,
             source,
