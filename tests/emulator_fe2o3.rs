@@ -280,3 +280,38 @@ async fn idle_connection_is_kept_alive_by_heartbeats() -> TestResult {
     handle.shutdown().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_large_credit_grant_is_served_in_budgeted_rounds() -> TestResult {
+    let handle = start().await?;
+    let (mut conn, mut session) = connect(&handle, 65536).await?;
+    authorize(&mut session, &handle, "jobs", &SasRule::default()).await?;
+    let mut sender = Sender::attach(&mut session, "bulk-sender", "jobs").await?;
+    let body = "y".repeat(100_000);
+    for _ in 0..30 {
+        let outcome = sender.send(Message::from(body.clone())).await?;
+        assert!(matches!(outcome, Outcome::Accepted(_)));
+    }
+    let mut receiver = Receiver::builder()
+        .name("bulk-receiver")
+        .source("jobs")
+        .receiver_settle_mode(ReceiverSettleMode::Second)
+        .credit_mode(CreditMode::Manual)
+        .attach(&mut session)
+        .await?;
+    receiver.set_credit(30).await?;
+    for _ in 0..30 {
+        let delivery = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            receiver.recv::<Body<Value>>(),
+        )
+        .await??;
+        receiver.accept(DeliveryInfo::from(delivery)).await?;
+    }
+    receiver.close().await?;
+    sender.close().await?;
+    session.end().await?;
+    conn.close().await?;
+    handle.shutdown().await;
+    Ok(())
+}

@@ -140,8 +140,11 @@ async fn run(
     let mut last_recv = Instant::now();
     let mut last_sent = Instant::now();
     let mut closing = false;
+    let mut more = false;
     while !closing {
         tokio::select! {
+            // Output budget reached last round: write, glance at input, pump on.
+            _ = tokio::task::yield_now(), if more => {}
             item = rx.recv() => match item {
                 None => break,
                 Some(Err(FrameError::Io(_))) => break,
@@ -180,7 +183,7 @@ async fn run(
             }
         }
         if !closing {
-            conn.pump();
+            more = conn.pump();
         }
         if !conn.out.is_empty() {
             wr.write_all(&conn.out).await?;
@@ -210,6 +213,7 @@ impl Conn {
                 out: &mut self.out,
                 remote_max_frame: self.remote_max_frame,
                 routed: &mut self.routed,
+                saturated: false,
             },
         )
     }
@@ -292,11 +296,13 @@ impl Conn {
         }
     }
 
-    fn pump(&mut self) {
+    /// Sends what links with credit can take; `true` when it stopped at the output budget.
+    fn pump(&mut self) -> bool {
         let (sessions, _, mut ctx) = self.ctx_parts();
         for s in sessions.values_mut() {
             s.pump(&mut ctx);
         }
+        ctx.saturated
     }
 
     fn close(&mut self, error: Option<AmqpError>) {

@@ -183,7 +183,10 @@ fn dispatch(
                 return Ok(Reply::no_content());
             }
             Ok(Reply::ok(Some(map_body(vec![
-                ("skip", Value::Int((skip + ids.len()) as i32)),
+                (
+                    "skip",
+                    Value::Int(i32::try_from(skip + ids.len()).unwrap_or(i32::MAX)),
+                ),
                 ("sessions-ids", Value::Array(Array(ids))),
             ]))))
         }

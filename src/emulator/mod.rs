@@ -214,11 +214,19 @@ impl EmulatorHandle {
         self.addr
     }
 
-    /// A connection string the official SDKs accept (`UseDevelopmentEmulator=true`).
+    /// A connection string the official SDKs accept (`UseDevelopmentEmulator=true`). When
+    /// listening on all interfaces it names the loopback address, which clients can reach.
     pub fn connection_string(&self) -> String {
+        let mut addr = self.addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr.ip() {
+                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
         format!(
-            "Endpoint=sb://{};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true;",
-            self.addr, self.key.name, self.key.key
+            "Endpoint=sb://{addr};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true;",
+            self.key.name, self.key.key
         )
     }
 

@@ -308,6 +308,10 @@ impl Session {
             if link.credit == 0 || self.remote_incoming_window == 0 {
                 break;
             }
+            if ctx.out.len() >= OUT_BUDGET {
+                ctx.saturated = true;
+                return;
+            }
             let next = match &link.kind {
                 LinkKind::NodeOut { .. } => link.outbox.pop_front().map(|b| (None, b)),
                 LinkKind::Outbound {

@@ -55,7 +55,14 @@ pub struct Ctx<'a> {
     pub remote_max_frame: u32,
     /// Responses to hand to whichever session holds the matching reply link.
     pub routed: &'a mut Vec<Routed>,
+    /// Set when a link stopped sending because [`OUT_BUDGET`] was reached; the connection
+    /// writes what it has and pumps again before waiting for the next event.
+    pub saturated: bool,
 }
+
+/// Bytes of frames one pump may produce before handing them to the socket, so a large
+/// credit grant cannot build an unbounded buffer.
+pub const OUT_BUDGET: usize = 1 << 20;
 
 /// A `$cbs`/`$management` response looking for its reply link.
 #[derive(Debug, Clone)]
