@@ -31,3 +31,10 @@ if [ ! -x "$SDK_VENV/bin/pytest" ] || ! cmp -s tests/sdk/requirements.txt "$SDK_
   cp tests/sdk/requirements.txt "$SDK_VENV/requirements.txt"
 fi
 HYBRID_WORKER_BIN="$PWD/target/debug/hybrid-worker" "$SDK_VENV/bin/pytest" tests/sdk -q -p no:cacheprovider
+
+echo "== JS SDK referee (@azure/service-bus, pinned in tests/js/package-lock.json)"
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+  (cd tests/js && npm ci --silent --no-audit --no-fund && HYBRID_WORKER_BIN="$OLDPWD/target/debug/hybrid-worker" node --test)
+else
+  echo "node and npm are not installed: the JS referee did not run" >&2
+fi

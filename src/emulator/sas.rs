@@ -6,7 +6,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, KeyInit, Mac};
-use percent_encoding::{NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use percent_encoding::percent_decode_str;
 use sha2::Sha256;
 use thiserror::Error;
 
@@ -112,20 +112,14 @@ fn decode(s: &str) -> Result<String, SasError> {
         .map_err(|_| SasError::Malformed("bad percent-encoding"))
 }
 
-/// Signs a token the way the SDKs do; used by tests and by in-process clients.
+/// Signs a token the way the SDKs do (the daemon's own client signs with the same function);
+/// used by tests and by in-process clients.
 pub fn sign(audience: &str, rule: &SasRule, expires_s: i64) -> String {
-    let sr = utf8_percent_encode(audience, NON_ALPHANUMERIC).to_string();
-    let sig = match Hmac::<Sha256>::new_from_slice(rule.key.as_bytes()) {
-        Ok(mut mac) => {
-            mac.update(format!("{sr}\n{expires_s}").as_bytes());
-            STANDARD.encode(mac.finalize().into_bytes())
-        }
-        Err(_) => String::new(),
-    };
-    let sig = utf8_percent_encode(&sig, NON_ALPHANUMERIC);
-    format!(
-        "SharedAccessSignature sr={sr}&sig={sig}&se={expires_s}&skn={}",
-        rule.name
+    crate::servicebus::sas::token(
+        audience,
+        &rule.name,
+        &rule.key,
+        u64::try_from(expires_s).unwrap_or(0),
     )
 }
 
