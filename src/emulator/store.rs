@@ -43,6 +43,16 @@ pub enum StoreError {
     /// The data directory could not be created.
     #[error("cannot create data directory: {0}")]
     Dir(std::io::Error),
+    /// The store was written by a newer emulator whose schema this one does not know.
+    #[error(
+        "the store's schema is version {found}, newer than this emulator's {supported}: run the newer binary, or move the data directory away"
+    )]
+    NewerSchema {
+        /// `PRAGMA user_version` of the file.
+        found: i64,
+        /// What this binary writes.
+        supported: i64,
+    },
 }
 
 /// Lifecycle state of a message, stored as an integer (the values of `x-opt-message-state`).
@@ -109,6 +119,35 @@ CREATE TABLE IF NOT EXISTS session_state (
   PRIMARY KEY (queue, session_id));
 ";
 
+/// The schema this binary writes (`PRAGMA user_version`). 1 had no session-state timestamps;
+/// files from before versioning read as 0 and are treated as 1.
+const SCHEMA_VERSION: i64 = 2;
+
+/// Brings a store written by an older emulator up to [`SCHEMA_VERSION`], in place, keeping
+/// every message; refuses a store from a newer one.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    conn.execute_batch(SCHEMA)?;
+    if found < 2 {
+        let has_updated: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('session_state') WHERE name = 'updated_ms'")?
+            .exists([])?;
+        if !has_updated {
+            conn.execute_batch(
+                "ALTER TABLE session_state ADD COLUMN updated_ms INTEGER NOT NULL DEFAULT 0",
+            )?;
+        }
+    }
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    Ok(())
+}
+
 impl Store {
     /// Opens `dir/emulator.sqlite3`, or an in-memory database when `dir` is `None`.
     pub fn open(dir: Option<&Path>) -> Result<Store, StoreError> {
@@ -122,7 +161,7 @@ impl Store {
             }
             None => Connection::open_in_memory()?,
         };
-        conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Store { conn })
     }
 
@@ -292,6 +331,38 @@ fn write_row(conn: &Connection, m: &StoredMessage) -> Result<(), StoreError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_store_from_before_schema_versions_is_migrated_in_place() {
+        let dir = tempfile::tempdir().expect("tmp");
+        {
+            let old = Connection::open(dir.path().join("emulator.sqlite3")).expect("open");
+            old.execute_batch(
+                "CREATE TABLE queues (name TEXT PRIMARY KEY, next_seq INTEGER NOT NULL);
+                 CREATE TABLE session_state (queue TEXT NOT NULL, session_id TEXT NOT NULL,
+                   state BLOB NOT NULL, PRIMARY KEY (queue, session_id));
+                 INSERT INTO queues VALUES ('jobs', 7);
+                 INSERT INTO session_state VALUES ('results', 's1', x'01');",
+            )
+            .expect("old schema");
+        }
+        let store = Store::open(Some(dir.path())).expect("migrates");
+        assert_eq!(store.next_seq("jobs").expect("seq"), 7, "data kept");
+        let version: i64 = store
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
+        drop(store);
+        let newer = Connection::open(dir.path().join("emulator.sqlite3")).expect("open");
+        newer.pragma_update(None, "user_version", 99).expect("bump");
+        drop(newer);
+        let err = Store::open(Some(dir.path())).expect_err("newer schema");
+        assert!(
+            err.to_string().contains("newer than this emulator"),
+            "{err}"
+        );
+    }
+
     use super::*;
 
     fn msg(seq: i64) -> StoredMessage {
