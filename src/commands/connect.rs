@@ -79,10 +79,15 @@ pub async fn start_emulator(settings: &Settings) -> anyhow::Result<EmulatorHandl
     };
     let config = crate::emulator::cli::config(&settings.emulator, &args)?;
     crate::emulator::Emulator::start(config).await.map_err(|e| {
-        UsageError(format!(
-            "cannot start the embedded Service Bus emulator: {e} (another `hybrid-worker run` or emulator may hold {}; set HYBRID__EMULATOR__LISTEN, or configure HYBRID__SERVICEBUS__CONNECTION_STRING)",
-            settings.emulator.listen
-        ))
-        .into()
+        let hint = match &e {
+            crate::emulator::StartError::Bind { source, .. } => format!(
+                ": {source} (another `hybrid-worker run` or emulator may hold it; set HYBRID__EMULATOR__LISTEN, or configure HYBRID__SERVICEBUS__CONNECTION_STRING)"
+            ),
+            crate::emulator::StartError::Broker(_) => format!(
+                " (its store is in {})",
+                settings.emulator.data_dir.display()
+            ),
+        };
+        UsageError(format!("cannot start the embedded Service Bus emulator: {e}{hint}")).into()
     })
 }
