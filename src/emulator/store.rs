@@ -43,6 +43,9 @@ pub enum StoreError {
     /// The data directory could not be created.
     #[error("cannot create data directory: {0}")]
     Dir(std::io::Error),
+    /// Another emulator has the data directory open.
+    #[error("the data directory {0} is in use by another emulator (or `hybrid-worker run`)")]
+    InUse(std::path::PathBuf),
     /// The store was written by a newer emulator whose schema this one does not know.
     #[error(
         "the store's schema is version {found}, newer than this emulator's {supported}: run the newer binary, or move the data directory away"
@@ -106,6 +109,9 @@ pub type SessionStateRow = (String, String, Vec<u8>, i64);
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
+    /// An exclusive lock on the data directory while this store is open: two emulators on one
+    /// directory would each believe they own its messages and deliver them twice.
+    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 const SCHEMA: &str = "
@@ -151,9 +157,20 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
 impl Store {
     /// Opens `dir/emulator.sqlite3`, or an in-memory database when `dir` is `None`.
     pub fn open(dir: Option<&Path>) -> Result<Store, StoreError> {
+        let mut lock = None;
         let conn = match dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(StoreError::Dir)?;
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(dir.join("emulator.lock"))
+                    .map_err(StoreError::Dir)?;
+                lock = Some(
+                    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                        .map_err(|_| StoreError::InUse(dir.to_path_buf()))?,
+                );
                 let conn = Connection::open(dir.join("emulator.sqlite3"))?;
                 conn.pragma_update(None, "journal_mode", "WAL")?;
                 conn.pragma_update(None, "synchronous", "FULL")?;
@@ -162,7 +179,7 @@ impl Store {
             None => Connection::open_in_memory()?,
         };
         migrate(&conn)?;
-        Ok(Store { conn })
+        Ok(Store { conn, _lock: lock })
     }
 
     /// Next sequence number stored for `queue` (1 for a new queue).
@@ -331,6 +348,16 @@ fn write_row(conn: &Connection, m: &StoredMessage) -> Result<(), StoreError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn one_data_directory_serves_one_emulator_at_a_time() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let first = Store::open(Some(dir.path())).expect("first");
+        let err = Store::open(Some(dir.path())).expect_err("second");
+        assert!(matches!(err, StoreError::InUse(_)), "{err}");
+        drop(first);
+        Store::open(Some(dir.path())).expect("free again");
+    }
+
     #[test]
     fn a_store_from_before_schema_versions_is_migrated_in_place() {
         let dir = tempfile::tempdir().expect("tmp");
