@@ -160,3 +160,42 @@ fn session_state_survives_restart() -> TestResult {
     assert_eq!(broker.session_state(&results, "job-8")?, None);
     Ok(())
 }
+
+#[test]
+fn duplicate_detection_remembers_message_ids_across_a_restart() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut results = QueueConfig::new("results");
+    results.duplicate_detection = true;
+    results.duplicate_window = std::time::Duration::from_secs(600);
+    let queue = EntityRef {
+        queue: "results".into(),
+        dlq: false,
+    };
+    let with_id = |id: &str| -> Result<MessageParts, Box<dyn std::error::Error>> {
+        let mut m = message(id)?;
+        if let Some(p) = m.properties.as_mut() {
+            p.message_id = Some(fe2o3_amqp_types::messaging::MessageId::String(id.into()));
+        }
+        Ok(m)
+    };
+    {
+        let broker = Broker::new(vec![results.clone()], Store::open(Some(dir.path()))?)?;
+        assert_eq!(broker.enqueue(&queue, vec![with_id("reply-1")?])?.len(), 1);
+        // A reply resent before the crash is dropped, as it always was.
+        assert!(
+            broker
+                .enqueue(&queue, vec![with_id("reply-1")?])?
+                .is_empty()
+        );
+    }
+    let broker = Broker::new(vec![results], Store::open(Some(dir.path()))?)?;
+    // ...and so is one resent after the restart (a daemon redelivered the job and answered again).
+    assert!(
+        broker
+            .enqueue(&queue, vec![with_id("reply-1")?])?
+            .is_empty()
+    );
+    assert_eq!(broker.enqueue(&queue, vec![with_id("reply-2")?])?.len(), 1);
+    assert_eq!(subjects(&broker, &queue)?, ["reply-1", "reply-2"]);
+    Ok(())
+}

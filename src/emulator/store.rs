@@ -123,11 +123,15 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE TABLE IF NOT EXISTS session_state (
   queue TEXT NOT NULL, session_id TEXT NOT NULL, state BLOB NOT NULL, updated_ms INTEGER NOT NULL,
   PRIMARY KEY (queue, session_id));
+CREATE TABLE IF NOT EXISTS dedupe (
+  queue TEXT NOT NULL, message_id TEXT NOT NULL, seen_ms INTEGER NOT NULL,
+  PRIMARY KEY (queue, message_id));
 ";
 
 /// The schema this binary writes (`PRAGMA user_version`). 1 had no session-state timestamps;
-/// files from before versioning read as 0 and are treated as 1.
-const SCHEMA_VERSION: i64 = 2;
+/// 2 no duplicate-detection history (3 adds the `dedupe` table, created on open); files from
+/// before versioning read as 0 and are treated as 1.
+const SCHEMA_VERSION: i64 = 3;
 
 /// Brings a store written by an older emulator up to [`SCHEMA_VERSION`], in place, keeping
 /// every message; refuses a store from a newer one.
@@ -225,6 +229,55 @@ impl Store {
             }
         }
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Stores accepted messages together with the MessageIds duplicate detection must remember,
+    /// in one transaction: a restart must not forget an id whose message it kept (or the resend
+    /// of a reply would get through twice).
+    pub fn insert_remembering(
+        &mut self,
+        queue: &str,
+        next_seq: i64,
+        msgs: &[&StoredMessage],
+        seen: &[String],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO queues (name, next_seq) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET next_seq = excluded.next_seq",
+            params![queue, next_seq],
+        )?;
+        for m in msgs {
+            write_row(&tx, m)?;
+        }
+        for id in seen {
+            tx.execute(
+                "INSERT INTO dedupe (queue, message_id, seen_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(queue, message_id) DO UPDATE SET seen_ms = excluded.seen_ms",
+                params![queue, id, now_ms],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The remembered MessageIds of every queue: (queue, message id, first seen, Unix ms).
+    pub fn load_dedupe(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT queue, message_id, seen_ms FROM dedupe")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets MessageIds of `queue` seen before `before_ms` (out of the window).
+    pub fn prune_dedupe(&mut self, queue: &str, before_ms: i64) -> Result<(), StoreError> {
+        self.conn.execute(
+            "DELETE FROM dedupe WHERE queue = ?1 AND seen_ms < ?2",
+            params![queue, before_ms],
+        )?;
         Ok(())
     }
 

@@ -40,7 +40,11 @@ impl Broker {
         }
         for q in state.queues.values_mut() {
             let window = millis(q.cfg.duplicate_window);
+            let remembered = q.dedupe.len();
             q.dedupe.retain(|_, t| now - *t < window);
+            if q.dedupe.len() != remembered {
+                state.store.prune_dedupe(&q.cfg.name, now - window)?;
+            }
             let before = q.session_locks.len();
             q.session_locks.retain(|_, l| l.until_ms > now);
             changed |= q.session_locks.len() != before;

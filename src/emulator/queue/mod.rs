@@ -268,6 +268,11 @@ impl Broker {
         for t in topics.values_mut() {
             t.catch_up(&map);
         }
+        for (queue, id, seen_ms) in store.load_dedupe()? {
+            if let Some(q) = map.get_mut(&queue.to_ascii_lowercase()) {
+                q.dedupe.insert(id, seen_ms);
+            }
+        }
         for (queue, session, state, updated) in store.load_session_states()? {
             if let Some(q) = map.get_mut(&queue.to_ascii_lowercase()) {
                 q.session_state.insert(session, (state, updated));
@@ -381,9 +386,13 @@ impl Broker {
         };
         let mut next_seq = q.next_seq;
         let stored = q.prepare(msgs, now, &mut next_seq)?;
-        state
-            .store
-            .insert(&q.cfg.name, next_seq, &stored.iter().collect::<Vec<_>>())?;
+        state.store.insert_remembering(
+            &q.cfg.name,
+            next_seq,
+            &stored.iter().collect::<Vec<_>>(),
+            &seen_now,
+            now,
+        )?;
         q.next_seq = next_seq;
         for id in seen_now {
             q.dedupe.insert(id, now);
