@@ -617,6 +617,14 @@ impl Prepared {
     /// before the fork: no allocation, no lock, so it is safe in `pre_exec`.
     pub fn apply_in_child(&self) -> std::io::Result<()> {
         let os_err = std::io::Error::last_os_error;
+        // The daemon is not dumpable (so same-uid jobs cannot read its /proc files), and a
+        // forked child inherits that until exec: its own /proc/self files then belong to root
+        // and a non-root daemon's child could not write its oom_score_adj. The child becomes
+        // dumpable again here, as exec would make it anyway; the daemon stays as it is.
+        // SAFETY: prctl with integer arguments, on this process only.
+        if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) } < 0 {
+            return Err(os_err());
+        }
         for (resource, soft, hard) in &self.rlimits {
             nix::sys::resource::setrlimit(*resource, *soft, *hard)?;
         }

@@ -235,3 +235,58 @@ fn workers_verify_shows_what_the_sandbox_enforces_and_how() {
         "{text}"
     );
 }
+
+/// A daemon that is not root (as on AKS) must run jobs: its child is briefly non-dumpable
+/// after the fork and must still set up its sandbox. As root, the command runs as `nobody`.
+#[test]
+fn a_non_root_daemon_runs_jobs() {
+    let benign = crate::helpers::hostile_worker("benign");
+    let home = crate::helpers::hostile_home();
+    let temp = home.join("tmp-non-root");
+    std::fs::create_dir_all(&temp).expect("mkdir");
+    std::fs::set_permissions(&temp, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
+        .expect("chmod");
+    let python = crate::helpers::sandbox_interpreter()
+        .path
+        .display()
+        .to_string();
+    let venvs = home.join("venvs").display().to_string();
+    let workers = home.join("workers").display().to_string();
+    let mut cmd = if nix::unistd::getuid().is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
+        c.arg(env!("CARGO_BIN_EXE_hybrid-worker"));
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_hybrid-worker"))
+    };
+    let input = temp.join("input.json");
+    std::fs::write(&input, "{}").expect("input");
+    let input = input.display().to_string();
+    let out = cmd
+        .args([
+            "exec",
+            &benign.worker.name,
+            "--workers-dir",
+            &workers,
+            "--input",
+            &input,
+        ])
+        .current_dir(&temp)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HYBRID__WORKERS__VENV_ROOT", &venvs)
+        .env("HYBRID__WORKERS__PYTHON", &python)
+        .env("HYBRID__ENGINE__TEMP_DIR", temp.display().to_string())
+        .env("HYBRID__LOG__FORMAT", "text")
+        .output()
+        .expect("run hybrid-worker");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(result_of(&out)["status"], "succeeded");
+}
