@@ -20,9 +20,9 @@ ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS build
 # aws-lc-sys (rustls' crypto) and the bundled SQLite are C code: the slim image has gcc;
-# cmake is aws-lc-sys's fallback build system.
+# cmake (with make) is aws-lc-sys's fallback build system.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends cmake \
+    && apt-get install -y --no-install-recommends cmake make \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
