@@ -1,6 +1,7 @@
 # hybrid-worker's Azure side: the Service Bus namespace, the jobs and results queues, the
 # daemon's workload identity (Data Receiver + Data Sender), and KEDA's (Data Owner on the jobs
-# queue, to read its message count). README.md beside this file explains each choice.
+# queue, to read its message count). README.md beside this file, and ../operator-guide.md
+# (section 2), explain each choice.
 
 data "azurerm_resource_group" "this" {
   name = var.resource_group_name
