@@ -164,6 +164,12 @@ async fn the_temp_folder_is_private_and_removed(mode: Isolation) {
     let out = output(&r);
     let cwd = out["cwd"].as_str().expect("cwd");
     assert!(cwd.contains("hybrid-job-"));
+    // A forked job's folder lies inside its warm parent's private folder.
+    assert_eq!(
+        cwd.contains("/hybrid-warm-diagnostics-"),
+        mode == Isolation::Fork,
+        "{cwd}"
+    );
     assert!(!std::path::Path::new(cwd).exists(), "removed after the job");
 }
 
@@ -214,7 +220,97 @@ async fn the_engine_runs_a_real_worker_end_to_end(mode: Isolation) {
     assert_eq!(broker.dead_letters().len(), 1);
 }
 
+/// Every job is a process of its own, leader of its own group, and starts from a clean
+/// interpreter: in fork mode each is a child of the one warm parent, which survives them.
+async fn each_job_is_a_fresh_process(mode: Isolation) {
+    let temp = tempfile::tempdir().expect("tmp");
+    let ready = in_mode(ready_worker("diagnostics"), mode);
+    let runner = runner(temp.path());
+    let input = json!({"action": "process"});
+    let mut seen = Vec::new();
+    for n in 0..3 {
+        let job_id = format!("job-{n}");
+        let request = RunRequest {
+            worker: &ready.worker,
+            python: ready.python.clone(),
+            job_id: &job_id,
+            attempt: 1,
+            correlation_id: None,
+            input: &input,
+            timeout: T,
+            extra_env: Vec::new(),
+        };
+        let report = runner.run(request, CancellationToken::new(), &|_| {}).await;
+        let out = output(&report);
+        assert_eq!(out["earlier_jobs"], json!([]), "a job saw an earlier one");
+        assert_eq!(
+            out["pgid"], out["pid"],
+            "the job leads its own process group"
+        );
+        seen.push(out);
+    }
+    assert!(seen[0]["pid"] != seen[1]["pid"] && seen[1]["pid"] != seen[2]["pid"]);
+    let parent = runner.warm_pool().parent_pid("diagnostics").await;
+    match mode {
+        Isolation::Spawn => {
+            assert_eq!(parent, None);
+            assert_eq!(seen[0]["ppid"], std::process::id());
+        }
+        Isolation::Fork => {
+            let parent = parent.expect("a warm parent");
+            assert!(seen.iter().all(|o| o["ppid"] == parent), "{seen:?}");
+        }
+    }
+}
+
+/// A warm parent that dies is replaced at the next job, which runs normally.
+#[tokio::test]
+async fn a_dead_warm_parent_is_restarted() {
+    let temp = tempfile::tempdir().expect("tmp");
+    let ready = in_mode(ready_worker("diagnostics"), Isolation::Fork);
+    let runner = runner(temp.path());
+    let input = json!({"action": "process"});
+    let run = || {
+        let request = RunRequest {
+            worker: &ready.worker,
+            python: ready.python.clone(),
+            job_id: "job",
+            attempt: 1,
+            correlation_id: None,
+            input: &input,
+            timeout: T,
+            extra_env: Vec::new(),
+        };
+        runner.run(request, CancellationToken::new(), &|_| {})
+    };
+    let first = output(&run().await);
+    let parent = runner
+        .warm_pool()
+        .parent_pid("diagnostics")
+        .await
+        .expect("a warm parent");
+    assert_eq!(first["ppid"], parent);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(parent),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    wait_for(Duration::from_secs(5), "the parent to be seen dead", || {
+        std::fs::read_to_string(format!("/proc/{parent}/stat")).is_err()
+    })
+    .await;
+    let second = output(&run().await);
+    let new_parent = runner
+        .warm_pool()
+        .parent_pid("diagnostics")
+        .await
+        .expect("a new warm parent");
+    assert_ne!(new_parent, parent);
+    assert_eq!(second["ppid"], new_parent);
+}
+
 crate::in_both_modes!(
+    each_job_is_a_fresh_process,
     no_daemon_environment_reaches_a_job,
     context_and_logs_reach_the_handler_and_the_daemon,
     each_failure_has_its_kind,

@@ -38,6 +38,7 @@ import traceback
 
 CONTROL_FD = 3
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 SYS_LANDLOCK_RESTRICT_SELF = 446  # the same number on every architecture Linux added it to
@@ -106,6 +107,8 @@ def _become_job(message, fds, filters, parent_pid: int, argv) -> None:
             except Exception:
                 pass
         sys.argv = argv
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     except BaseException:
         try:
             traceback.print_exc()
@@ -119,9 +122,8 @@ def _become_job(message, fds, filters, parent_pid: int, argv) -> None:
 
 
 def _reap(pid: int):
-    """Waits for the child, kills what is left of its group while its zombie still holds the
-    group id, then reaps it with its resource usage."""
-    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    """Kills what is left of the exited child's group while its zombie still holds the group
+    id, then reaps it with its resource usage."""
     try:
         os.killpg(pid, signal.SIGKILL)
     except OSError:
@@ -131,6 +133,27 @@ def _reap(pid: int):
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
     cpu_ms = int((usage.ru_utime + usage.ru_stime) * 1000)
     return code, sig, cpu_ms, int(usage.ru_maxrss)
+
+
+def _reap_all(ctl: socket.socket, children) -> None:
+    """Reaps every exited process: a job's child (reported to the daemon), or an orphan of a
+    job that the kernel handed to this subreaper (so that no zombie keeps counting against the
+    uid's process limit until init gets to it)."""
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # no child at all
+            return
+        if info is None or info.si_pid == 0:
+            return
+        pid = info.si_pid
+        job_id = children.pop(pid, None)
+        if job_id is None:
+            os.waitpid(pid, 0)
+            continue
+        code, sig, cpu_ms, rss = _reap(pid)
+        _send(ctl, {"t": "exited", "id": job_id, "code": code, "signal": sig,
+                    "cpu_ms": cpu_ms, "max_rss_kb": rss})
 
 
 def serve() -> None:
@@ -150,21 +173,30 @@ def serve() -> None:
     filters = []
     me = os.getpid()
     argv = ["-c", runtime_dir, worker_dir, module_name, function_name]
+    # Orphans of a job (its helpers, once the job's child died) come here rather than to
+    # init, and are reaped at once.
+    _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(CHILD_SUBREAPER)")
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_write)
     _send(ctl, {"t": "ready", "pid": me, "preloaded": preloaded, "failed": failed})
-    children = {}  # pid -> (job id, pidfd)
-    by_pidfd = {}
+    children = {}  # pid -> job id
     poller = select.poll()
     poller.register(ctl, select.POLLIN)
+    poller.register(wake_read, select.POLLIN)
     while True:
-        for fd, _ in poller.poll():
-            if fd in by_pidfd:
-                pid = by_pidfd.pop(fd)
-                poller.unregister(fd)
-                os.close(fd)
-                job_id, _ = children.pop(pid)
-                code, sig, cpu_ms, rss = _reap(pid)
-                _send(ctl, {"t": "exited", "id": job_id, "code": code, "signal": sig,
-                            "cpu_ms": cpu_ms, "max_rss_kb": rss})
+        try:
+            events = poller.poll()
+        except InterruptedError:
+            continue
+        for fd, _ in events:
+            if fd == wake_read:
+                try:
+                    while os.read(wake_read, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                _reap_all(ctl, children)
                 continue
             data, fds, _, _ = socket.recv_fds(ctl, MAX_PACKET, 8)
             if not data:
@@ -173,15 +205,13 @@ def serve() -> None:
                         os.killpg(pid, signal.SIGKILL)
                     except OSError:
                         pass
-                for pid in list(children):
-                    _reap(pid)
                 os._exit(0)
             message = json.loads(data)
             kind = message["t"]
             if kind == "init":
                 filters = _parse_filters(bytes.fromhex(message["filters"]))
             elif kind == "kill":
-                for pid, (job_id, _) in children.items():
+                for pid, job_id in children.items():
                     if job_id == message["id"]:
                         try:
                             os.killpg(pid, message["sig"])
@@ -203,8 +233,8 @@ def serve() -> None:
                     os.setpgid(pid, pid)  # also in the child: whichever runs first
                 except OSError:
                     pass
-                pidfd = os.pidfd_open(pid)
-                children[pid] = (message["id"], pidfd)
-                by_pidfd[pidfd] = pid
-                poller.register(pidfd, select.POLLIN)
+                children[pid] = message["id"]
                 _send(ctl, {"t": "started", "id": message["id"], "pid": pid})
+        # A SIGCHLD that arrived while a message was handled is in the wake-up pipe; this
+        # also catches a child that exited before it was entered in `children`.
+        _reap_all(ctl, children)
