@@ -118,7 +118,7 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the daemon exited: {self.log.read_text()[-3000:]}")
-            if "receiving jobs" in self.log.read_text():
+            if "is receiving jobs" in self.log.read_text():
                 return self
             time.sleep(0.05)
         raise RuntimeError("the daemon did not start receiving")

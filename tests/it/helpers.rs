@@ -205,12 +205,8 @@ pub fn runner(temp: &Path) -> Runner {
     Runner::new(runtime, temp.to_path_buf())
 }
 
-/// An executor of real processes for the given repository workers.
-pub fn process_executor(names: &[&str], temp: &Path) -> ProcessExecutor {
-    process_executor_in(names, temp, Isolation::Spawn)
-}
-
-/// [`process_executor`] with every worker's jobs started in `mode`.
+/// An executor of real processes for the given repository workers, their jobs started in
+/// `mode`.
 pub fn process_executor_in(names: &[&str], temp: &Path, mode: Isolation) -> ProcessExecutor {
     let catalog = Catalog::scan(&workers_dir()).expect("workers folder");
     let ready = names
