@@ -26,6 +26,7 @@ children and exits.
 from __future__ import annotations
 
 import ctypes
+import gc
 import importlib
 import json
 import os
@@ -35,6 +36,9 @@ import socket
 import struct
 import sys
 import traceback
+
+# Imported here, once, so that no child pays for the runtime's own imports (json, logging).
+from hybrid_worker import _bootstrap
 
 CONTROL_FD = 3
 PR_SET_PDEATHSIG = 1
@@ -115,9 +119,7 @@ def _become_job(message, fds, filters, parent_pid: int, argv) -> None:
             sys.stderr.flush()
         finally:
             os._exit(71)
-    from hybrid_worker._bootstrap import run
-
-    run()  # ends with os._exit
+    _bootstrap.run()  # ends with os._exit
     os._exit(70)
 
 
@@ -170,6 +172,10 @@ def serve() -> None:
             failed.append(name)
     sys.stdout.flush()
     sys.stderr.flush()
+    # Everything imported so far is moved out of the collector's reach: a child's collections
+    # then never touch (and so never copy) the parent's pages.
+    gc.collect()
+    gc.freeze()
     filters = []
     me = os.getpid()
     argv = ["-c", runtime_dir, worker_dir, module_name, function_name]
