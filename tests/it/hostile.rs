@@ -343,7 +343,8 @@ async fn with_one_shared_uid_a_fork_bomb_starves_its_neighbour_but_not_the_daemo
     let _serial = SERIAL.lock().await;
     let daemon = Daemon::with_users(mode, 1);
     let (bomb, neighbour) = bomb_and_neighbour(&daemon).await;
-    assert_eq!(failure(&bomb).0, ErrorKind::HandlerError);
+    let (kind, message) = failure(&bomb);
+    assert_eq!(kind, ErrorKind::HandlerError, "{message}");
     let (kind, message) = failure(&neighbour);
     match mode {
         // The neighbour's interpreter starts (exec is let through), its threads do not.
