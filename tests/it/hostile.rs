@@ -307,6 +307,17 @@ async fn a_fork_bomb_is_contained_and_killed(mode: Isolation) {
 /// (A job that starts no thread or process is not affected: the kernel lets `exec` through at
 /// the limit.)
 async fn bomb_and_neighbour(daemon: &Daemon) -> (RunReport, RunReport) {
+    // What an earlier bomb on this uid left (zombies that init has yet to reap) would still
+    // count against the limit.
+    wait_for(
+        Duration::from_secs(10),
+        "no process of uid 200000 left by an earlier test",
+        || processes_of(200_000) == 0,
+    )
+    .await;
+    // In fork mode this starts the neighbour's warm parent before the bomb fills the table, so
+    // that the neighbour's failure is the fork of its job, not the start of its parent.
+    daemon.still_runs_jobs().await;
     let bomb = daemon.run("fork-bomb", json!({"hold_s": 8}), T);
     let neighbour = async {
         wait_for(
