@@ -37,7 +37,10 @@ import struct
 import sys
 import traceback
 
-# Imported here, once, so that no child pays for the runtime's own imports (json, logging).
+import tempfile
+
+# Imported here, once, so that no child pays for the runtime's own imports (json, logging), or
+# for `tempfile` (with shutil, random, bz2, lzma: ~5 ms), which each child resets below.
 from hybrid_worker import _bootstrap
 
 CONTROL_FD = 3
@@ -102,8 +105,6 @@ def _become_job(message, fds, filters, parent_pid: int, argv) -> None:
         os.chdir(message["cwd"])
         os.environ.clear()
         os.environ.update(message["env"])
-        import tempfile  # cheap: the parent imported it if anything did
-
         tempfile.tempdir = None  # a preloaded module may have cached the parent's folder
         if "numpy" in sys.modules:  # its global generator is not reseeded at fork
             try:
