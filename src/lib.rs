@@ -12,8 +12,9 @@
 //! 5. [`engine::executor`] — picks the worker ([`worker`]) and checks policy and its venv
 //!    ([`worker::venv`]).
 //! 6. [`engine::lock`] — keeps the message's lock while the job runs.
-//! 7. [`runner`] — one OS process per job: [`runner::child`] starts and ends it, [`runtime`]
-//!    is the Python side (`hybrid_worker`), [`runner::output`] reads its channel and output;
+//! 7. [`runner`] — one OS process per job: [`runner::child`] starts and ends it (spawn mode),
+//!    or [`runner::warm`] has the worker's warm parent fork it (fork mode); [`runtime`] is the
+//!    Python side (`hybrid_worker`), [`runner::output`] reads its channel and output;
 //!    [`sandbox`] confines it (limits, uid, Landlock, seccomp) before its interpreter starts.
 //! 8. [`engine::settle`] — the one mapping from outcome to broker actions: reply + complete,
 //!    scheduled retry ([`engine::retry`]) + complete, reply + dead-letter, or abandon.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 /// The files of the `hybrid_worker` package, relative to the runtime folder.
-const FILES: [(&str, &str); 2] = [
+const FILES: [(&str, &str); 3] = [
     (
         "hybrid_worker/__init__.py",
         include_str!("python/hybrid_worker/__init__.py"),
@@ -19,12 +19,21 @@ const FILES: [(&str, &str); 2] = [
         "hybrid_worker/_bootstrap.py",
         include_str!("python/hybrid_worker/_bootstrap.py"),
     ),
+    (
+        "hybrid_worker/_zygote.py",
+        include_str!("python/hybrid_worker/_zygote.py"),
+    ),
 ];
 
 /// The `-c` program a job's interpreter runs. Its arguments: runtime folder, worker folder,
 /// module, function.
 pub const STUB: &str = "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; \
                         from hybrid_worker._bootstrap import run; run()";
+
+/// The `-c` program of a warm parent (fork mode, `crate::runner::warm`). Its arguments:
+/// runtime folder, worker folder, module, function, the `preload` list as JSON.
+pub const ZYGOTE_STUB: &str = "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; \
+                               from hybrid_worker._zygote import serve; serve()";
 
 /// An installed copy of the runtime.
 #[derive(Debug, Clone)]

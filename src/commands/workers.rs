@@ -149,6 +149,21 @@ fn print_sandbox(
     temp_base: &Path,
 ) {
     let policy = sandbox.policy(worker, python, runtime_dir, temp_base);
+    match worker.isolation() {
+        crate::worker::Isolation::Spawn => println!(
+            "        isolation spawn     a fresh interpreter per job; every mechanism below is applied before it starts"
+        ),
+        crate::worker::Isolation::Fork => println!(
+            "        isolation fork      a warm parent (preload: {}) forks a child per job; the parent gets every mechanism below \
+             (seccomp allowing setpgid); each child leads its own group, then adds its own Landlock layer (only its temp folder \
+             writable) and the full seccomp filter; all of a worker's jobs share the parent's uid",
+            if worker.spec.preload.is_empty() {
+                "none".to_owned()
+            } else {
+                worker.spec.preload.join(", ")
+            }
+        ),
+    }
     for e in policy.enforcement() {
         let state = if e.on { "on" } else { "OFF" };
         println!(

@@ -71,6 +71,13 @@ impl ProcessExecutor {
             .into_iter()
             .filter(|n| !ready.contains_key(n))
             .collect();
+        // Fork-mode workers: start their warm parents now rather than at their first job.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            for r in ready.values().cloned() {
+                let runner = runner.clone();
+                handle.spawn(async move { runner.warm_up(&r.worker, &r.python).await });
+            }
+        }
         Self {
             ready,
             denied,

@@ -7,8 +7,12 @@
 
 pub mod child;
 pub mod output;
+pub mod warm;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::Signal;
@@ -19,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 use crate::job::{ErrorKind, JobError, Resources};
 use crate::runtime::{Runtime, STUB};
 use crate::sandbox::{Enforced, Sandbox, SandboxSettings};
-use crate::worker::Worker;
-use child::{ChildSpec, ExitInfo};
+use crate::telemetry::metrics::metrics;
+use crate::worker::{Isolation, Worker};
+use child::{ChildHandle, ChildPipes, ChildSpec, ExitInfo};
 use output::{Captured, ChannelEnd, LogRecord, Report};
 
 /// How long a job has between SIGTERM and SIGKILL when the runner stops it.
@@ -29,7 +34,7 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 /// the group could hold them open).
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
 /// Environment variables a job sees besides the worker's own `env` and the job's ids.
-const BASE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+pub(crate) const BASE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// Why the runner ended a job itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,13 +103,34 @@ impl RunReport {
 }
 
 /// Starts job processes from one installed runtime, under one temp folder, each in its
-/// sandbox.
+/// sandbox: spawned, or forked from the worker's warm parent ([`warm`]).
 #[derive(Debug, Clone)]
 pub struct Runner {
     runtime: Runtime,
     temp_base: PathBuf,
     sandbox: Sandbox,
+    /// The warm parents of fork-mode workers, shared by the runner's clones.
+    warm: Arc<warm::WarmPool>,
 }
+
+/// A started job's process, whichever way it was started.
+enum JobProcess {
+    Spawned(ChildHandle),
+    Forked(warm::ForkedJob),
+}
+
+impl JobProcess {
+    fn signal_group(&self, signal: Signal) {
+        match self {
+            JobProcess::Spawned(handle) => handle.signal_group(signal),
+            JobProcess::Forked(job) => job.signal_group(signal),
+        }
+    }
+}
+
+/// How the job's process ended, when the runner learns it: `None` when that is unknown (its
+/// warm parent died with it).
+type ExitFuture = Pin<Box<dyn Future<Output = Option<ExitInfo>> + Send>>;
 
 impl Runner {
     /// A runner with the full sandbox and default settings.
@@ -115,10 +141,31 @@ impl Runner {
     /// A runner with the given sandbox (the configured settings, or fewer mechanisms for the
     /// benchmark).
     pub fn with_sandbox(runtime: Runtime, temp_base: PathBuf, sandbox: Sandbox) -> Self {
+        let warm = Arc::new(warm::WarmPool::new(
+            runtime.dir.clone(),
+            temp_base.clone(),
+            sandbox.clone(),
+        ));
         Self {
             runtime,
             temp_base,
             sandbox,
+            warm,
+        }
+    }
+
+    /// The warm parents of fork-mode workers.
+    pub fn warm_pool(&self) -> &warm::WarmPool {
+        &self.warm
+    }
+
+    /// Starts the warm parent of `worker` now when it runs in fork mode, so that its first job
+    /// does not wait for the imports; a failure is logged and retried at the first job.
+    pub async fn warm_up(&self, worker: &Worker, python: &Path) {
+        if worker.isolation() == Isolation::Fork
+            && let Err(e) = self.warm.warm_up(worker, python).await
+        {
+            tracing::warn!(worker = %worker.name, error = %e, "Could not start the warm parent; the first job will try again.");
         }
     }
 
@@ -142,49 +189,13 @@ impl Runner {
             duration: started.elapsed(),
             ..RunReport::failed_to_start(JobError::new(kind, message))
         };
-        let workdir = match tempfile::Builder::new()
-            .prefix("hybrid-job-")
-            .tempdir_in(&self.temp_base)
-        {
-            Ok(dir) => dir,
-            Err(e) => {
-                return failed(
-                    ErrorKind::Crashed,
-                    format!(
-                        "cannot create the job's temp folder under {}: {e}",
-                        self.temp_base.display()
-                    ),
-                );
-            }
+        let started_job = match request.worker.isolation() {
+            Isolation::Spawn => self.spawn(&request),
+            Isolation::Fork => self.fork(&request).await,
         };
-        let spec = self.child_spec(&request, workdir.path());
-        // `_uid` is held until the run ends: the uid is the job's alone while it runs.
-        let (policy, _uid) = self.sandbox.policy_for_job(
-            request.worker,
-            &request.python,
-            &self.runtime.dir,
-            &self.temp_base,
-        );
-        let prepared = match policy.prepare(workdir.path()) {
-            Ok(prepared) => prepared,
-            Err(e) => {
-                return failed(
-                    ErrorKind::Crashed,
-                    format!("cannot prepare the job's sandbox: {e}"),
-                );
-            }
-        };
-        let spawning = std::time::Instant::now();
-        let spawned = child::spawn(&spec, prepared);
-        crate::telemetry::metrics::metrics().observe_process_start("spawn", spawning.elapsed());
-        let (handle, pipes) = match spawned {
-            Ok(started) => started,
-            Err(e) => {
-                return failed(
-                    ErrorKind::Crashed,
-                    format!("cannot start {}: {e}", spec.program.display()),
-                );
-            }
+        let (process, pipes, workdir, exit) = match started_job {
+            Ok(started_job) => started_job,
+            Err((kind, message)) => return failed(kind, message),
         };
         let limits = request.worker.limits();
         let deadline = SystemTime::now() + request.timeout;
@@ -210,8 +221,7 @@ impl Runner {
         let stdout = output::capture(pipes.stdout, output_cap);
         let stderr = output::capture(pipes.stderr, output_cap);
         let channel = output::read_channel(pipes.channel, line_limit, output_cap, on_log);
-        let waiter = handle.clone();
-        let mut exit = tokio::task::spawn_blocking(move || waiter.wait_blocking());
+        let mut exit = exit;
 
         let io = async { tokio::join!(write_job, stdout, stderr, channel) };
         tokio::pin!(io);
@@ -226,7 +236,7 @@ impl Runner {
         let mut io_result = None;
         let exit_info = loop {
             let kill = tokio::select! {
-                waited = &mut exit => break waited.ok().and_then(Result::ok),
+                waited = &mut exit => break waited,
                 done = &mut io, if io_result.is_none() => {
                     let too_large = matches!(done.3, Ok((ChannelEnd::TooLarge { .. }, _)));
                     io_result = Some(done);
@@ -235,14 +245,14 @@ impl Runner {
                 () = &mut timeout, if killed.is_none() => Some(KillReason::Timeout),
                 () = stop.cancelled(), if killed.is_none() => Some(KillReason::Stopped),
                 () = &mut escalation, if escalation_armed => {
-                    handle.signal_group(Signal::SIGKILL);
+                    process.signal_group(Signal::SIGKILL);
                     escalation_armed = false;
                     None
                 }
             };
             if let Some(reason) = kill.filter(|_| killed.is_none()) {
                 killed = Some(reason);
-                handle.signal_group(Signal::SIGTERM);
+                process.signal_group(Signal::SIGTERM);
                 escalation
                     .as_mut()
                     .reset(tokio::time::Instant::now() + KILL_GRACE);
@@ -272,6 +282,7 @@ impl Runner {
                 0,
             )
         });
+        drop(process);
         if let Err(e) = workdir.close() {
             tracing::warn!(error = %e, "Could not remove a job's temp folder.");
         }
@@ -292,6 +303,74 @@ impl Runner {
             exit: exit_info,
             dropped_logs,
         }
+    }
+
+    /// Spawn mode: a fresh interpreter, sandboxed between fork and exec.
+    #[allow(clippy::type_complexity)]
+    fn spawn(
+        &self,
+        request: &RunRequest<'_>,
+    ) -> Result<(JobProcess, ChildPipes, tempfile::TempDir, ExitFuture), (ErrorKind, String)> {
+        let workdir = tempfile::Builder::new()
+            .prefix("hybrid-job-")
+            .tempdir_in(&self.temp_base)
+            .map_err(|e| {
+                (
+                    ErrorKind::Crashed,
+                    format!(
+                        "cannot create the job's temp folder under {}: {e}",
+                        self.temp_base.display()
+                    ),
+                )
+            })?;
+        let spec = self.child_spec(request, workdir.path());
+        // `uid` is held until the process is reaped: the uid is the job's alone while it runs.
+        let (policy, uid) = self.sandbox.policy_for_job(
+            request.worker,
+            &request.python,
+            &self.runtime.dir,
+            &self.temp_base,
+        );
+        let prepared = policy.prepare(workdir.path()).map_err(|e| {
+            (
+                ErrorKind::Crashed,
+                format!("cannot prepare the job's sandbox: {e}"),
+            )
+        })?;
+        let spawning = std::time::Instant::now();
+        let (handle, pipes) = child::spawn(&spec, prepared).map_err(|e| {
+            (
+                ErrorKind::Crashed,
+                format!("cannot start {}: {e}", spec.program.display()),
+            )
+        })?;
+        metrics().observe_process_start("spawn", spawning.elapsed());
+        let waiter = handle.clone();
+        let exit: ExitFuture = Box::pin(async move {
+            let waited = tokio::task::spawn_blocking(move || waiter.wait_blocking()).await;
+            drop(uid);
+            waited.ok().and_then(Result::ok)
+        });
+        Ok((JobProcess::Spawned(handle), pipes, workdir, exit))
+    }
+
+    /// Fork mode: a child of the worker's warm parent ([`warm`]).
+    #[allow(clippy::type_complexity)]
+    async fn fork(
+        &self,
+        request: &RunRequest<'_>,
+    ) -> Result<(JobProcess, ChildPipes, tempfile::TempDir, ExitFuture), (ErrorKind, String)> {
+        let env = |workdir: &Path| self.child_spec(request, workdir).env;
+        let forking = std::time::Instant::now();
+        let (job, pipes, workdir, exited) = self
+            .warm
+            .fork_job(request.worker, &request.python, &env)
+            .await
+            .map_err(|e| (ErrorKind::Crashed, format!("cannot start the job: {e}")))?;
+        metrics().observe_process_start("fork", forking.elapsed());
+        // A dropped sender means the warm parent died: how the job ended is unknown.
+        let exit: ExitFuture = Box::pin(async move { exited.await.ok() });
+        Ok((JobProcess::Forked(job), pipes, workdir, exit))
     }
 
     fn child_spec(&self, request: &RunRequest<'_>, workdir: &Path) -> ChildSpec {

@@ -454,6 +454,65 @@ impl SandboxPolicy {
     /// the seccomp programs, the Landlock ruleset (with `workdir` writable), and hands `workdir`
     /// to the job's user.
     pub fn prepare(&self, workdir: &Path) -> Result<Prepared, SandboxError> {
+        self.prepare_as(workdir, seccomp::FilterKind::Job)
+    }
+
+    /// [`SandboxPolicy::prepare`] for the warm parent of fork mode (`dir` is its private
+    /// folder, under which its jobs' temp folders are made): every mechanism a job gets, with
+    /// one difference, its seccomp filter allows `setpgid` so that each forked child can lead
+    /// its own process group before it installs the job's filter ([`Self::fork_child_filters`]).
+    pub fn prepare_warm_parent(&self, dir: &Path) -> Result<Prepared, SandboxError> {
+        self.prepare_as(dir, seccomp::FilterKind::WarmParent)
+    }
+
+    /// The job's seccomp filters for the children of the warm parent `parent_pid`, as bytes
+    /// the child installs itself (`seccomp::to_bytes`); empty when seccomp is off here. They
+    /// protect the daemon and the warm parent from the job's signals.
+    pub fn fork_child_filters(&self, parent_pid: u32) -> Result<Vec<u8>, SandboxError> {
+        if !(self.mechanisms.seccomp && self.support.seccomp) {
+            return Ok(Vec::new());
+        }
+        let filters = seccomp::compile_for(
+            self.limits.network,
+            &[std::process::id(), parent_pid],
+            seccomp::FilterKind::Job,
+        )?;
+        Ok(seccomp::to_bytes(&filters))
+    }
+
+    /// A forked child's own Landlock layer: the job's full ruleset with only its `workdir`
+    /// writable, stacked on the warm parent's (whose writable folder holds every job's temp
+    /// folder), so that a job cannot touch its neighbours' folders and, with ABI 6, cannot
+    /// signal its warm parent. Also hands `workdir` to the job's user (the parent's uid).
+    /// `None` when Landlock is off here.
+    pub fn prepare_fork_child(&self, workdir: &Path) -> Result<Option<OwnedFd>, SandboxError> {
+        if let (JobUser::Drop { uid, gid }, true) = (&self.user, self.mechanisms.user) {
+            nix::unistd::chown(
+                workdir,
+                Some(nix::unistd::Uid::from_raw(*uid)),
+                Some(nix::unistd::Gid::from_raw(*gid)),
+            )
+            .map_err(|e| SandboxError::Chown {
+                path: workdir.to_path_buf(),
+                uid: *uid,
+                source: e.into(),
+            })?;
+        }
+        match (self.mechanisms.landlock, &self.support.landlock_abi) {
+            (true, Ok(_)) => {
+                let mut rules = self.fs.clone();
+                rules.read_write.push(workdir.to_path_buf());
+                Ok(landlock::build(&rules, self.limits.network)?)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn prepare_as(
+        &self,
+        workdir: &Path,
+        filter: seccomp::FilterKind,
+    ) -> Result<Prepared, SandboxError> {
         let m = &self.mechanisms;
         let l = &self.limits;
         let mut rlimits = Vec::new();
@@ -506,7 +565,7 @@ impl SandboxPolicy {
             _ => None,
         };
         let seccomp = if m.seccomp && self.support.seccomp {
-            seccomp::compile(l.network, std::process::id())?
+            seccomp::compile_for(l.network, &[std::process::id()], filter)?
         } else {
             Vec::new()
         };

@@ -89,8 +89,32 @@ pub fn denied_names() -> impl Iterator<Item = &'static str> {
     DENIED.iter().map(|(name, _)| *name)
 }
 
-/// The compiled filters, in the order they are installed.
+/// Which filter to build: a job's, or the warm parent's of fork mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterKind {
+    /// The job's filter (spawn mode, and each forked child of fork mode).
+    Job,
+    /// The warm parent's (fork mode): the job's, except that `setpgid` is allowed, because
+    /// each forked child must become the leader of its own process group before it installs
+    /// the job's filter on top (filters stack: the stricter answer wins). The parent never
+    /// runs a job's code.
+    WarmParent,
+}
+
+/// The compiled filters, in the order they are installed. `protected` are the pids a job may
+/// not signal: the daemon's, and in fork mode also its warm parent's.
 pub fn compile(network: NetworkPolicy, daemon_pid: u32) -> Result<Vec<BpfProgram>, SeccompError> {
+    compile_for(network, &[daemon_pid], FilterKind::Job)
+}
+
+/// [`compile`] for the given kind of process, protecting every pid of `protected` (the first is
+/// the daemon's; its process group is protected too).
+pub fn compile_for(
+    network: NetworkPolicy,
+    protected: &[u32],
+    kind: FilterKind,
+) -> Result<Vec<BpfProgram>, SeccompError> {
+    let daemon_pid = protected.first().copied().unwrap_or(0);
     let err = |e: seccompiler::BackendError| SeccompError(e.to_string());
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(err)?;
     let arg = |index: u8, op: SeccompCmpOp, value: u64| {
@@ -99,7 +123,10 @@ pub fn compile(network: NetworkPolicy, daemon_pid: u32) -> Result<Vec<BpfProgram
     let rule = |conditions: Vec<SeccompCondition>| SeccompRule::new(conditions).map_err(err);
 
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for (_, nr) in DENIED {
+    for (name, nr) in DENIED {
+        if kind == FilterKind::WarmParent && *name == "setpgid" {
+            continue;
+        }
         rules.insert(*nr, Vec::new());
     }
     // Network: with "deny" only local (AF_UNIX) sockets; with "allow" no raw packet sockets.
@@ -117,25 +144,28 @@ pub fn compile(network: NetworkPolicy, daemon_pid: u32) -> Result<Vec<BpfProgram
     // The uid drop or Landlock's signal scope stop these too; this holds even where neither
     // is available, except for a `kill` aimed at one of the daemon's thread ids, which only
     // they stop (README.security.md).
-    let pid = u64::from(daemon_pid);
     let minus_one = u64::from(u32::MAX);
     // The daemon's process group, as `kill(-pgid)` names it.
     let daemon_group = u64::from(daemon_pid.wrapping_neg());
-    rules.insert(
-        libc::SYS_kill,
-        vec![
-            rule(vec![arg(0, SeccompCmpOp::Eq, pid)?])?,
-            rule(vec![arg(0, SeccompCmpOp::Eq, minus_one)?])?,
-            rule(vec![arg(0, SeccompCmpOp::Eq, daemon_group)?])?,
-        ],
-    );
+    let mut kill_rules = vec![
+        rule(vec![arg(0, SeccompCmpOp::Eq, minus_one)?])?,
+        rule(vec![arg(0, SeccompCmpOp::Eq, daemon_group)?])?,
+    ];
+    for pid in protected {
+        kill_rules.push(rule(vec![arg(0, SeccompCmpOp::Eq, u64::from(*pid))?])?);
+    }
+    rules.insert(libc::SYS_kill, kill_rules);
     for nr in [
         libc::SYS_tgkill,
         libc::SYS_rt_sigqueueinfo,
         libc::SYS_rt_tgsigqueueinfo,
         libc::SYS_pidfd_open,
     ] {
-        rules.insert(nr, vec![rule(vec![arg(0, SeccompCmpOp::Eq, pid)?])?]);
+        let mut by_pid = Vec::new();
+        for pid in protected {
+            by_pid.push(rule(vec![arg(0, SeccompCmpOp::Eq, u64::from(*pid))?])?);
+        }
+        rules.insert(nr, by_pid);
     }
     #[cfg(target_arch = "x86_64")]
     {
@@ -176,4 +206,21 @@ pub fn install(filters: &[BpfProgram]) -> std::io::Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// The filters as bytes, for a process that installs them itself (a forked child of fork mode,
+/// in Python): for each filter, its instruction count as a little-endian `u32`, then its
+/// `struct sock_filter` instructions in native layout (`u16 code, u8 jt, u8 jf, u32 k`).
+pub fn to_bytes(filters: &[BpfProgram]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for filter in filters {
+        out.extend_from_slice(&(filter.len() as u32).to_le_bytes());
+        for ins in filter {
+            out.extend_from_slice(&ins.code.to_ne_bytes());
+            out.push(ins.jt);
+            out.push(ins.jf);
+            out.extend_from_slice(&ins.k.to_ne_bytes());
+        }
+    }
+    out
 }

@@ -186,12 +186,22 @@ impl ServiceBusBroker {
     }
 
     async fn open(&self) -> Result<Live, BrokerError> {
+        // Our own socket, with Nagle off (see `tcp`): otherwise ~40 ms per settlement.
+        let endpoint = super::tcp::Endpoint::parse(&self.config.url)
+            .map_err(|e| BrokerError::Connection(e.to_string()))?;
+        let stream = endpoint
+            .connect()
+            .await
+            .map_err(|e| connection_error(&format!("connecting to {}", self.config.url), e))?;
         let mut connection = Connection::builder()
             .container_id(format!("hybrid-worker-{}", Uuid::new_v4()))
             .hostname(self.config.hostname.as_str())
+            .sasl_hostname(endpoint.host.as_str())
+            .scheme(endpoint.scheme)
+            .domain(endpoint.domain())
             .sasl_profile(SaslProfile::Anonymous)
             .alt_tls_establishment(true)
-            .open(self.config.url.as_str())
+            .open_with_stream(stream)
             .await
             .map_err(|e| connection_error(&format!("connecting to {}", self.config.url), e))?;
         let mut session = Session::begin(&mut connection)

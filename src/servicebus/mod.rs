@@ -8,3 +8,4 @@ pub mod credential;
 pub mod management;
 pub mod message;
 pub mod sas;
+pub mod tcp;

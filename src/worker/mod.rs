@@ -45,6 +45,23 @@ pub enum NetworkPolicy {
     Allow,
 }
 
+/// How each job of a worker gets its fresh process.
+///
+/// `spawn` is the default: it is the simplest to reason about (nothing at all is shared with
+/// anything that ran before), and it is the only mode that gives each running job a uid of its
+/// own (`sandbox.users`). `fork` is opted into per worker once its handler is known to be safe
+/// to import once and fork (no threads started at import, no per-job state made at import).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// A fresh interpreter per job (`python -I`), started by the daemon.
+    #[default]
+    Spawn,
+    /// A child forked per job from a warm parent that imported the handler and `preload`
+    /// once, in the same sandbox; the child runs one job and exits (`crate::runner::warm`).
+    Fork,
+}
+
 /// `worker.toml`, as written by a worker's author.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,6 +70,13 @@ pub struct WorkerToml {
     pub entrypoint: String,
     #[serde(default)]
     pub description: String,
+    /// `spawn` (default) or `fork`.
+    #[serde(default)]
+    pub isolation: Isolation,
+    /// Modules the warm parent imports besides the handler's (fork mode only), so that no job
+    /// pays for them: e.g. `["pandas"]`.
+    #[serde(default)]
+    pub preload: Vec<String>,
     #[serde(flatten)]
     pub limits: Limits,
     #[serde(default)]
@@ -194,6 +218,10 @@ impl Worker {
         &self.spec.limits
     }
 
+    pub fn isolation(&self) -> Isolation {
+        self.spec.isolation
+    }
+
     pub fn requirements_path(&self) -> PathBuf {
         self.dir.join("requirements.txt")
     }
@@ -250,6 +278,9 @@ fn check_limits(spec: &WorkerToml) -> Result<(), String> {
     }
     if let Some(path) = l.writable.iter().find(|p| !p.is_absolute()) {
         return Err(format!("writable path {} must be absolute", path.display()));
+    }
+    if let Some(bad) = spec.preload.iter().find(|m| !is_dotted_identifier(m)) {
+        return Err(format!("preload entry {bad:?} is not a module name"));
     }
     let r = &spec.retry;
     let initial_ok = r.initial_delay_s.is_finite() && r.initial_delay_s >= 0.0;
@@ -345,6 +376,15 @@ mod tests {
         assert_eq!((w.module.as_str(), w.function.as_str()), ("pkg.mod", "run"));
         assert_eq!(w.limits(), &Limits::default());
         assert_eq!(w.limits().network, NetworkPolicy::Deny);
+        assert_eq!(w.isolation(), Isolation::Spawn);
+        let dir = write_worker(
+            root.path(),
+            "w2",
+            "entrypoint = \"m:run\"\nisolation = \"fork\"\npreload = [\"json\", \"email.mime\"]\n",
+        );
+        let w = Worker::load(&dir).expect("loads");
+        assert_eq!(w.isolation(), Isolation::Fork);
+        assert_eq!(w.spec.preload, ["json", "email.mime"]);
     }
 
     #[test]
@@ -368,6 +408,16 @@ mod tests {
                 "f",
                 "entrypoint = \"m:f\"\nwritable = [\"data\"]\n",
                 "must be absolute",
+            ),
+            (
+                "g",
+                "entrypoint = \"m:f\"\nisolation = \"thread\"\n",
+                "unknown variant",
+            ),
+            (
+                "h",
+                "entrypoint = \"m:f\"\npreload = [\"os; import x\"]\n",
+                "not a module name",
             ),
         ];
         for (name, toml, expected) in cases {

@@ -18,7 +18,7 @@ use hybrid_worker::runner::{RunOutcome, RunReport, Runner};
 use hybrid_worker::runtime::Runtime;
 use hybrid_worker::worker::python::Interpreter;
 use hybrid_worker::worker::venv::{VenvPlan, VenvState};
-use hybrid_worker::worker::{Catalog, RetryPolicy};
+use hybrid_worker::worker::{Catalog, Isolation, RetryPolicy};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -205,10 +205,14 @@ pub fn runner(temp: &Path) -> Runner {
     Runner::new(runtime, temp.to_path_buf())
 }
 
-/// An executor of real processes for the given repository workers.
-pub fn process_executor(names: &[&str], temp: &Path) -> ProcessExecutor {
+/// An executor of real processes for the given repository workers, their jobs started in
+/// `mode`.
+pub fn process_executor_in(names: &[&str], temp: &Path, mode: Isolation) -> ProcessExecutor {
     let catalog = Catalog::scan(&workers_dir()).expect("workers folder");
-    let ready = names.iter().map(|n| ready_worker(n)).collect();
+    let ready = names
+        .iter()
+        .map(|n| in_mode(ready_worker(n), mode))
+        .collect();
     ProcessExecutor::new(ready, &catalog, runner(temp))
 }
 
@@ -324,4 +328,31 @@ pub fn sandboxed_runner_with(
         temp.to_path_buf(),
         hybrid_worker::sandbox::Sandbox::new(settings),
     )
+}
+
+/// `ready` with its jobs started in `mode`, whatever its `worker.toml` says: the runner and
+/// hostile suites run every case in both modes.
+pub fn in_mode(mut ready: ReadyWorker, mode: Isolation) -> ReadyWorker {
+    ready.worker.spec.isolation = mode;
+    ready
+}
+
+/// Defines, for each named `async fn name(mode: Isolation)`, the tests `name::spawn` and
+/// `name::fork`.
+#[macro_export]
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test]
+                async fn spawn() {
+                    super::$name(hybrid_worker::worker::Isolation::Spawn).await
+                }
+                #[tokio::test]
+                async fn fork() {
+                    super::$name(hybrid_worker::worker::Isolation::Fork).await
+                }
+            }
+        )*
+    };
 }

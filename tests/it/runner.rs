@@ -7,6 +7,7 @@ use std::time::Duration;
 use hybrid_worker::broker::memory::MemoryBroker;
 use hybrid_worker::job::ErrorKind;
 use hybrid_worker::runner::{KillReason, RunOutcome, RunReport, RunRequest};
+use hybrid_worker::worker::Isolation;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -15,9 +16,9 @@ use crate::helpers::*;
 const SECRET: &str = "s3cr3t-daemon-credential";
 
 /// Runs the diagnostics worker with `input`, collecting its log records.
-async fn diagnostics(input: Value, timeout: Duration) -> (RunReport, Vec<String>) {
+async fn diagnostics(mode: Isolation, input: Value, timeout: Duration) -> (RunReport, Vec<String>) {
     let temp = tempfile::tempdir().expect("tmp");
-    let ready = ready_worker("diagnostics");
+    let ready = in_mode(ready_worker("diagnostics"), mode);
     let runner = runner(temp.path());
     let logs = Mutex::new(Vec::new());
     let on_log =
@@ -56,11 +57,10 @@ fn output(report: &RunReport) -> Value {
 
 const T: Duration = Duration::from_secs(20);
 
-#[tokio::test]
-async fn no_daemon_environment_reaches_a_job() {
+async fn no_daemon_environment_reaches_a_job(mode: Isolation) {
     // SAFETY: set once before any job starts; the value is only read by children.
     unsafe { std::env::set_var("HYBRID_TEST_DAEMON_SECRET", SECRET) };
-    let (report, _) = diagnostics(json!({"action": "env"}), T).await;
+    let (report, _) = diagnostics(mode, json!({"action": "env"}), T).await;
     let env = output(&report)["env"].as_object().expect("env map").clone();
     let allowed = [
         "PATH",
@@ -84,22 +84,20 @@ async fn no_daemon_environment_reaches_a_job() {
     assert_eq!(env["TRACEPARENT"], "00-abc-def-01");
 }
 
-#[tokio::test]
-async fn context_and_logs_reach_the_handler_and_the_daemon() {
-    let (report, _) = diagnostics(json!({"action": "context"}), T).await;
+async fn context_and_logs_reach_the_handler_and_the_daemon(mode: Isolation) {
+    let (report, _) = diagnostics(mode, json!({"action": "context"}), T).await;
     let ctx = output(&report);
     assert_eq!(ctx["job_id"], "job-1");
     assert_eq!(ctx["attempt"], 2);
     assert_eq!(ctx["correlation_id"], "corr-1");
     assert!(ctx["remaining_s"].as_f64().expect("remaining") > 10.0);
-    let (report, logs) = diagnostics(json!({"action": "log", "lines": 3}), T).await;
+    let (report, logs) = diagnostics(mode, json!({"action": "log", "lines": 3}), T).await;
     assert_eq!(output(&report)["logged"], 3);
     assert_eq!(logs.len(), 3, "{logs:?}");
 }
 
-#[tokio::test]
-async fn each_failure_has_its_kind() {
-    let (r, _) = diagnostics(json!({"action": "fail", "message": "flaky"}), T).await;
+async fn each_failure_has_its_kind(mode: Isolation) {
+    let (r, _) = diagnostics(mode, json!({"action": "fail", "message": "flaky"}), T).await;
     let (kind, message, retryable) = failure(&r);
     assert_eq!((kind, retryable), (ErrorKind::HandlerError, true));
     assert!(message.contains("flaky"));
@@ -108,32 +106,37 @@ async fn each_failure_has_its_kind() {
         "the traceback goes to stderr"
     );
 
-    let (r, _) = diagnostics(json!({"action": "invalid", "message": "bad field"}), T).await;
+    let (r, _) = diagnostics(
+        mode,
+        json!({"action": "invalid", "message": "bad field"}),
+        T,
+    )
+    .await;
     let (kind, message, retryable) = failure(&r);
     assert_eq!((kind, retryable), (ErrorKind::InvalidInput, false));
     assert_eq!(message, "bad field");
 
-    let (r, _) = diagnostics(json!({"action": "signal", "signal": "SIGSEGV"}), T).await;
+    let (r, _) = diagnostics(mode, json!({"action": "signal", "signal": "SIGSEGV"}), T).await;
     let (kind, message, _) = failure(&r);
     assert_eq!(kind, ErrorKind::Crashed);
     assert!(message.contains("SIGSEGV"), "{message}");
 
-    let (r, _) = diagnostics(json!({"action": "exit", "code": 3}), T).await;
+    let (r, _) = diagnostics(mode, json!({"action": "exit", "code": 3}), T).await;
     let (kind, message, _) = failure(&r);
     assert_eq!(kind, ErrorKind::Crashed);
     assert!(message.contains("code 3"), "{message}");
 
-    let (r, _) = diagnostics(json!({"action": "alloc", "mb": 4096}), T).await;
+    let (r, _) = diagnostics(mode, json!({"action": "alloc", "mb": 4096}), T).await;
     assert_eq!(failure(&r).0, ErrorKind::MemoryLimit);
 
-    let (r, _) = diagnostics(json!({"action": "result", "kb": 1024}), T).await;
+    let (r, _) = diagnostics(mode, json!({"action": "result", "kb": 1024}), T).await;
     assert_eq!(failure(&r).0, ErrorKind::ResultTooLarge);
 }
 
-#[tokio::test]
-async fn a_deadline_kills_the_whole_job_even_if_it_ignores_sigterm() {
+async fn a_deadline_kills_the_whole_job_even_if_it_ignores_sigterm(mode: Isolation) {
     let started = std::time::Instant::now();
     let (r, _) = diagnostics(
+        mode,
         json!({"action": "sleep", "seconds": 60, "ignore_sigterm": true}),
         Duration::from_secs(1),
     )
@@ -144,9 +147,9 @@ async fn a_deadline_kills_the_whole_job_even_if_it_ignores_sigterm() {
     assert!(took < Duration::from_secs(6), "took {took:?}");
 }
 
-#[tokio::test]
-async fn output_is_captured_and_capped() {
+async fn output_is_captured_and_capped(mode: Isolation) {
     let (r, _) = diagnostics(
+        mode,
         json!({"action": "print", "bytes": 5_000_000, "stream": "stdout"}),
         T,
     )
@@ -156,29 +159,33 @@ async fn output_is_captured_and_capped() {
     assert_eq!(r.stdout.kept.len(), 256 * 1024, "kept up to max_output_kb");
 }
 
-#[tokio::test]
-async fn the_temp_folder_is_private_and_removed() {
-    let (r, _) = diagnostics(json!({"action": "cwd"}), T).await;
+async fn the_temp_folder_is_private_and_removed(mode: Isolation) {
+    let (r, _) = diagnostics(mode, json!({"action": "cwd"}), T).await;
     let out = output(&r);
     let cwd = out["cwd"].as_str().expect("cwd");
     assert!(cwd.contains("hybrid-job-"));
+    // A forked job's folder lies inside its warm parent's private folder.
+    assert_eq!(
+        cwd.contains("/hybrid-warm-diagnostics-"),
+        mode == Isolation::Fork,
+        "{cwd}"
+    );
     assert!(!std::path::Path::new(cwd).exists(), "removed after the job");
 }
 
-#[tokio::test]
-async fn resources_are_measured() {
-    let (r, _) = diagnostics(json!({"action": "spin", "seconds": 0.3}), T).await;
+async fn resources_are_measured(mode: Isolation) {
+    let (r, _) = diagnostics(mode, json!({"action": "spin", "seconds": 0.3}), T).await;
     output(&r);
     assert!(r.resources.cpu_ms >= 200, "{:?}", r.resources);
     assert!(r.resources.max_rss_kb > 1000, "{:?}", r.resources);
 }
 
-#[tokio::test]
-async fn the_engine_runs_a_real_worker_end_to_end() {
+async fn the_engine_runs_a_real_worker_end_to_end(mode: Isolation) {
     let temp = tempfile::tempdir().expect("tmp");
-    let executor = Arc::new(process_executor(
+    let executor = Arc::new(process_executor_in(
         &["csv-normalize", "diagnostics"],
         temp.path(),
+        mode,
     ));
     let broker = Arc::new(MemoryBroker::new(JOBS, Duration::from_secs(30), 10));
     let input: Value = serde_json::from_str(
@@ -212,3 +219,104 @@ async fn the_engine_runs_a_real_worker_end_to_end() {
     assert_eq!(replies["bad-1"].1["error"]["kind"], "InvalidInput");
     assert_eq!(broker.dead_letters().len(), 1);
 }
+
+/// Every job is a process of its own, leader of its own group, and starts from a clean
+/// interpreter: in fork mode each is a child of the one warm parent, which survives them.
+async fn each_job_is_a_fresh_process(mode: Isolation) {
+    let temp = tempfile::tempdir().expect("tmp");
+    let ready = in_mode(ready_worker("diagnostics"), mode);
+    let runner = runner(temp.path());
+    let input = json!({"action": "process"});
+    let mut seen = Vec::new();
+    for n in 0..3 {
+        let job_id = format!("job-{n}");
+        let request = RunRequest {
+            worker: &ready.worker,
+            python: ready.python.clone(),
+            job_id: &job_id,
+            attempt: 1,
+            correlation_id: None,
+            input: &input,
+            timeout: T,
+            extra_env: Vec::new(),
+        };
+        let report = runner.run(request, CancellationToken::new(), &|_| {}).await;
+        let out = output(&report);
+        assert_eq!(out["earlier_jobs"], json!([]), "a job saw an earlier one");
+        assert_eq!(
+            out["pgid"], out["pid"],
+            "the job leads its own process group"
+        );
+        seen.push(out);
+    }
+    assert!(seen[0]["pid"] != seen[1]["pid"] && seen[1]["pid"] != seen[2]["pid"]);
+    let parent = runner.warm_pool().parent_pid("diagnostics").await;
+    match mode {
+        Isolation::Spawn => {
+            assert_eq!(parent, None);
+            assert_eq!(seen[0]["ppid"], std::process::id());
+        }
+        Isolation::Fork => {
+            let parent = parent.expect("a warm parent");
+            assert!(seen.iter().all(|o| o["ppid"] == parent), "{seen:?}");
+        }
+    }
+}
+
+/// A warm parent that dies is replaced at the next job, which runs normally.
+#[tokio::test]
+async fn a_dead_warm_parent_is_restarted() {
+    let temp = tempfile::tempdir().expect("tmp");
+    let ready = in_mode(ready_worker("diagnostics"), Isolation::Fork);
+    let runner = runner(temp.path());
+    let input = json!({"action": "process"});
+    let run = || {
+        let request = RunRequest {
+            worker: &ready.worker,
+            python: ready.python.clone(),
+            job_id: "job",
+            attempt: 1,
+            correlation_id: None,
+            input: &input,
+            timeout: T,
+            extra_env: Vec::new(),
+        };
+        runner.run(request, CancellationToken::new(), &|_| {})
+    };
+    let first = output(&run().await);
+    let parent = runner
+        .warm_pool()
+        .parent_pid("diagnostics")
+        .await
+        .expect("a warm parent");
+    assert_eq!(first["ppid"], parent);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(parent),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    wait_for(Duration::from_secs(5), "the parent to be seen dead", || {
+        std::fs::read_to_string(format!("/proc/{parent}/stat")).is_err()
+    })
+    .await;
+    let second = output(&run().await);
+    let new_parent = runner
+        .warm_pool()
+        .parent_pid("diagnostics")
+        .await
+        .expect("a new warm parent");
+    assert_ne!(new_parent, parent);
+    assert_eq!(second["ppid"], new_parent);
+}
+
+crate::in_both_modes!(
+    each_job_is_a_fresh_process,
+    no_daemon_environment_reaches_a_job,
+    context_and_logs_reach_the_handler_and_the_daemon,
+    each_failure_has_its_kind,
+    a_deadline_kills_the_whole_job_even_if_it_ignores_sigterm,
+    output_is_captured_and_capped,
+    the_temp_folder_is_private_and_removed,
+    resources_are_measured,
+    the_engine_runs_a_real_worker_end_to_end,
+);

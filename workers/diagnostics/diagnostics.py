@@ -158,11 +158,25 @@ def _context(params: Params, ctx: Any) -> Any:
     }
 
 
+# Job ids this process has served. A fresh process per job (spawn, or a fork of a warm parent
+# that never runs jobs) always reports an empty list: nothing of a job survives it.
+_SERVED: list[str] = []
+
+
+def _process(params: Params, ctx: Any) -> Any:
+    """Where the job runs, and what earlier jobs left in this interpreter."""
+    earlier = list(_SERVED)
+    _SERVED.append(ctx.job_id)
+    return {"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgid(0),
+            "earlier_jobs": earlier}
+
+
 def _spin(params: Params, ctx: Any) -> Any:
-    """Burn CPU rather than sleep, to test the CPU-time limit and timeouts of a busy process."""
+    """Burn CPU rather than sleep, to test the CPU-time limit and timeouts of a busy process.
+    Counts CPU time, not wall time, so that a busy machine cannot make it burn less."""
     seconds = _seconds(params, "spin")
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
         pass
     return {"spun": params["seconds"]}
 
@@ -212,4 +226,5 @@ _ACTIONS: dict[str, tuple[Callable[[Params, Any], Any], tuple[str, ...]]] = {
     "cwd": (_cwd, ()),
     "context": (_context, ()),
     "spin": (_spin, ("seconds",)),
+    "process": (_process, ()),
 }

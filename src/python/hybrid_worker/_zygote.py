@@ -1,0 +1,247 @@
+"""The warm parent of fork mode: imports a worker's handler once, then forks one child per job.
+
+The daemon starts ``python -I -B -c <stub> RUNTIME_DIR WORKER_DIR MODULE FUNCTION PRELOAD_JSON``
+exactly as it starts a job in spawn mode (same interpreter, same clean environment, same sandbox
+applied before exec, except that its seccomp filter still allows ``setpgid``), with a Unix
+SOCK_SEQPACKET control socket on file descriptor 3. Messages are JSON, one per packet.
+
+daemon -> parent
+    ``{"t": "init", "filters": HEX}``  the job's seccomp filters, installed by every child
+    ``{"t": "fork", "id": N, "cwd": DIR, "env": {...}, "landlock": BOOL}``  with descriptors
+        (job in, channel out, stdout, stderr[, Landlock ruleset]) passed by SCM_RIGHTS
+    ``{"t": "kill", "id": N, "sig": S}``  signal the job's whole process group
+parent -> daemon
+    ``{"t": "ready", ...}``, ``{"t": "started", "id": N, "pid": P}``,
+    ``{"t": "exited", "id": N, "code", "signal", "cpu_ms", "max_rss_kb"}``,
+    ``{"t": "failed", "id": N, "error": TEXT}`` (the fork itself failed)
+
+The parent never reads a job's input and never runs a handler: a child does, then leaves with
+``os._exit`` (it never returns into this loop). The parent reaps each child with ``wait4`` (the
+only call that reports its CPU time and peak memory) after killing what is left of its process
+group, and it alone signals its children, so a signal can never reach a reused process group id.
+When the daemon closes the socket (it retired this parent, or died) the parent kills its
+children and exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import importlib
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import traceback
+
+import tempfile
+
+# Imported here, once, so that no child pays for the runtime's own imports (json, logging), or
+# for `tempfile` (with shutil, random, bz2, lzma: ~5 ms), which each child resets below.
+from hybrid_worker import _bootstrap
+
+CONTROL_FD = 3
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+SYS_LANDLOCK_RESTRICT_SELF = 446  # the same number on every architecture Linux added it to
+MAX_PACKET = 1 << 20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _check(rc: int, what: str) -> None:
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _parse_filters(blob: bytes):
+    """Splits `seccomp::to_bytes` output into (instruction count, buffer) pairs, made before any
+    fork so that a child only makes system calls."""
+    filters, at = [], 0
+    while at < len(blob):
+        (count,) = struct.unpack_from("<I", blob, at)
+        at += 4
+        body = blob[at:at + 8 * count]
+        at += 8 * count
+        filters.append((count, ctypes.create_string_buffer(body, len(body))))
+    return filters
+
+
+def _send(ctl: socket.socket, record) -> None:
+    ctl.send(json.dumps(record, separators=(",", ":")).encode())
+
+
+def _become_job(message, fds, filters, parent_pid: int, argv) -> None:
+    """In the child: leave the parent's group, take the job's descriptors and sandbox layer, and
+    run the job. Never returns; any failure before the job runs exits with code 71."""
+    try:
+        os.setpgid(0, 0)
+        _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
+        if os.getppid() != parent_pid:  # the parent died before the line above
+            os._exit(71)
+        job_in, channel, out, err = fds[:4]
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        os.dup2(job_in, 3)
+        os.dup2(channel, 4)
+        if message.get("landlock"):
+            _check(_libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, fds[4], 0), "landlock_restrict_self")
+        for count, buf in filters:
+            prog = _SockFprog(count, ctypes.addressof(buf))
+            _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0),
+                   "prctl(SECCOMP)")
+        # The control socket, the ruleset, the other jobs' descriptors: none stays open.
+        os.closerange(5, 1 << 16)
+        os.chdir(message["cwd"])
+        os.environ.clear()
+        os.environ.update(message["env"])
+        tempfile.tempdir = None  # a preloaded module may have cached the parent's folder
+        if "numpy" in sys.modules:  # its global generator is not reseeded at fork
+            try:
+                sys.modules["numpy"].random.seed()
+            except Exception:
+                pass
+        sys.argv = argv
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    except BaseException:
+        try:
+            traceback.print_exc()
+            sys.stderr.flush()
+        finally:
+            os._exit(71)
+    _bootstrap.run()  # ends with os._exit
+    os._exit(70)
+
+
+def _reap(pid: int):
+    """Kills what is left of the exited child's group while its zombie still holds the group
+    id, then reaps it with its resource usage."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    _, status, usage = os.wait4(pid, 0)
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    cpu_ms = int((usage.ru_utime + usage.ru_stime) * 1000)
+    return code, sig, cpu_ms, int(usage.ru_maxrss)
+
+
+def _reap_all(ctl: socket.socket, children) -> None:
+    """Reaps every exited process: a job's child (reported to the daemon), or an orphan of a
+    job that the kernel handed to this subreaper (so that no zombie keeps counting against the
+    uid's process limit until init gets to it)."""
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # no child at all
+            return
+        if info is None or info.si_pid == 0:
+            return
+        pid = info.si_pid
+        job_id = children.pop(pid, None)
+        if job_id is None:
+            os.waitpid(pid, 0)
+            continue
+        code, sig, cpu_ms, rss = _reap(pid)
+        _send(ctl, {"t": "exited", "id": job_id, "code": code, "signal": sig,
+                    "cpu_ms": cpu_ms, "max_rss_kb": rss})
+
+
+def serve() -> None:
+    runtime_dir, worker_dir, module_name, function_name, preload = sys.argv[1:6]
+    ctl = socket.socket(fileno=CONTROL_FD)
+    preloaded, failed = [], []
+    for name in [module_name] + json.loads(preload):
+        try:
+            importlib.import_module(name)
+            preloaded.append(name)
+        except Exception:
+            # The child imports it again and reports the failure as the job's, as spawn does.
+            traceback.print_exc()
+            failed.append(name)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything imported so far is moved out of the collector's reach: a child's collections
+    # then never touch (and so never copy) the parent's pages.
+    gc.collect()
+    gc.freeze()
+    filters = []
+    me = os.getpid()
+    argv = ["-c", runtime_dir, worker_dir, module_name, function_name]
+    # Orphans of a job (its helpers, once the job's child died) come here rather than to
+    # init, and are reaped at once.
+    _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(CHILD_SUBREAPER)")
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_write)
+    _send(ctl, {"t": "ready", "pid": me, "preloaded": preloaded, "failed": failed})
+    children = {}  # pid -> job id
+    poller = select.poll()
+    poller.register(ctl, select.POLLIN)
+    poller.register(wake_read, select.POLLIN)
+    while True:
+        try:
+            events = poller.poll()
+        except InterruptedError:
+            continue
+        for fd, _ in events:
+            if fd == wake_read:
+                try:
+                    while os.read(wake_read, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                _reap_all(ctl, children)
+                continue
+            data, fds, _, _ = socket.recv_fds(ctl, MAX_PACKET, 8)
+            if not data:
+                for pid in children:
+                    try:
+                        os.killpg(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+                os._exit(0)
+            message = json.loads(data)
+            kind = message["t"]
+            if kind == "init":
+                filters = _parse_filters(bytes.fromhex(message["filters"]))
+            elif kind == "kill":
+                for pid, job_id in children.items():
+                    if job_id == message["id"]:
+                        try:
+                            os.killpg(pid, message["sig"])
+                        except OSError:
+                            pass
+            elif kind == "fork":
+                try:
+                    pid = os.fork()
+                except OSError as exc:
+                    for fd in fds:
+                        os.close(fd)
+                    _send(ctl, {"t": "failed", "id": message["id"], "error": str(exc)})
+                    continue
+                if pid == 0:
+                    _become_job(message, fds, filters, me, argv)
+                for fd in fds:
+                    os.close(fd)
+                try:
+                    os.setpgid(pid, pid)  # also in the child: whichever runs first
+                except OSError:
+                    pass
+                children[pid] = message["id"]
+                _send(ctl, {"t": "started", "id": message["id"], "pid": pid})
+        # A SIGCHLD that arrived while a message was handled is in the wake-up pipe; this
+        # also catches a child that exited before it was entered in `children`.
+        _reap_all(ctl, children)

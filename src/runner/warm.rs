@@ -1,0 +1,561 @@
+//! Fork mode: one warm parent interpreter per worker, which forks a fresh child per job.
+//!
+//! A fresh interpreter costs ~20 ms per job (hundreds with pandas); a fork of a parent that
+//! already imported the handler costs ~1 ms. The warm parent ("zygote", the Python side is
+//! `hybrid_worker/_zygote.py`) is started exactly like a spawn-mode job: the worker venv's
+//! interpreter, `-I -B`, the clean environment, a private folder as its cwd, and the job's
+//! sandbox applied between fork and exec. It imports the handler and the worker's `preload`
+//! list, then forks one child per job; the child runs that one job and exits with `os._exit`.
+//!
+//! Where each sandbox mechanism applies:
+//!
+//! | mechanism | warm parent (pre-exec, by the daemon) | forked child (by itself, before the job's code) |
+//! |---|---|---|
+//! | clean environment | the job's allow-list without the job's ids | replaced by the job's exact environment |
+//! | rlimits (AS, CPU, NOFILE, FSIZE, CORE, NPROC) | set | inherited (CPU time restarts at 0 at fork) |
+//! | `oom_score_adj` 1000 | set | inherited |
+//! | user | dropped to `sandbox.user` | inherited (one uid per worker: `sandbox.users` does not apply) |
+//! | parent-death signal | SIGKILL when the daemon dies | SIGKILL when the warm parent dies |
+//! | `no_new_privs` | set | inherited |
+//! | Landlock | the job's rules, its private folder writable | a second layer: the job's rules with only its own temp folder writable (ABI 6: cannot signal the parent) |
+//! | seccomp | the job's filter, but `setpgid` allowed | the job's full filter stacked on top (protects the daemon's and the parent's pids) |
+//! | process group | its own | its own (`setpgid(0, 0)` before the job's filter) |
+//!
+//! So the job's code runs under exactly the spawn-mode sandbox, intersected with the parent's
+//! (which is no wider). Descriptors: the daemon makes the job's four pipes (and its Landlock
+//! ruleset) and passes the child's ends over a SOCK_SEQPACKET control socket with SCM_RIGHTS;
+//! the child moves them to 1, 2, 3, 4 and closes every other descriptor.
+//!
+//! Killing and accounting: the parent alone signals and reaps its children, so a kill can
+//! never hit a reused process-group id; it reports each child's exit status and `wait4` usage
+//! back. The parent is restarted at the next job if it dies (logged), and replaced when its
+//! worker's venv or folder changes. Nothing of a job survives it: the child never returns into
+//! the parent's loop, and the parent never sees a job's input.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, IoSlice};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use nix::sys::signal::Signal;
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, MsgFlags, Shutdown, SockFlag, SockType, recv, sendmsg, shutdown,
+    socketpair,
+};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use super::child::{ChildPipes, ExitInfo};
+use crate::runtime::ZYGOTE_STUB;
+use crate::sandbox::{Sandbox, SandboxPolicy};
+use crate::worker::Worker;
+
+/// How long a warm parent may take to import its handler and preload list (pandas: ~0.5 s
+/// here, much more on a cold disk).
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the parent may take to answer a fork request.
+const FORK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest message the parent sends.
+const MAX_PACKET: usize = 64 * 1024;
+
+/// Starting or using a warm parent failed; the job does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WarmError {
+    #[error("cannot start the warm parent: {0}")]
+    Start(String),
+    #[error("the warm parent died ({0})")]
+    Died(String),
+    #[error("the warm parent could not fork: {0}")]
+    Fork(String),
+    #[error("cannot prepare the job: {0}")]
+    Prepare(String),
+}
+
+/// What identifies the code a warm parent imported: when any of it changes, the parent is
+/// replaced before the next job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ParentKey {
+    python: PathBuf,
+    /// Modification times and sizes of the venv's lock file and of the files directly in the
+    /// worker's folder (the handler's modules, `worker.toml`).
+    fingerprint: Vec<(PathBuf, Option<SystemTime>, u64)>,
+    preload: Vec<String>,
+}
+
+impl ParentKey {
+    fn of(worker: &Worker, python: &Path) -> Self {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&worker.dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        if let Some(venv) = python.parent().and_then(Path::parent) {
+            files.push(venv.join("hybrid-worker.lock.json"));
+        }
+        files.sort();
+        let fingerprint = files
+            .into_iter()
+            .map(|p| {
+                let meta = std::fs::metadata(&p).ok();
+                let modified = meta.as_ref().and_then(|m| m.modified().ok());
+                let len = meta.map_or(0, |m| m.len());
+                (p, modified, len)
+            })
+            .collect();
+        Self {
+            python: python.to_path_buf(),
+            fingerprint,
+            preload: worker.spec.preload.clone(),
+        }
+    }
+}
+
+/// What the reader thread forwards to a waiting job.
+#[derive(Debug, Default)]
+struct Waiters {
+    started: HashMap<u64, oneshot::Sender<Result<i32, String>>>,
+    exited: HashMap<u64, oneshot::Sender<ExitInfo>>,
+}
+
+/// State shared between a parent's handle and its reader thread.
+#[derive(Debug, Default)]
+struct Shared {
+    waiters: Mutex<Waiters>,
+    dead: AtomicBool,
+}
+
+/// One running warm parent.
+#[derive(Debug)]
+struct WarmParent {
+    key: ParentKey,
+    pid: i32,
+    /// The daemon's end of the control socket (the reader thread holds a duplicate).
+    control: OwnedFd,
+    /// Serialises sends, so that a request and its descriptors are one packet in order.
+    send_lock: Mutex<()>,
+    shared: Arc<Shared>,
+    next_id: AtomicU64,
+    /// Its private folder; each job's temp folder is made inside it.
+    dir: tempfile::TempDir,
+    policy: SandboxPolicy,
+}
+
+impl WarmParent {
+    fn send(&self, message: &Value, fds: &[RawFd]) -> Result<(), WarmError> {
+        let bytes = serde_json::to_vec(message).unwrap_or_default();
+        let _guard = self.send_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let cmsgs = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsgs };
+        sendmsg::<()>(
+            self.control.as_raw_fd(),
+            &[IoSlice::new(&bytes)],
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .map(|_| ())
+        .map_err(|e| WarmError::Died(format!("its control socket: {e}")))
+    }
+
+    fn is_dead(&self) -> bool {
+        self.shared.dead.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for WarmParent {
+    fn drop(&mut self) {
+        // The parent reads EOF, kills any child left (there is none once every job holding
+        // this handle has ended), and exits; the reader thread then reaps it.
+        let _ = shutdown(self.control.as_raw_fd(), Shutdown::Write);
+    }
+}
+
+/// A job running as a forked child of a warm parent.
+#[derive(Debug)]
+pub struct ForkedJob {
+    parent: Arc<WarmParent>,
+    id: u64,
+    pub pid: i32,
+}
+
+impl ForkedJob {
+    /// Sends `signal` to the job's whole process group, through its parent, which alone knows
+    /// whether the group still exists.
+    pub fn signal_group(&self, signal: Signal) {
+        let _ = self.parent.send(
+            &json!({"t": "kill", "id": self.id, "sig": signal as i32}),
+            &[],
+        );
+    }
+}
+
+/// The warm parents of one runner, one per worker, started on first use.
+#[derive(Debug)]
+pub struct WarmPool {
+    runtime_dir: PathBuf,
+    temp_base: PathBuf,
+    sandbox: Sandbox,
+    parents: tokio::sync::Mutex<HashMap<String, Arc<WarmParent>>>,
+}
+
+impl WarmPool {
+    pub fn new(runtime_dir: PathBuf, temp_base: PathBuf, sandbox: Sandbox) -> Self {
+        Self {
+            runtime_dir,
+            temp_base,
+            sandbox,
+            parents: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Starts `worker`'s warm parent now (if it is not running), so that its first job does
+    /// not wait for the imports.
+    pub async fn warm_up(&self, worker: &Worker, python: &Path) -> Result<(), WarmError> {
+        self.parent(worker, python).await.map(|_| ())
+    }
+
+    /// The pid of `worker`'s running warm parent, for tests and reports.
+    pub async fn parent_pid(&self, worker: &str) -> Option<i32> {
+        let parents = self.parents.lock().await;
+        parents.get(worker).filter(|p| !p.is_dead()).map(|p| p.pid)
+    }
+
+    async fn parent(&self, worker: &Worker, python: &Path) -> Result<Arc<WarmParent>, WarmError> {
+        let key = ParentKey::of(worker, python);
+        let mut parents = self.parents.lock().await;
+        if let Some(parent) = parents.get(&worker.name) {
+            if !parent.is_dead() && parent.key == key {
+                return Ok(parent.clone());
+            }
+            if parent.is_dead() {
+                tracing::warn!(worker = %worker.name, pid = parent.pid, "The warm parent had died; starting a new one.");
+            } else {
+                tracing::info!(worker = %worker.name, pid = parent.pid, "The worker's venv or code changed; replacing its warm parent.");
+            }
+            // Running jobs keep the old parent alive through their handles; it exits after them.
+            parents.remove(&worker.name);
+        }
+        let parent = Arc::new(self.start(worker, python, key).await?);
+        parents.insert(worker.name.clone(), parent.clone());
+        Ok(parent)
+    }
+
+    async fn start(
+        &self,
+        worker: &Worker,
+        python: &Path,
+        key: ParentKey,
+    ) -> Result<WarmParent, WarmError> {
+        let started = std::time::Instant::now();
+        let start_err =
+            |what: &str, e: &dyn std::fmt::Display| WarmError::Start(format!("{what}: {e}"));
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("hybrid-warm-{}-", worker.name))
+            .tempdir_in(&self.temp_base)
+            .map_err(|e| start_err("its private folder", &e))?;
+        let policy = self
+            .sandbox
+            .policy(worker, python, &self.runtime_dir, &self.temp_base);
+        let prepared = policy
+            .prepare_warm_parent(dir.path())
+            .map_err(|e| start_err("its sandbox", &e))?;
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| start_err("its control socket", &e))?;
+        let theirs = lift(theirs).map_err(|e| start_err("its control socket", &e))?;
+        let theirs_fd = theirs.as_raw_fd();
+        let (log_read, log_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| start_err("its output pipe", &e))?;
+        let log_write2 = log_write
+            .try_clone()
+            .map_err(|e| start_err("its output pipe", &e))?;
+
+        let dir_s = dir.path().to_string_lossy().into_owned();
+        let venv_bin = python
+            .parent()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut env = vec![
+            (
+                "PATH".to_owned(),
+                format!("{venv_bin}:{}", super::BASE_PATH),
+            ),
+            ("HOME".to_owned(), dir_s.clone()),
+            ("TMPDIR".to_owned(), dir_s),
+            ("LANG".to_owned(), "C.UTF-8".to_owned()),
+            ("HYBRID_WORKER".to_owned(), worker.name.clone()),
+        ];
+        env.extend(
+            worker
+                .limits()
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        let mut command = Command::new(python);
+        command
+            .args([
+                "-I",
+                "-B",
+                "-c",
+                ZYGOTE_STUB,
+                &self.runtime_dir.to_string_lossy(),
+                &worker.dir.to_string_lossy(),
+                &worker.module,
+                &worker.function,
+                &serde_json::to_string(&worker.spec.preload).unwrap_or_else(|_| "[]".into()),
+            ])
+            .env_clear()
+            .envs(env)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log_write))
+            .stderr(Stdio::from(log_write2))
+            .process_group(0);
+        // SAFETY: as in `child::spawn`: only dup2 and the sandbox's system calls on values
+        // prepared before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::dup2(theirs_fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                prepared.apply_in_child()
+            });
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| start_err(&format!("{}", python.display()), &e))?;
+        drop(command);
+        drop(theirs);
+        let pid = child.id() as i32;
+        let name = worker.name.clone();
+        std::thread::Builder::new()
+            .name(format!("warm-log-{name}"))
+            .spawn(move || {
+                for line in BufReader::new(std::fs::File::from(log_read)).lines() {
+                    let Ok(line) = line else { break };
+                    tracing::warn!(worker = %name, pid, line = %line, "The warm parent wrote to its output.");
+                }
+            })
+            .map_err(|e| start_err("its log thread", &e))?;
+
+        let shared = Arc::new(Shared::default());
+        let reader_fd = ours
+            .try_clone()
+            .map_err(|e| start_err("its control socket", &e))?;
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let thread_shared = shared.clone();
+        let name = worker.name.clone();
+        std::thread::Builder::new()
+            .name(format!("warm-{name}"))
+            .spawn(move || {
+                read_replies(reader_fd, &thread_shared, ready_tx);
+                thread_shared.dead.store(true, Ordering::SeqCst);
+                let waiters = std::mem::take(
+                    &mut *thread_shared
+                        .waiters
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()),
+                );
+                drop(waiters); // every waiting job sees its parent gone
+                let status = child.wait();
+                tracing::debug!(worker = %name, pid, status = ?status, "The warm parent ended.");
+            })
+            .map_err(|e| start_err("its reader thread", &e))?;
+        let parent = WarmParent {
+            key,
+            pid,
+            control: ours,
+            send_lock: Mutex::new(()),
+            shared,
+            next_id: AtomicU64::new(1),
+            dir,
+            policy,
+        };
+        let filters = parent
+            .policy
+            .fork_child_filters(pid as u32)
+            .map_err(|e| start_err("the job's seccomp filter", &e))?;
+        parent.send(&json!({"t": "init", "filters": hex::encode(filters)}), &[])?;
+        let ready = match tokio::time::timeout(READY_TIMEOUT, ready_rx).await {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(_)) => {
+                return Err(WarmError::Died(
+                    "before it was ready; its output is in the log".into(),
+                ));
+            }
+            Err(_) => {
+                return Err(WarmError::Start(format!(
+                    "not ready after {}s",
+                    READY_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        tracing::info!(
+            worker = %worker.name,
+            pid,
+            preloaded = %ready["preloaded"],
+            failed = %ready["failed"],
+            ms = started.elapsed().as_millis() as u64,
+            "Warm parent ready."
+        );
+        Ok(parent)
+    }
+
+    /// Forks a child for one job. `env` gives the job's complete environment for its temp
+    /// folder (made here, inside the parent's private folder, and returned); the pipes
+    /// returned are the daemon's ends, as in spawn mode.
+    #[allow(clippy::type_complexity)]
+    pub async fn fork_job(
+        &self,
+        worker: &Worker,
+        python: &Path,
+        env: &(dyn Fn(&Path) -> Vec<(String, String)> + Sync),
+    ) -> Result<
+        (
+            ForkedJob,
+            ChildPipes,
+            tempfile::TempDir,
+            oneshot::Receiver<ExitInfo>,
+        ),
+        WarmError,
+    > {
+        let parent = self.parent(worker, python).await?;
+        let prep =
+            |what: &str, e: &dyn std::fmt::Display| WarmError::Prepare(format!("{what}: {e}"));
+        let workdir = tempfile::Builder::new()
+            .prefix("hybrid-job-")
+            .tempdir_in(parent.dir.path())
+            .map_err(|e| prep("its temp folder", &e))?;
+        let ruleset = parent
+            .policy
+            .prepare_fork_child(workdir.path())
+            .map_err(|e| prep("its sandbox", &e))?;
+        let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC);
+        let (job_read, job_write) = pipe().map_err(|e| prep("a pipe", &e))?;
+        let (chan_read, chan_write) = pipe().map_err(|e| prep("a pipe", &e))?;
+        let (out_read, out_write) = pipe().map_err(|e| prep("a pipe", &e))?;
+        let (err_read, err_write) = pipe().map_err(|e| prep("a pipe", &e))?;
+        let mut fds = vec![
+            job_read.as_raw_fd(),
+            chan_write.as_raw_fd(),
+            out_write.as_raw_fd(),
+            err_write.as_raw_fd(),
+        ];
+        if let Some(r) = &ruleset {
+            fds.push(r.as_raw_fd());
+        }
+        let id = parent.next_id.fetch_add(1, Ordering::SeqCst);
+        let (started_tx, started_rx) = oneshot::channel();
+        let (exited_tx, exited_rx) = oneshot::channel();
+        {
+            let mut waiters = parent
+                .shared
+                .waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            waiters.started.insert(id, started_tx);
+            waiters.exited.insert(id, exited_tx);
+        }
+        let env: serde_json::Map<String, Value> = env(workdir.path())
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        let message = json!({
+            "t": "fork",
+            "id": id,
+            "cwd": workdir.path(),
+            "env": env,
+            "landlock": ruleset.is_some(),
+        });
+        parent.send(&message, &fds)?;
+        // The parent holds them now; ours must close, or the pipes would never report EOF.
+        drop((job_read, chan_write, out_write, err_write, ruleset));
+        let pid = match tokio::time::timeout(FORK_TIMEOUT, started_rx).await {
+            Ok(Ok(Ok(pid))) => pid,
+            Ok(Ok(Err(why))) => return Err(WarmError::Fork(why)),
+            Ok(Err(_)) => return Err(WarmError::Died("while forking the job".into())),
+            Err(_) => return Err(WarmError::Fork("no answer to the fork request".into())),
+        };
+        let job = ForkedJob { parent, id, pid };
+        let pipes = ChildPipes {
+            job: job_write,
+            channel: chan_read,
+            stdout: out_read,
+            stderr: err_read,
+        };
+        Ok((job, pipes, workdir, exited_rx))
+    }
+}
+
+/// The reader thread: forwards the parent's replies to the jobs waiting for them, until the
+/// parent's end of the socket closes.
+fn read_replies(fd: OwnedFd, shared: &Shared, ready: oneshot::Sender<Value>) {
+    let mut ready = Some(ready);
+    let mut buf = vec![0u8; MAX_PACKET];
+    loop {
+        let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return,
+        };
+        let Ok(message) = serde_json::from_slice::<Value>(&buf[..n]) else {
+            tracing::error!("The warm parent sent a message that is not JSON; stopping it.");
+            return;
+        };
+        let id = message["id"].as_u64().unwrap_or(0);
+        let mut waiters = shared.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        match message["t"].as_str() {
+            Some("ready") => {
+                if let Some(tx) = ready.take() {
+                    let _ = tx.send(message);
+                }
+            }
+            Some("started") => {
+                if let Some(tx) = waiters.started.remove(&id) {
+                    let pid = message["pid"].as_i64().unwrap_or(0) as i32;
+                    let _ = tx.send(Ok(pid));
+                }
+            }
+            Some("failed") => {
+                waiters.exited.remove(&id);
+                if let Some(tx) = waiters.started.remove(&id) {
+                    let _ = tx.send(Err(message["error"].as_str().unwrap_or("").to_owned()));
+                }
+            }
+            Some("exited") => {
+                if let Some(tx) = waiters.exited.remove(&id) {
+                    let int = |k: &str| message[k].as_i64().map(|v| v as i32);
+                    let _ = tx.send(ExitInfo {
+                        code: int("code"),
+                        signal: int("signal"),
+                        cpu_ms: message["cpu_ms"].as_u64().unwrap_or(0),
+                        max_rss_kb: message["max_rss_kb"].as_u64().unwrap_or(0),
+                    });
+                }
+            }
+            _ => tracing::warn!(message = %message, "The warm parent sent an unknown message."),
+        }
+    }
+}
+
+/// Moves a descriptor to 10 or above, so that putting it on 3 in the child cannot clash.
+fn lift(fd: OwnedFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own into a new one we then own.
+    let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
