@@ -128,6 +128,26 @@ CREATE TABLE IF NOT EXISTS dedupe (
   PRIMARY KEY (queue, message_id));
 ";
 
+/// Writes messages of one queue, and its next sequence number when given, inside `tx`.
+fn write_batch(
+    tx: &rusqlite::Transaction<'_>,
+    queue: &str,
+    next_seq: Option<i64>,
+    msgs: &[&StoredMessage],
+) -> Result<(), StoreError> {
+    if let Some(next_seq) = next_seq {
+        tx.execute(
+            "INSERT INTO queues (name, next_seq) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET next_seq = excluded.next_seq",
+            params![queue, next_seq],
+        )?;
+    }
+    for m in msgs {
+        write_row(tx, m)?;
+    }
+    Ok(())
+}
+
 /// The schema this binary writes (`PRAGMA user_version`). 1 had no session-state timestamps;
 /// 2 no duplicate-detection history (3 adds the `dedupe` table, created on open); files from
 /// before versioning read as 0 and are treated as 1.
@@ -217,16 +237,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         for (queue, next_seq, msgs) in batches {
-            if let Some(next_seq) = next_seq {
-                tx.execute(
-                    "INSERT INTO queues (name, next_seq) VALUES (?1, ?2)
-                     ON CONFLICT(name) DO UPDATE SET next_seq = excluded.next_seq",
-                    params![queue, next_seq],
-                )?;
-            }
-            for m in msgs {
-                write_row(&tx, m)?;
-            }
+            write_batch(&tx, queue, *next_seq, msgs)?;
         }
         tx.commit()?;
         Ok(())
@@ -244,14 +255,7 @@ impl Store {
         now_ms: i64,
     ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
-        tx.execute(
-            "INSERT INTO queues (name, next_seq) VALUES (?1, ?2)
-             ON CONFLICT(name) DO UPDATE SET next_seq = excluded.next_seq",
-            params![queue, next_seq],
-        )?;
-        for m in msgs {
-            write_row(&tx, m)?;
-        }
+        write_batch(&tx, queue, Some(next_seq), msgs)?;
         for id in seen {
             tx.execute(
                 "INSERT INTO dedupe (queue, message_id, seen_ms) VALUES (?1, ?2, ?3)
