@@ -136,11 +136,11 @@ fn write_batch(
     msgs: &[&StoredMessage],
 ) -> Result<(), StoreError> {
     if let Some(next_seq) = next_seq {
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO queues (name, next_seq) VALUES (?1, ?2)
              ON CONFLICT(name) DO UPDATE SET next_seq = excluded.next_seq",
-            params![queue, next_seq],
-        )?;
+        )?
+        .execute(params![queue, next_seq])?;
     }
     for m in msgs {
         write_row(tx, m)?;
@@ -257,11 +257,11 @@ impl Store {
         let tx = self.conn.transaction()?;
         write_batch(&tx, queue, Some(next_seq), msgs)?;
         for id in seen {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO dedupe (queue, message_id, seen_ms) VALUES (?1, ?2, ?3)
                  ON CONFLICT(queue, message_id) DO UPDATE SET seen_ms = excluded.seen_ms",
-                params![queue, id, now_ms],
-            )?;
+            )?
+            .execute(params![queue, id, now_ms])?;
         }
         tx.commit()?;
         Ok(())
@@ -278,10 +278,9 @@ impl Store {
 
     /// Forgets MessageIds of `queue` seen before `before_ms` (out of the window).
     pub fn prune_dedupe(&mut self, queue: &str, before_ms: i64) -> Result<(), StoreError> {
-        self.conn.execute(
-            "DELETE FROM dedupe WHERE queue = ?1 AND seen_ms < ?2",
-            params![queue, before_ms],
-        )?;
+        self.conn
+            .prepare_cached("DELETE FROM dedupe WHERE queue = ?1 AND seen_ms < ?2")?
+            .execute(params![queue, before_ms])?;
         Ok(())
     }
 
@@ -292,10 +291,9 @@ impl Store {
 
     /// Deletes one message.
     pub fn delete(&mut self, queue: &str, seq: i64) -> Result<(), StoreError> {
-        self.conn.execute(
-            "DELETE FROM messages WHERE queue = ?1 AND seq = ?2",
-            params![queue, seq],
-        )?;
+        self.conn
+            .prepare_cached("DELETE FROM messages WHERE queue = ?1 AND seq = ?2")?
+            .execute(params![queue, seq])?;
         Ok(())
     }
 
@@ -350,17 +348,19 @@ impl Store {
         updated_ms: i64,
     ) -> Result<(), StoreError> {
         match state {
-            Some(bytes) => self.conn.execute(
-                "INSERT INTO session_state (queue, session_id, state, updated_ms)
+            Some(bytes) => self
+                .conn
+                .prepare_cached(
+                    "INSERT INTO session_state (queue, session_id, state, updated_ms)
                  VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(queue, session_id) DO UPDATE SET state = excluded.state,
                    updated_ms = excluded.updated_ms",
-                params![queue, session, bytes, updated_ms],
-            )?,
-            None => self.conn.execute(
-                "DELETE FROM session_state WHERE queue = ?1 AND session_id = ?2",
-                params![queue, session],
-            )?,
+                )?
+                .execute(params![queue, session, bytes, updated_ms])?,
+            None => self
+                .conn
+                .prepare_cached("DELETE FROM session_state WHERE queue = ?1 AND session_id = ?2")?
+                .execute(params![queue, session])?,
         };
         Ok(())
     }
@@ -381,25 +381,25 @@ fn write_row(conn: &Connection, m: &StoredMessage) -> Result<(), StoreError> {
         seq: m.seq,
         reason: e.to_string(),
     })?;
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO messages (queue, seq, dlq, data, enqueued_ms, delivery_count, state,
                                visible_ms, expires_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT(queue, seq) DO UPDATE SET dlq = excluded.dlq, data = excluded.data,
            delivery_count = excluded.delivery_count, state = excluded.state,
            visible_ms = excluded.visible_ms, expires_ms = excluded.expires_ms",
-        params![
-            m.queue,
-            m.seq,
-            m.dlq,
-            data,
-            m.enqueued_ms,
-            m.delivery_count,
-            m.state as i64,
-            m.visible_ms,
-            m.expires_ms
-        ],
-    )?;
+    )?
+    .execute(params![
+        m.queue,
+        m.seq,
+        m.dlq,
+        data,
+        m.enqueued_ms,
+        m.delivery_count,
+        m.state as i64,
+        m.visible_ms,
+        m.expires_ms
+    ])?;
     Ok(())
 }
 

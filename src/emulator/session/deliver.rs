@@ -89,7 +89,7 @@ impl Session {
             ));
         }
         let cap = match link.kind {
-            LinkKind::Inbound(_) => MAX_MESSAGE,
+            LinkKind::Inbound(_) => MAX_MESSAGE + MESSAGE_SLACK,
             _ => MAX_REQUEST,
         };
         let partial = link.partial.get_or_insert_with(|| Partial {

@@ -32,8 +32,13 @@ use super::request::{Node, Request, as_i64, response};
 const WINDOW: u32 = 2048;
 /// Link credit we give client senders.
 const INBOUND_CREDIT: u32 = 500;
-/// Largest message accepted on a queue link (Service Bus Standard).
+/// Largest message accepted on a queue link (Service Bus Standard), as advertised on attach.
 pub const MAX_MESSAGE: usize = 262_144;
+/// What a sender may go over [`MAX_MESSAGE`] by. The official SDKs fill a batch up to the
+/// advertised size by their own estimate, which leaves out a few bytes of the batch's envelope
+/// (azure-servicebus 7.15: an estimated 262 094 bytes encode to 262 150): refusing those would
+/// fail a batch the SDK built as valid.
+pub const MESSAGE_SLACK: usize = 4096;
 /// Largest request accepted on a `$cbs`/`$management` link.
 const MAX_REQUEST: usize = 1 << 20;
 /// How long a next-available session receiver waits when the client names no timeout.
