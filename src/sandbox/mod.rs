@@ -472,10 +472,12 @@ impl SandboxPolicy {
         if !(self.mechanisms.seccomp && self.support.seccomp) {
             return Ok(Vec::new());
         }
+        // The parent's own filter (the job's, with `setpgid` allowed and the daemon protected)
+        // is inherited; the child adds the difference.
         let filters = seccomp::compile_for(
             self.limits.network,
-            &[std::process::id(), parent_pid],
-            seccomp::FilterKind::Job,
+            &[parent_pid],
+            seccomp::FilterKind::ForkChild,
         )?;
         Ok(seccomp::to_bytes(&filters))
     }
@@ -849,6 +851,21 @@ mod tests {
             assert_eq!(filters.len(), 2);
             assert!(filters.iter().all(|f| !f.is_empty()));
         }
+    }
+
+    #[test]
+    fn a_forked_child_adds_a_small_filter_to_its_parents() {
+        let job = seccomp::compile(NetworkPolicy::Deny, 4242).expect("compiles");
+        let delta =
+            seccomp::compile_for(NetworkPolicy::Deny, &[4243], seccomp::FilterKind::ForkChild)
+                .expect("compiles");
+        assert_eq!(delta.len(), 1, "the parent's clone3 filter is inherited");
+        assert!(
+            delta[0].len() * 5 < job[0].len(),
+            "{} instructions against the job's {}",
+            delta[0].len(),
+            job[0].len()
+        );
     }
 
     #[test]
