@@ -202,7 +202,7 @@ pub fn ready_worker(name: &str) -> ReadyWorker {
 /// A runner with the runtime installed in a temp folder of the test.
 pub fn runner(temp: &Path) -> Runner {
     let runtime = Runtime::install(temp).expect("runtime");
-    Runner::new(runtime, temp.to_path_buf())
+    Runner::new(runtime, temp.to_path_buf()).expect("job cgroups `auto` never fail")
 }
 
 /// An executor of real processes for the given repository workers, their jobs started in
@@ -326,7 +326,7 @@ pub fn sandboxed_runner_with(
     Runner::with_sandbox(
         runtime,
         temp.to_path_buf(),
-        hybrid_worker::sandbox::Sandbox::new(settings),
+        hybrid_worker::sandbox::Sandbox::new(settings).expect("the sandbox settings"),
     )
 }
 

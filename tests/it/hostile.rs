@@ -46,6 +46,7 @@ impl Daemon {
             user: 200_000,
             group: 65534,
             users,
+            ..SandboxSettings::default()
         };
         let runner = sandboxed_runner_with(temp.path(), settings);
         Self {

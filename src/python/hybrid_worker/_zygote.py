@@ -7,8 +7,9 @@ SOCK_SEQPACKET control socket on file descriptor 3. Messages are JSON, one per p
 
 daemon -> parent
     ``{"t": "init", "filters": HEX}``  the job's seccomp filters, installed by every child
-    ``{"t": "fork", "id": N, "cwd": DIR, "env": {...}, "landlock": BOOL}``  with descriptors
-        (job in, channel out, stdout, stderr[, Landlock ruleset]) passed by SCM_RIGHTS
+    ``{"t": "fork", "id": N, "cwd": DIR, "env": {...}, "landlock": BOOL, "cgroup": BOOL}``
+        with descriptors (job in, channel out, stdout, stderr[, Landlock ruleset][, the job
+        cgroup's cgroup.procs]) passed by SCM_RIGHTS
     ``{"t": "kill", "id": N, "sig": S}``  signal the job's whole process group
 parent -> daemon
     ``{"t": "ready", ...}``, ``{"t": "started", "id": N, "pid": P}``,
@@ -82,9 +83,16 @@ def _send(ctl: socket.socket, record) -> None:
 
 
 def _become_job(message, fds, filters, parent_pid: int, argv) -> None:
-    """In the child: leave the parent's group, take the job's descriptors and sandbox layer, and
-    run the job. Never returns; any failure before the job runs exits with code 71."""
+    """In the child: enter the job's cgroup, leave the parent's group, take the job's descriptors
+    and sandbox layer, and run the job. Never returns; any failure before the job runs exits with
+    code 71."""
     try:
+        extra = list(fds[4:])
+        ruleset = extra.pop(0) if message.get("landlock") else None
+        if message.get("cgroup"):
+            # First of all, before anything can fork: the job's cgroup. The daemon opened the
+            # file, so the kernel checks the move against its credentials, not this uid's.
+            os.write(extra.pop(0), b"0")
         os.setpgid(0, 0)
         _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
         if os.getppid() != parent_pid:  # the parent died before the line above
@@ -94,13 +102,14 @@ def _become_job(message, fds, filters, parent_pid: int, argv) -> None:
         os.dup2(err, 2)
         os.dup2(job_in, 3)
         os.dup2(channel, 4)
-        if message.get("landlock"):
-            _check(_libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, fds[4], 0), "landlock_restrict_self")
+        if ruleset is not None:
+            _check(_libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
         for count, buf in filters:
             prog = _SockFprog(count, ctypes.addressof(buf))
             _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0),
                    "prctl(SECCOMP)")
-        # The control socket, the ruleset, the other jobs' descriptors: none stays open.
+        # The control socket, the ruleset, the cgroup's file, the other jobs' descriptors: none
+        # stays open.
         os.closerange(5, 1 << 16)
         os.chdir(message["cwd"])
         os.environ.clear()
