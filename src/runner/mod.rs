@@ -614,3 +614,88 @@ fn classify(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome_of(killed: Option<KillReason>, channel: ChannelEnd, oom_killed: bool) -> RunOutcome {
+        let root = tempfile::tempdir().expect("tmp");
+        let dir = root.path().join("w");
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::write(
+            dir.join("worker.toml"),
+            "entrypoint = \"m:f\"\nmemory_mb = 64\n",
+        )
+        .expect("toml");
+        std::fs::write(dir.join("requirements.txt"), "").expect("reqs");
+        let worker = Worker::load(&dir).expect("worker");
+        let input = Value::Null;
+        let request = RunRequest {
+            worker: &worker,
+            python: PathBuf::from("/venv/bin/python"),
+            job_id: "j",
+            attempt: 1,
+            correlation_id: None,
+            input: &input,
+            timeout: Duration::from_secs(1),
+            extra_env: Vec::new(),
+        };
+        // SIGKILL well under the memory limit: without the cgroup's word, a crash.
+        let exit = ExitInfo {
+            code: None,
+            signal: Some(libc::SIGKILL),
+            cpu_ms: 5,
+            max_rss_kb: 1024,
+        };
+        classify(
+            &request,
+            killed,
+            Some(exit),
+            channel,
+            &Captured::default(),
+            oom_killed,
+        )
+    }
+
+    fn kind(outcome: RunOutcome) -> ErrorKind {
+        match outcome {
+            RunOutcome::Failed(e) => e.kind,
+            other => panic!("not a failure: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_oom_kill_in_the_job_cgroup_is_memory_limit_not_a_crash() {
+        let oom = outcome_of(None, ChannelEnd::Nothing, true);
+        match &oom {
+            RunOutcome::Failed(e) => assert!(
+                e.kind == ErrorKind::MemoryLimit
+                    && e.message.contains("cgroup memory limit of 64 MiB"),
+                "{e:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            kind(outcome_of(None, ChannelEnd::Nothing, false)),
+            ErrorKind::Crashed
+        );
+        // A result reported before the kill, and the runner's own deadline, still come first.
+        assert_eq!(
+            outcome_of(
+                None,
+                ChannelEnd::Report(Report::Output(serde_json::json!(1))),
+                true
+            ),
+            RunOutcome::Succeeded(serde_json::json!(1))
+        );
+        assert_eq!(
+            kind(outcome_of(
+                Some(KillReason::Timeout),
+                ChannelEnd::Nothing,
+                true
+            )),
+            ErrorKind::Timeout
+        );
+    }
+}
