@@ -358,10 +358,11 @@ impl CgroupRoot {
             return Err(format!("{} is not a cgroup v2 folder", dir.display()));
         }
         let euid = nix::unistd::geteuid();
-        if nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_err() {
+        if let Err(e) = nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK) {
             return Err(format!(
-                "{} is not writable by uid {euid}: no cgroup is delegated to the daemon",
-                dir.display()
+                "{} is not writable by uid {euid} ({}): no cgroup is delegated to the daemon",
+                dir.display(),
+                std::io::Error::from(e)
             ));
         }
         // The root of a hierarchy has no `cgroup.type`, and may hold processes and give
