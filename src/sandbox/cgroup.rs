@@ -360,9 +360,8 @@ impl CgroupRoot {
         let euid = nix::unistd::geteuid();
         if let Err(e) = nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK) {
             return Err(format!(
-                "{} is not writable by uid {euid} ({}): no cgroup is delegated to the daemon",
-                dir.display(),
-                std::io::Error::from(e)
+                "{} is not writable by uid {euid} ({e}): no cgroup is delegated to the daemon",
+                dir.display()
             ));
         }
         // The root of a hierarchy has no `cgroup.type`, and may hold processes and give
@@ -382,15 +381,22 @@ impl CgroupRoot {
         }
         let available = read_words(&dir.join("cgroup.controllers"));
         let enabled = read_words(&dir.join("cgroup.subtree_control"));
+        let in_v1 =
+            v1_controllers(&std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default());
         let controller = |name: &str| -> Result<(), String> {
             if !available.iter().any(|c| c == name) {
                 return Err(format!(
-                    "controller not available in {} (has: {})",
+                    "controller not available in {} (has: {}){}",
                     dir.display(),
                     if available.is_empty() {
                         "none".to_owned()
                     } else {
                         available.join(" ")
+                    },
+                    if in_v1.iter().any(|c| c == name) {
+                        "; this host mounts it as cgroup v1 (a hybrid hierarchy), which job cgroups do not use"
+                    } else {
+                        ""
                     }
                 ));
             }
@@ -502,6 +508,22 @@ impl CgroupRoot {
             }
         });
     }
+}
+
+/// The controllers bound to cgroup v1 hierarchies, from the text of `/proc/self/cgroup`
+/// (`4:memory:/…`; named hierarchies such as `name=systemd` are no controllers).
+fn v1_controllers(cgroup: &str) -> Vec<String> {
+    cgroup
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.splitn(3, ':');
+            let (id, controllers) = (fields.next()?, fields.next()?);
+            (id != "0").then_some(controllers)
+        })
+        .flat_map(|c| c.split(','))
+        .filter(|c| !c.is_empty() && !c.starts_with("name="))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Moves this process into `leaf`, so that `dir` holds no process; refused when other
@@ -981,6 +1003,13 @@ mod tests {
             own_cgroup_in("0::/\n", v1_only),
             Err("cgroup v2 is not mounted".into())
         );
+    }
+
+    #[test]
+    fn controllers_bound_to_cgroup_v1_are_named() {
+        let hybrid = "9:name=systemd:/\n8:pids:/\n2:cpu,cpuacct:/\n4:memory:/x\n0::/\n";
+        assert_eq!(v1_controllers(hybrid), ["pids", "cpu", "cpuacct", "memory"]);
+        assert_eq!(v1_controllers("0::/system.slice/x\n"), Vec::<String>::new());
     }
 
     #[test]
