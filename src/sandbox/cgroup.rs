@@ -842,7 +842,7 @@ impl JobCgroup {
     }
 
     /// Kills what is left, reads what the cgroup recorded, and removes it once it is empty
-    /// (waiting at most [`EMPTY_WAIT`]; a cgroup still busy then is removed at a later job, or
+    /// (waiting at most 2 s; a cgroup still busy then is removed at a later job, or
     /// by the next daemon, and logged).
     pub async fn finish(mut self) -> CgroupUsage {
         self.kill();
