@@ -470,6 +470,28 @@ mod tests {
     }
 
     #[test]
+    fn the_cgroup_setting_is_auto_off_or_an_absolute_path() {
+        use crate::sandbox::cgroup::CgroupSetting;
+        assert_eq!(
+            load_env(&[]).expect("default").sandbox.cgroup,
+            CgroupSetting::Auto
+        );
+        let off = load_env(&[("HYBRID__SANDBOX__CGROUP", "off")]).expect("off");
+        assert_eq!(off.sandbox.cgroup, CgroupSetting::Off);
+        let path = load_env(&[("HYBRID__SANDBOX__CGROUP", "/sys/fs/cgroup/hybrid")]).expect("path");
+        assert_eq!(
+            path.sandbox.cgroup,
+            CgroupSetting::Path("/sys/fs/cgroup/hybrid".into())
+        );
+        let err = load_env(&[("HYBRID__SANDBOX__CGROUP", "cgroups/hybrid")]).expect_err("relative");
+        let text = err.to_string();
+        assert!(
+            text.contains("sandbox.cgroup") && text.contains("\"cgroups/hybrid\""),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn a_config_file_layers_between_default_and_environment() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("c.toml");

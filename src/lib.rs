@@ -15,7 +15,8 @@
 //! 7. [`runner`] — one OS process per job: [`runner::child`] starts and ends it (spawn mode),
 //!    or [`runner::warm`] has the worker's warm parent fork it (fork mode); [`runtime`] is the
 //!    Python side (`hybrid_worker`), [`runner::output`] reads its channel and output;
-//!    [`sandbox`] confines it (limits, uid, Landlock, seccomp) before its interpreter starts.
+//!    [`sandbox`] confines it (limits, uid, Landlock, seccomp, and a job cgroup from
+//!    [`sandbox::cgroup`] where one is delegated) before its interpreter starts.
 //! 8. [`engine::settle`] — the one mapping from outcome to broker actions: reply + complete,
 //!    scheduled retry ([`engine::retry`]) + complete, reply + dead-letter, or abandon.
 //!

@@ -11,6 +11,9 @@ if sys.version_info < (3, 9):
 PY
 
 export HYBRID_TEST_VENV_ROOT="${HYBRID_TEST_VENV_ROOT:-$PWD/target/test-venvs}"
+# The job-cgroup tests need root and a writable cgroup v2 folder. CI has both, so there a test
+# that cannot run fails rather than skips; set HYBRID_TEST_REQUIRE_CGROUP=0 where they are missing.
+export HYBRID_TEST_REQUIRE_CGROUP="${HYBRID_TEST_REQUIRE_CGROUP:-1}"
 
 echo "== build"
 cargo build --locked --all-targets

@@ -30,10 +30,11 @@ pub async fn run(settings: &Settings, args: &ExecArgs) -> anyhow::Result<ExitCod
     let interpreter = Interpreter::resolve(&settings.workers.python)?;
     let python = ready_python(&worker, &interpreter, settings, &dir)?;
     crate::sandbox::harden_daemon();
+    let sandbox = Sandbox::new(settings.sandbox.clone()).map_err(|e| UsageError(e.to_string()))?;
     let runner = Runner::with_sandbox(
         install_runtime(settings)?,
         settings.engine.temp_dir(),
-        Sandbox::new(settings.sandbox.clone()),
+        sandbox,
     );
     let executor = ProcessExecutor::new(
         vec![ReadyWorker {

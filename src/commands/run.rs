@@ -48,10 +48,14 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     let ready_state = crate::telemetry::http::readiness();
     ready_state.workers_verified.store(true, Ordering::SeqCst);
     crate::sandbox::harden_daemon();
+    // Before any job, warm parent or emulator thread: the daemon may move itself into a leaf
+    // cgroup, and removes the job cgroups a crashed daemon left.
+    let sandbox = crate::sandbox::Sandbox::new(settings.sandbox.clone())
+        .map_err(|e| UsageError(e.to_string()))?;
     let runner = Runner::with_sandbox(
         install_runtime(settings)?,
         settings.engine.temp_dir(),
-        crate::sandbox::Sandbox::new(settings.sandbox.clone()),
+        sandbox,
     );
     let executor = Arc::new(ProcessExecutor::new(ready, &catalog, runner));
 

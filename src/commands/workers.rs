@@ -176,7 +176,8 @@ fn print_sandbox(
 fn verify(settings: &Settings, dir: &Path) -> anyhow::Result<ExitCode> {
     let catalog = scan(dir)?;
     let python = Interpreter::resolve(&settings.workers.python)?;
-    let sandbox = Sandbox::new(settings.sandbox.clone());
+    // The same set-up as `run`'s, so that what is printed is what a daemon here enforces.
+    let sandbox = Sandbox::new(settings.sandbox.clone()).map_err(|e| UsageError(e.to_string()))?;
     let temp_base = settings.engine.temp_dir();
     // Where `exec` and `run` install the runtime; verify only reads.
     let runtime_dir = crate::runtime::Runtime::dir_under(&temp_base);

@@ -152,6 +152,14 @@ impl Executor for ProcessExecutor {
         if report.stderr.total > 0 {
             tracing::debug!(stderr = %report.stderr.text(), "The handler wrote to stderr.");
         }
+        if let Some(usage) = report.cgroup {
+            tracing::debug!(
+                memory_peak_kb = usage.memory_peak_bytes.map(|b| b / 1024),
+                oom_kills = usage.oom_kills,
+                oom_group_kills = usage.oom_group_kills,
+                "The job's cgroup accounting."
+            );
+        }
         report
     }
 }

@@ -4,6 +4,10 @@
 //! The runner knows nothing of brokers. It takes a worker, its venv interpreter and the job's
 //! input, and returns a [`RunReport`]: the outcome (output, a classified failure, or "stopped"
 //! when the caller asked it to stop), what the process cost, and its captured output.
+//!
+//! Where the daemon has job cgroups ([`crate::sandbox::cgroup`]), each job gets one before its
+//! process starts; when the process ends, whatever is left in it is killed, its memory events
+//! say whether the OOM killer ended the job, and it is removed.
 
 pub mod child;
 pub mod output;
@@ -22,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::job::{ErrorKind, JobError, Resources};
 use crate::runtime::{Runtime, STUB};
+use crate::sandbox::cgroup::{CgroupError, CgroupUsage, JobCgroup};
 use crate::sandbox::{Enforced, Sandbox, SandboxSettings};
 use crate::telemetry::metrics::metrics;
 use crate::worker::{Isolation, Worker};
@@ -84,6 +89,8 @@ pub struct RunReport {
     pub exit: Option<ExitInfo>,
     /// Log records over the worker's output budget, counted rather than forwarded.
     pub dropped_logs: u64,
+    /// What the job's cgroup recorded (OOM kills, peak memory); `None` without job cgroups.
+    pub cgroup: Option<CgroupUsage>,
 }
 
 impl RunReport {
@@ -98,6 +105,7 @@ impl RunReport {
             killed: None,
             exit: None,
             dropped_logs: 0,
+            cgroup: None,
         }
     }
 }
@@ -132,10 +140,22 @@ impl JobProcess {
 /// warm parent died with it).
 type ExitFuture = Pin<Box<dyn Future<Output = Option<ExitInfo>> + Send>>;
 
+/// A job whose process has started, either way.
+struct Started {
+    process: JobProcess,
+    pipes: ChildPipes,
+    workdir: tempfile::TempDir,
+    exit: ExitFuture,
+}
+
 impl Runner {
-    /// A runner with the full sandbox and default settings.
-    pub fn new(runtime: Runtime, temp_base: PathBuf) -> Self {
-        Self::with_sandbox(runtime, temp_base, Sandbox::new(SandboxSettings::default()))
+    /// A runner with the full sandbox and default settings (job cgroups `auto`).
+    pub fn new(runtime: Runtime, temp_base: PathBuf) -> Result<Self, CgroupError> {
+        Ok(Self::with_sandbox(
+            runtime,
+            temp_base,
+            Sandbox::new(SandboxSettings::default())?,
+        ))
     }
 
     /// A runner with the given sandbox (the configured settings, or fewer mechanisms for the
@@ -189,15 +209,25 @@ impl Runner {
             duration: started.elapsed(),
             ..RunReport::failed_to_start(JobError::new(kind, message))
         };
-        let started_job = match request.worker.isolation() {
-            Isolation::Spawn => self.spawn(&request),
-            Isolation::Fork => self.fork(&request).await,
+        let limits = request.worker.limits();
+        // Made before the process, which enters it before it runs anything.
+        let cgroup = match self.sandbox.job_cgroup(limits) {
+            Ok(cgroup) => cgroup,
+            Err(e) => return failed(ErrorKind::Crashed, e.to_string()),
         };
-        let (process, pipes, workdir, exit) = match started_job {
+        let started_job = match request.worker.isolation() {
+            Isolation::Spawn => self.spawn(&request, cgroup.as_ref()),
+            Isolation::Fork => self.fork(&request, cgroup.as_ref()).await,
+        };
+        let Started {
+            process,
+            pipes,
+            workdir,
+            exit,
+        } = match started_job {
             Ok(started_job) => started_job,
             Err((kind, message)) => return failed(kind, message),
         };
-        let limits = request.worker.limits();
         let deadline = SystemTime::now() + request.timeout;
         let job_doc = json!({
             "job_id": request.job_id,
@@ -246,6 +276,9 @@ impl Runner {
                 () = stop.cancelled(), if killed.is_none() => Some(KillReason::Stopped),
                 () = &mut escalation, if escalation_armed => {
                     process.signal_group(Signal::SIGKILL);
+                    if let Some(cgroup) = &cgroup {
+                        cgroup.kill();
+                    }
                     escalation_armed = false;
                     None
                 }
@@ -259,6 +292,11 @@ impl Runner {
                 escalation_armed = true;
             }
         };
+        // The job is over: what is left of it dies now, helpers that left its process group
+        // included, so that none of them holds its pipes open.
+        if let Some(cgroup) = &cgroup {
+            cgroup.kill();
+        }
         let (_, stdout, stderr, channel) = match io_result {
             Some(done) => done,
             None => match tokio::time::timeout(DRAIN_AFTER_EXIT, &mut io).await {
@@ -292,7 +330,12 @@ impl Runner {
                 max_rss_kb: e.max_rss_kb,
             })
             .unwrap_or_default();
-        let outcome = classify(&request, killed, exit_info, channel, &stderr);
+        let usage = match cgroup {
+            Some(cgroup) => Some(cgroup.finish().await),
+            None => None,
+        };
+        let oom_killed = usage.is_some_and(|u| u.oom_killed());
+        let outcome = classify(&request, killed, exit_info, channel, &stderr, oom_killed);
         RunReport {
             outcome,
             duration: started.elapsed(),
@@ -302,15 +345,17 @@ impl Runner {
             killed,
             exit: exit_info,
             dropped_logs,
+            cgroup: usage,
         }
     }
 
-    /// Spawn mode: a fresh interpreter, sandboxed between fork and exec.
-    #[allow(clippy::type_complexity)]
+    /// Spawn mode: a fresh interpreter, sandboxed between fork and exec (where it enters
+    /// `cgroup` first).
     fn spawn(
         &self,
         request: &RunRequest<'_>,
-    ) -> Result<(JobProcess, ChildPipes, tempfile::TempDir, ExitFuture), (ErrorKind, String)> {
+        cgroup: Option<&JobCgroup>,
+    ) -> Result<Started, (ErrorKind, String)> {
         let workdir = tempfile::Builder::new()
             .prefix("hybrid-job-")
             .tempdir_in(&self.temp_base)
@@ -331,12 +376,20 @@ impl Runner {
             &self.runtime.dir,
             &self.temp_base,
         );
-        let prepared = policy.prepare(workdir.path()).map_err(|e| {
+        let mut prepared = policy.prepare(workdir.path()).map_err(|e| {
             (
                 ErrorKind::Crashed,
                 format!("cannot prepare the job's sandbox: {e}"),
             )
         })?;
+        if let Some(cgroup) = cgroup {
+            prepared.enter_cgroup(cgroup.procs()).map_err(|e| {
+                (
+                    ErrorKind::Crashed,
+                    format!("cannot hand the job its cgroup: {e}"),
+                )
+            })?;
+        }
         let spawning = std::time::Instant::now();
         let (handle, pipes) = child::spawn(&spec, prepared).map_err(|e| {
             (
@@ -351,26 +404,41 @@ impl Runner {
             drop(uid);
             waited.ok().and_then(Result::ok)
         });
-        Ok((JobProcess::Spawned(handle), pipes, workdir, exit))
+        Ok(Started {
+            process: JobProcess::Spawned(handle),
+            pipes,
+            workdir,
+            exit,
+        })
     }
 
-    /// Fork mode: a child of the worker's warm parent ([`warm`]).
-    #[allow(clippy::type_complexity)]
+    /// Fork mode: a child of the worker's warm parent ([`warm`]), which enters `cgroup` first.
     async fn fork(
         &self,
         request: &RunRequest<'_>,
-    ) -> Result<(JobProcess, ChildPipes, tempfile::TempDir, ExitFuture), (ErrorKind, String)> {
+        cgroup: Option<&JobCgroup>,
+    ) -> Result<Started, (ErrorKind, String)> {
         let env = |workdir: &Path| self.child_spec(request, workdir).env;
         let forking = std::time::Instant::now();
         let (job, pipes, workdir, exited) = self
             .warm
-            .fork_job(request.worker, &request.python, &env)
+            .fork_job(
+                request.worker,
+                &request.python,
+                &env,
+                cgroup.map(JobCgroup::procs),
+            )
             .await
             .map_err(|e| (ErrorKind::Crashed, format!("cannot start the job: {e}")))?;
         metrics().observe_process_start("fork", forking.elapsed());
         // A dropped sender means the warm parent died: how the job ended is unknown.
         let exit: ExitFuture = Box::pin(async move { exited.await.ok() });
-        Ok((JobProcess::Forked(job), pipes, workdir, exit))
+        Ok(Started {
+            process: JobProcess::Forked(job),
+            pipes,
+            workdir,
+            exit,
+        })
     }
 
     fn child_spec(&self, request: &RunRequest<'_>, workdir: &Path) -> ChildSpec {
@@ -412,13 +480,15 @@ impl Runner {
 }
 
 /// Maps how the process ended to the job's outcome. The runner's own kill reason wins, then
-/// the runtime's report, then the exit status.
+/// the runtime's report, then an OOM kill in the job's cgroup (`oom_killed`), then the exit
+/// status.
 fn classify(
     request: &RunRequest<'_>,
     killed: Option<KillReason>,
     exit: Option<ExitInfo>,
     channel: ChannelEnd,
     stderr: &Captured,
+    oom_killed: bool,
 ) -> RunOutcome {
     let limits = request.worker.limits();
     let fail = |kind, message: String| RunOutcome::Failed(JobError::new(kind, message));
@@ -481,6 +551,15 @@ fn classify(
         ChannelEnd::Garbled(why) => format!(" ({why})"),
         _ => String::new(),
     };
+    if oom_killed {
+        return fail(
+            ErrorKind::MemoryLimit,
+            format!(
+                "the job was killed by the kernel at its cgroup memory limit of {} MiB",
+                limits.memory_mb
+            ),
+        );
+    }
     let ran_out_of_memory = String::from_utf8_lossy(&stderr.kept).contains("MemoryError");
     match exit {
         Some(ExitInfo {
@@ -533,5 +612,90 @@ fn classify(
             ErrorKind::Crashed,
             format!("the job's process ended in an unknown way{detail}"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome_of(killed: Option<KillReason>, channel: ChannelEnd, oom_killed: bool) -> RunOutcome {
+        let root = tempfile::tempdir().expect("tmp");
+        let dir = root.path().join("w");
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::write(
+            dir.join("worker.toml"),
+            "entrypoint = \"m:f\"\nmemory_mb = 64\n",
+        )
+        .expect("toml");
+        std::fs::write(dir.join("requirements.txt"), "").expect("reqs");
+        let worker = Worker::load(&dir).expect("worker");
+        let input = Value::Null;
+        let request = RunRequest {
+            worker: &worker,
+            python: PathBuf::from("/venv/bin/python"),
+            job_id: "j",
+            attempt: 1,
+            correlation_id: None,
+            input: &input,
+            timeout: Duration::from_secs(1),
+            extra_env: Vec::new(),
+        };
+        // SIGKILL well under the memory limit: without the cgroup's word, a crash.
+        let exit = ExitInfo {
+            code: None,
+            signal: Some(libc::SIGKILL),
+            cpu_ms: 5,
+            max_rss_kb: 1024,
+        };
+        classify(
+            &request,
+            killed,
+            Some(exit),
+            channel,
+            &Captured::default(),
+            oom_killed,
+        )
+    }
+
+    fn kind(outcome: RunOutcome) -> ErrorKind {
+        match outcome {
+            RunOutcome::Failed(e) => e.kind,
+            other => panic!("not a failure: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_oom_kill_in_the_job_cgroup_is_memory_limit_not_a_crash() {
+        let oom = outcome_of(None, ChannelEnd::Nothing, true);
+        match &oom {
+            RunOutcome::Failed(e) => assert!(
+                e.kind == ErrorKind::MemoryLimit
+                    && e.message.contains("cgroup memory limit of 64 MiB"),
+                "{e:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            kind(outcome_of(None, ChannelEnd::Nothing, false)),
+            ErrorKind::Crashed
+        );
+        // A result reported before the kill, and the runner's own deadline, still come first.
+        assert_eq!(
+            outcome_of(
+                None,
+                ChannelEnd::Report(Report::Output(serde_json::json!(1))),
+                true
+            ),
+            RunOutcome::Succeeded(serde_json::json!(1))
+        );
+        assert_eq!(
+            kind(outcome_of(
+                Some(KillReason::Timeout),
+                ChannelEnd::Nothing,
+                true
+            )),
+            ErrorKind::Timeout
+        );
     }
 }

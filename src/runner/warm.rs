@@ -20,11 +20,13 @@
 //! | Landlock | the job's rules, its private folder writable | a second layer: the job's rules with only its own temp folder writable (ABI 6: cannot signal the parent) |
 //! | seccomp | the job's filter, but `setpgid` allowed | the job's full filter stacked on top (protects the daemon's and the parent's pids) |
 //! | process group | its own | its own (`setpgid(0, 0)` before the job's filter) |
+//! | job cgroup | the daemon's | the job's own, entered first of all through a descriptor of its `cgroup.procs` the daemon opened |
 //!
 //! So the job's code runs under exactly the spawn-mode sandbox, intersected with the parent's
 //! (which is no wider). Descriptors: the daemon makes the job's four pipes (and its Landlock
-//! ruleset) and passes the child's ends over a SOCK_SEQPACKET control socket with SCM_RIGHTS;
-//! the child moves them to 1, 2, 3, 4 and closes every other descriptor.
+//! ruleset, and opens its cgroup's `cgroup.procs`) and passes the child's ends over a
+//! SOCK_SEQPACKET control socket with SCM_RIGHTS; the child moves them to 1, 2, 3, 4 and closes
+//! every other descriptor.
 //!
 //! Killing and accounting: the parent alone signals and reaps its children, so a kill can
 //! never hit a reused process-group id; it reports each child's exit status and `wait4` usage
@@ -34,7 +36,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, IoSlice};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -413,13 +415,15 @@ impl WarmPool {
 
     /// Forks a child for one job. `env` gives the job's complete environment for its temp
     /// folder (made here, inside the parent's private folder, and returned); the pipes
-    /// returned are the daemon's ends, as in spawn mode.
+    /// returned are the daemon's ends, as in spawn mode. `cgroup` is the `cgroup.procs` of the
+    /// job's cgroup, which the child enters before anything else.
     #[allow(clippy::type_complexity)]
     pub async fn fork_job(
         &self,
         worker: &Worker,
         python: &Path,
         env: &(dyn Fn(&Path) -> Vec<(String, String)> + Sync),
+        cgroup: Option<BorrowedFd<'_>>,
     ) -> Result<
         (
             ForkedJob,
@@ -454,6 +458,10 @@ impl WarmPool {
         if let Some(r) = &ruleset {
             fds.push(r.as_raw_fd());
         }
+        // Last, after the optional ruleset; the parent closes its copy once it has forked.
+        if let Some(procs) = cgroup {
+            fds.push(procs.as_raw_fd());
+        }
         let id = parent.next_id.fetch_add(1, Ordering::SeqCst);
         let (started_tx, started_rx) = oneshot::channel();
         let (exited_tx, exited_rx) = oneshot::channel();
@@ -476,6 +484,7 @@ impl WarmPool {
             "cwd": workdir.path(),
             "env": env,
             "landlock": ruleset.is_some(),
+            "cgroup": cgroup.is_some(),
         });
         parent.send(&message, &fds)?;
         // The parent holds them now; ours must close, or the pipes would never report EOF.

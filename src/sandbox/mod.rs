@@ -5,16 +5,18 @@
 //! before the fork; the [`Prepared`] result's [`Prepared::apply_in_child`] then only makes
 //! system calls, so it is safe between fork and exec of a multi-threaded daemon. In the child,
 //! in this order: resource limits, `oom_score_adj`, the user (uid drop when the daemon is
-//! root), the parent-death signal, `no_new_privs`, Landlock, seccomp.
+//! root), the parent-death signal, `no_new_privs`, Landlock, seccomp. Before all of them the
+//! child enters its job cgroup ([`cgroup`]), when the daemon has them.
 //!
 //! Nothing is skipped silently: [`SandboxPolicy::enforcement`] says for each mechanism whether
 //! it is enforced here and how, and the daemon logs it at start and `workers verify` prints it.
 
+pub mod cgroup;
 pub mod landlock;
 pub mod probe;
 pub mod seccomp;
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -23,6 +25,7 @@ use nix::sys::resource::Resource;
 use serde::{Deserialize, Serialize};
 
 use crate::worker::{Limits, NetworkPolicy, Worker};
+use cgroup::{CgroupError, CgroupSetting, Cgroups, JobCgroup};
 use landlock::FsRules;
 use probe::KernelSupport;
 
@@ -79,6 +82,9 @@ pub struct SandboxSettings {
     /// `RLIMIT_NPROC` (which counts per uid) is each job's own, and jobs cannot signal each
     /// other. More running jobs than uids share the first one.
     pub users: u32,
+    /// Where job cgroups are made: `auto` (the daemon's own cgroup v2 folder, when writable),
+    /// `off`, or a cgroup v2 folder's path (the daemon refuses to start if it cannot use it).
+    pub cgroup: CgroupSetting,
 }
 
 impl Default for SandboxSettings {
@@ -87,6 +93,7 @@ impl Default for SandboxSettings {
             user: 65534,
             group: 65534,
             users: 1,
+            cgroup: CgroupSetting::Auto,
         }
     }
 }
@@ -144,6 +151,7 @@ pub struct Mechanisms {
     pub no_new_privs: bool,
     pub landlock: bool,
     pub seccomp: bool,
+    pub cgroup: bool,
 }
 
 impl Mechanisms {
@@ -153,6 +161,7 @@ impl Mechanisms {
         no_new_privs: true,
         landlock: true,
         seccomp: true,
+        cgroup: true,
     };
     pub const NONE: Mechanisms = Mechanisms {
         rlimits: false,
@@ -160,6 +169,7 @@ impl Mechanisms {
         no_new_privs: false,
         landlock: false,
         seccomp: false,
+        cgroup: false,
     };
 }
 
@@ -169,18 +179,33 @@ pub struct Sandbox {
     pub settings: SandboxSettings,
     pub mechanisms: Mechanisms,
     pub support: KernelSupport,
+    /// The folder of job cgroups, set up once per process, or why there are none.
+    pub cgroups: Cgroups,
     /// Shared by the runner's clones, so that concurrent jobs never hold the same uid.
     uids: UidPool,
 }
 
 impl Sandbox {
-    /// The full sandbox on this kernel.
-    pub fn new(settings: SandboxSettings) -> Self {
-        Self {
+    /// The full sandbox on this kernel, with job cgroups set up as `settings.cgroup` says.
+    /// Fails only when `sandbox.cgroup` names a folder that cannot be used.
+    pub fn new(settings: SandboxSettings) -> Result<Self, CgroupError> {
+        let support = KernelSupport::get().clone();
+        let job_user = support.is_root.then_some((settings.user, settings.group));
+        let cgroups = Cgroups::setup(&settings.cgroup, job_user)?;
+        Ok(Self {
             uids: UidPool::new(&settings),
             settings,
             mechanisms: Mechanisms::ALL,
-            support: KernelSupport::get().clone(),
+            support,
+            cgroups,
+        })
+    }
+
+    /// A new cgroup for one job of a worker with `limits`; `None` when job cgroups are off.
+    pub fn job_cgroup(&self, limits: &Limits) -> Result<Option<JobCgroup>, CgroupError> {
+        match (&self.cgroups, self.mechanisms.cgroup) {
+            (Cgroups::On(root), true) => root.create_job(limits).map(Some),
+            _ => Ok(None),
         }
     }
 
@@ -270,6 +295,7 @@ impl Sandbox {
             user,
             mechanisms: self.mechanisms,
             support: self.support.clone(),
+            cgroups: self.cgroups.clone(),
         }
     }
 }
@@ -305,6 +331,7 @@ pub struct SandboxPolicy {
     pub user: JobUser,
     pub mechanisms: Mechanisms,
     pub support: KernelSupport,
+    pub cgroups: Cgroups,
 }
 
 /// Preparing a job's sandbox failed; the job does not start.
@@ -397,11 +424,21 @@ impl SandboxPolicy {
                 },
             )
         } else {
+            let pids_max = matches!(&self.cgroups, Cgroups::On(root) if root.pids.is_ok())
+                && m.cgroup;
+            let instead = if pids_max {
+                "; the job cgroup's pids.max bounds them instead"
+            } else {
+                ""
+            };
             off(
                 "processes",
                 match self.user {
+                    JobUser::Same { .. } if pids_max => format!(
+                        "jobs share the daemon's uid, whose threads RLIMIT_NPROC would count{instead}"
+                    ),
                     JobUser::Same { .. } => "jobs share the daemon's uid, whose threads RLIMIT_NPROC would count; set a pids limit on the pod".into(),
-                    _ => "jobs run as uid 0, which RLIMIT_NPROC does not limit".into(),
+                    _ => format!("jobs run as uid 0, which RLIMIT_NPROC does not limit{instead}"),
                 },
             )
         });
@@ -437,16 +474,7 @@ impl SandboxPolicy {
             ),
             (true, Ok(abi)) => on("landlock", landlock::features(*abi)),
         });
-        out.push(match &self.support.cgroup {
-            Ok(dir) => off(
-                "cgroup",
-                format!(
-                    "{} is delegated, but job cgroups are not implemented yet",
-                    dir.display()
-                ),
-            ),
-            Err(why) => off("cgroup", format!("unavailable: {why}")),
-        });
+        out.extend(cgroup::enforcement(&self.cgroups, l, m.cgroup));
         out
     }
 
@@ -578,6 +606,7 @@ impl SandboxPolicy {
             landlock,
             seccomp,
             daemon_pid: nix::unistd::getpid().as_raw(),
+            cgroup: None,
         })
     }
 }
@@ -671,13 +700,36 @@ pub struct Prepared {
     seccomp: Vec<seccompiler::BpfProgram>,
     /// The daemon, which the child checks is still its parent after the uid change.
     daemon_pid: i32,
+    /// The job cgroup's `cgroup.procs`, which the child enters first of all.
+    cgroup: Option<OwnedFd>,
 }
 
 impl Prepared {
+    /// Makes the child enter the job cgroup whose `cgroup.procs` is `procs` (a descriptor the
+    /// daemon opened) before anything else, so that nothing it starts is outside it.
+    pub fn enter_cgroup(&mut self, procs: BorrowedFd<'_>) -> std::io::Result<()> {
+        // A copy at 10 or above: the child moves its pipes to 0-4 before this is written to,
+        // and must not overwrite it.
+        // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor the caller holds into a new one that
+        // is owned here alone.
+        let raw = unsafe { libc::fcntl(procs.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        self.cgroup = Some(unsafe { OwnedFd::from_raw_fd(raw) });
+        Ok(())
+    }
+
     /// Applies the sandbox to the calling (child) process. Only system calls on values made
     /// before the fork: no allocation, no lock, so it is safe in `pre_exec`.
     pub fn apply_in_child(&self) -> std::io::Result<()> {
         let os_err = std::io::Error::last_os_error;
+        // First: the job cgroup, still with the daemon's credentials, before the child (or the
+        // program it becomes) can start anything.
+        if let Some(procs) = &self.cgroup {
+            cgroup::enter(procs.as_fd())?;
+        }
         // The daemon is not dumpable (so same-uid jobs cannot read its /proc files), and a
         // forked child inherits that until exec: its own /proc/self files then belong to root
         // and a non-root daemon's child could not write its oom_score_adj. The child becomes
@@ -877,7 +929,7 @@ mod tests {
         std::fs::write(dir.join("requirements.txt"), "").expect("reqs");
         let worker = Worker::load(&dir).expect("worker");
         let dir = root.path();
-        let sandbox = Sandbox::new(SandboxSettings::default());
+        let sandbox = Sandbox::new(SandboxSettings::default()).expect("auto never fails");
         let python = dir.join("venv/bin/python");
         let policy = sandbox.policy(&worker, &python, dir, dir);
         let names: Vec<&str> = policy.enforcement().iter().map(|e| e.mechanism).collect();
@@ -891,7 +943,9 @@ mod tests {
                 "no_new_privs",
                 "seccomp",
                 "landlock",
-                "cgroup"
+                "cgroup",
+                "cgroup memory",
+                "cgroup pids"
             ]
         );
         let off = sandbox

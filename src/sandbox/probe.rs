@@ -2,9 +2,9 @@
 //!
 //! Every mechanism of the sandbox is probed rather than assumed, so that the daemon can say at
 //! start what it enforces and how, and never drop a protection silently on an older kernel or a
-//! stricter container.
+//! stricter container. Job cgroups, which need set-up as well as a probe, are in
+//! [`super::cgroup`].
 
-use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 /// The sandbox features of the running kernel and process.
@@ -17,9 +17,6 @@ pub struct KernelSupport {
     pub seccomp: bool,
     /// The daemon runs as root, so it can (and must) start jobs as another user.
     pub is_root: bool,
-    /// A cgroup v2 folder this process could create job cgroups in, with the memory and pids
-    /// controllers enabled, or why there is none.
-    pub cgroup: Result<PathBuf, String>,
 }
 
 impl KernelSupport {
@@ -34,7 +31,6 @@ impl KernelSupport {
             landlock_abi: landlock_abi(),
             seccomp: seccomp_available(),
             is_root: nix::unistd::geteuid().is_root(),
-            cgroup: delegated_cgroup(),
         }
     }
 }
@@ -71,49 +67,4 @@ fn landlock_abi() -> Result<i32, String> {
 fn seccomp_available() -> bool {
     // SAFETY: PR_GET_SECCOMP takes no pointer and changes nothing.
     unsafe { libc::prctl(libc::PR_GET_SECCOMP) >= 0 }
-}
-
-/// Looks for the process's own cgroup v2 folder with `memory` and `pids` delegated to it.
-///
-/// Only reported: job cgroups are not created yet (see README.security.md), so the answer tells
-/// an operator whether the pod could get them, and why not.
-fn delegated_cgroup() -> Result<PathBuf, String> {
-    let own = std::fs::read_to_string("/proc/self/cgroup")
-        .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
-    let Some(path) = own.lines().find_map(|l| l.strip_prefix("0::")) else {
-        return Err("no cgroup v2 hierarchy".into());
-    };
-    let mounts = std::fs::read_to_string("/proc/self/mounts")
-        .map_err(|e| format!("cannot read /proc/self/mounts: {e}"))?;
-    let Some(mount) = mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, dir, kind) = (f.next(), f.next(), f.next());
-        (kind == Some("cgroup2"))
-            .then(|| dir.map(PathBuf::from))
-            .flatten()
-    }) else {
-        return Err("cgroup v2 is not mounted".into());
-    };
-    let dir = mount.join(path.trim_start_matches('/'));
-    let controllers = std::fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
-    let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
-    if !(has("memory") && has("pids")) {
-        return Err(format!(
-            "{} has no memory and pids controllers (it has: {})",
-            dir.display(),
-            if controllers.trim().is_empty() {
-                "none"
-            } else {
-                controllers.trim()
-            }
-        ));
-    }
-    if !writable(&dir) {
-        return Err(format!("{} is not writable by the daemon", dir.display()));
-    }
-    Ok(dir)
-}
-
-fn writable(dir: &Path) -> bool {
-    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok()
 }

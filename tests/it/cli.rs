@@ -221,10 +221,13 @@ fn workers_verify_shows_what_the_sandbox_enforces_and_how() {
         "seccomp",
         "landlock",
         "cgroup",
+        "cgroup memory",
+        "cgroup pids",
     ] {
+        // As `workers verify` pads the names.
         let lines = text
             .lines()
-            .filter(|l| l.contains(&format!("sandbox {mechanism} ")))
+            .filter(|l| l.contains(&format!("sandbox {mechanism:<14} ")))
             .count();
         assert_eq!(lines, 2, "{mechanism} once per worker:\n{text}");
     }

@@ -202,7 +202,7 @@ pub fn ready_worker(name: &str) -> ReadyWorker {
 /// A runner with the runtime installed in a temp folder of the test.
 pub fn runner(temp: &Path) -> Runner {
     let runtime = Runtime::install(temp).expect("runtime");
-    Runner::new(runtime, temp.to_path_buf())
+    Runner::new(runtime, temp.to_path_buf()).expect("job cgroups `auto` never fail")
 }
 
 /// An executor of real processes for the given repository workers, their jobs started in
@@ -321,13 +321,17 @@ pub fn sandboxed_runner_with(
     temp: &Path,
     settings: hybrid_worker::sandbox::SandboxSettings,
 ) -> Runner {
+    sandboxed_runner_in(
+        temp,
+        hybrid_worker::sandbox::Sandbox::new(settings).expect("the sandbox settings"),
+    )
+}
+
+/// As [`sandboxed_runner`], with the given sandbox (fewer mechanisms, say).
+pub fn sandboxed_runner_in(temp: &Path, sandbox: hybrid_worker::sandbox::Sandbox) -> Runner {
     open_to_all(temp);
     let runtime = Runtime::install(temp).expect("runtime");
-    Runner::with_sandbox(
-        runtime,
-        temp.to_path_buf(),
-        hybrid_worker::sandbox::Sandbox::new(settings),
-    )
+    Runner::with_sandbox(runtime, temp.to_path_buf(), sandbox)
 }
 
 /// `ready` with its jobs started in `mode`, whatever its `worker.toml` says: the runner and
@@ -355,4 +359,98 @@ macro_rules! in_both_modes {
             }
         )*
     };
+}
+
+/// The cgroup v2 folder the cgroup tests make their cgroups in: the test process's own (its
+/// parent when the process sits in the daemon leaf), when it is root and can write there.
+/// `None` (the test is skipped, and says so) elsewhere, unless `HYBRID_TEST_REQUIRE_CGROUP=1`
+/// (tests/run.sh), where that is a failure.
+pub fn cgroup_base(test: &str) -> Option<PathBuf> {
+    use hybrid_worker::sandbox::cgroup::{DAEMON_LEAF, own_cgroup};
+    let usable = || -> Result<PathBuf, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("the tests do not run as root".into());
+        }
+        let own = own_cgroup()?;
+        let base = match own.parent() {
+            Some(parent) if own.file_name() == Some(DAEMON_LEAF.as_ref()) => parent.to_path_buf(),
+            _ => own,
+        };
+        nix::unistd::access(&base, nix::unistd::AccessFlags::W_OK)
+            .map_err(|e| format!("{} is not writable: {e}", base.display()))?;
+        Ok(base)
+    };
+    match usable() {
+        Ok(base) => Some(base),
+        Err(why) if std::env::var("HYBRID_TEST_REQUIRE_CGROUP").as_deref() == Ok("1") => panic!(
+            "{test} needs root and a writable cgroup v2 folder (HYBRID_TEST_REQUIRE_CGROUP=1): {why}"
+        ),
+        Err(why) => {
+            eprintln!("SKIPPED {test}: it needs root and a writable cgroup v2 folder: {why}");
+            None
+        }
+    }
+}
+
+/// A cgroup of a test's own under [`cgroup_base`], killed and removed (with its descendants)
+/// when dropped.
+pub struct TestCgroup {
+    pub dir: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(base: &Path) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = base.join(format!(
+            "hybrid-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir(&dir).expect("a test cgroup");
+        Self { dir }
+    }
+
+    /// The pids in the cgroup `dir` (not its descendants).
+    pub fn procs(dir: &Path) -> Vec<i32> {
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    /// The names of the cgroups directly under this one.
+    pub fn children(&self) -> Vec<String> {
+        std::fs::read_dir(&self.dir)
+            .expect("ls cgroup")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn remove(dir: &Path) {
+        let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+        for _ in 0..200 {
+            let events = std::fs::read_to_string(dir.join("cgroup.events")).unwrap_or_default();
+            if !events.contains("populated 1") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                Self::remove(&entry.path());
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(dir) {
+            eprintln!("could not remove the test cgroup {}: {e}", dir.display());
+        }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        Self::remove(&self.dir);
+    }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hybrid_worker::job::ErrorKind;
 use hybrid_worker::runner::{KillReason, RunOutcome, RunReport, RunRequest, Runner};
-use hybrid_worker::sandbox::SandboxSettings;
+use hybrid_worker::sandbox::{Mechanisms, Sandbox, SandboxSettings};
 use hybrid_worker::worker::Isolation;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -46,8 +46,23 @@ impl Daemon {
             user: 200_000,
             group: 65534,
             users,
+            ..SandboxSettings::default()
         };
         let runner = sandboxed_runner_with(temp.path(), settings);
+        Self {
+            _temp: temp,
+            runner,
+            mode,
+        }
+    }
+
+    /// A daemon with only the given mechanisms, and the default settings (job cgroups `auto`).
+    fn with_mechanisms(mode: Isolation, mechanisms: Mechanisms) -> Self {
+        let temp = tempfile::tempdir().expect("tmp");
+        let sandbox = Sandbox::new(SandboxSettings::default())
+            .expect("auto")
+            .with_mechanisms(mechanisms);
+        let runner = sandboxed_runner_in(temp.path(), sandbox);
         Self {
             _temp: temp,
             runner,
@@ -467,6 +482,60 @@ async fn a_grandchild_cannot_leave_the_group_or_outlive_the_job(mode: Isolation)
     daemon.still_runs_jobs().await;
 }
 
+/// Runs the `setsid-grandchild` job on `daemon`, checks that its grandchild really left the
+/// job's process group and session (so that the group kill cannot reach it), and returns the
+/// grandchild's pid.
+async fn an_escaped_grandchild(daemon: &Daemon) -> i32 {
+    let report = daemon.run("setsid-grandchild", json!({}), T).await;
+    let out = output(&report);
+    assert_eq!(out["setsid"], "escaped", "{out}");
+    assert_ne!(out["grandchild_pgid"], out["job_pgid"], "{out}");
+    assert_ne!(out["grandchild_sid"], out["job_sid"], "{out}");
+    i32::try_from(out["grandchild"].as_i64().expect("pid")).expect("a pid")
+}
+
+/// Seccomp refuses `setsid` (the test above); with seccomp off here, a grandchild leaves the
+/// job's process group and session and closes the job's pipes, so only the job's cgroup can
+/// find it at the job's end. The control, with job cgroups off, shows that nothing else does.
+async fn an_escaped_grandchild_dies_with_the_job_cgroup(mode: Isolation) {
+    let _serial = SERIAL.lock().await;
+    if cgroup_base("an_escaped_grandchild_dies_with_the_job_cgroup").is_none() {
+        return;
+    }
+    let no_seccomp = Mechanisms {
+        seccomp: false,
+        ..Mechanisms::ALL
+    };
+    let daemon = Daemon::with_mechanisms(mode, no_seccomp);
+    let pid = an_escaped_grandchild(&daemon).await;
+    wait_for(
+        Duration::from_secs(5),
+        "the escaped grandchild to die with the job's cgroup",
+        || is_dead(pid.into()),
+    )
+    .await;
+    daemon.still_runs_jobs().await;
+
+    let control = Daemon::with_mechanisms(
+        mode,
+        Mechanisms {
+            cgroup: false,
+            ..no_seccomp
+        },
+    );
+    let pid = an_escaped_grandchild(&control).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let survived = !is_dead(pid.into());
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    assert!(
+        survived,
+        "without job cgroups the escaped grandchild died too: this test no longer shows what the cgroup does"
+    );
+}
+
 async fn a_job_cannot_kill_the_daemon(mode: Isolation) {
     let _serial = SERIAL.lock().await;
     let daemon = Daemon::new(mode);
@@ -492,5 +561,6 @@ crate::in_both_modes!(
     printing_a_gigabyte_succeeds_with_capped_output,
     a_100_mb_result_is_result_too_large,
     a_grandchild_cannot_leave_the_group_or_outlive_the_job,
+    an_escaped_grandchild_dies_with_the_job_cgroup,
     a_job_cannot_kill_the_daemon,
 );

@@ -1,5 +1,6 @@
 //! The integration tests: one binary, sharing one harness (`helpers`).
 
+mod cgroup;
 mod cli;
 mod engine;
 mod helpers;

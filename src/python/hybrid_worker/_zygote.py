@@ -7,8 +7,9 @@ SOCK_SEQPACKET control socket on file descriptor 3. Messages are JSON, one per p
 
 daemon -> parent
     ``{"t": "init", "filters": HEX}``  the job's seccomp filters, installed by every child
-    ``{"t": "fork", "id": N, "cwd": DIR, "env": {...}, "landlock": BOOL}``  with descriptors
-        (job in, channel out, stdout, stderr[, Landlock ruleset]) passed by SCM_RIGHTS
+    ``{"t": "fork", "id": N, "cwd": DIR, "env": {...}, "landlock": BOOL, "cgroup": BOOL}``
+        with descriptors (job in, channel out, stdout, stderr[, Landlock ruleset][, the job
+        cgroup's cgroup.procs]) passed by SCM_RIGHTS
     ``{"t": "kill", "id": N, "sig": S}``  signal the job's whole process group
 parent -> daemon
     ``{"t": "ready", ...}``, ``{"t": "started", "id": N, "pid": P}``,
@@ -41,6 +42,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 import traceback
 
 import tempfile
@@ -114,14 +116,22 @@ def _spare(sock: socket.socket, filters, parent_pid: int, argv) -> None:
         if not data:
             os._exit(0)
         message = json.loads(data)
+        extra = list(fds[4:])
+        ruleset = extra.pop(0) if message.get("landlock") else None
+        if message.get("cgroup"):
+            # First, before the job's code could fork: the job's cgroup (this spare has forked
+            # nothing). The daemon opened the file, so the kernel checks the move against its
+            # credentials, not this uid's.
+            os.write(extra.pop(0), b"0")
         job_in, channel, out, err = fds[:4]
         os.dup2(out, 1)
         os.dup2(err, 2)
         os.dup2(job_in, 3)
         os.dup2(channel, 4)
-        if message.get("landlock"):
-            _check(_libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, fds[4], 0), "landlock_restrict_self")
-        # This socket, the ruleset and the job's original descriptors: none stays open.
+        if ruleset is not None:
+            _check(_libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
+        # This socket, the ruleset, the cgroup's file and the job's original descriptors: none
+        # stays open.
         os.closerange(5, 1 << 16)
         os.chdir(message["cwd"])
         _set_environ(message["env"])
@@ -231,6 +241,20 @@ def _reap(pid: int):
     return code, sig, cpu_ms, int(usage.ru_maxrss)
 
 
+def _reap_before_exit(limit_s: float = 2.0) -> None:
+    """Reaps the killed children (and the orphans this subreaper inherited) before the parent
+    leaves, so that none is handed to init as a zombie that still counts against the uid's
+    process limit until init gets to it."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.005)
+
+
 def _reap_all(ctl: socket.socket, children, spares) -> None:
     """Reaps every exited process: a job's child (reported to the daemon), or an orphan of a
     job that the kernel handed to this subreaper (so that no zombie keeps counting against the
@@ -308,6 +332,7 @@ def serve() -> None:
                         os.killpg(pid, signal.SIGKILL)
                     except OSError:
                         pass
+                _reap_before_exit()
                 os._exit(0)
             message = json.loads(data)
             kind = message["t"]
