@@ -210,14 +210,21 @@ impl Runner {
             ..RunReport::failed_to_start(JobError::new(kind, message))
         };
         let limits = request.worker.limits();
-        // Made before the process, which enters it before it runs anything.
-        let cgroup = match self.sandbox.job_cgroup(limits) {
-            Ok(cgroup) => cgroup,
-            Err(e) => return failed(ErrorKind::Crashed, e.to_string()),
-        };
-        let started_job = match request.worker.isolation() {
-            Isolation::Spawn => self.spawn(&request, cgroup.as_ref()),
-            Isolation::Fork => self.fork(&request, cgroup.as_ref()).await,
+        // Made before the process, which enters it before it runs anything (in fork mode the
+        // warm parent's spare child entered it ahead, and the job takes it over).
+        let (cgroup, started_job) = match request.worker.isolation() {
+            Isolation::Spawn => {
+                let cgroup = match self.sandbox.job_cgroup(limits) {
+                    Ok(cgroup) => cgroup,
+                    Err(e) => return failed(ErrorKind::Crashed, e.to_string()),
+                };
+                let started_job = self.spawn(&request, cgroup.as_ref());
+                (cgroup, started_job)
+            }
+            Isolation::Fork => match self.fork(&request).await {
+                Ok((started_job, cgroup)) => (cgroup, Ok(started_job)),
+                Err(e) => (None, Err(e)),
+            },
         };
         let Started {
             process,
@@ -412,33 +419,30 @@ impl Runner {
         })
     }
 
-    /// Fork mode: a child of the worker's warm parent ([`warm`]), which enters `cgroup` first.
+    /// Fork mode: a child of the worker's warm parent ([`warm`]), with the cgroup it entered.
     async fn fork(
         &self,
         request: &RunRequest<'_>,
-        cgroup: Option<&JobCgroup>,
-    ) -> Result<Started, (ErrorKind, String)> {
+    ) -> Result<(Started, Option<JobCgroup>), (ErrorKind, String)> {
         let env = |workdir: &Path| self.child_spec(request, workdir).env;
         let forking = std::time::Instant::now();
-        let (job, pipes, workdir, exited) = self
+        let (job, pipes, workdir, exited, cgroup) = self
             .warm
-            .fork_job(
-                request.worker,
-                &request.python,
-                &env,
-                cgroup.map(JobCgroup::procs),
-            )
+            .fork_job(request.worker, &request.python, &env)
             .await
             .map_err(|e| (ErrorKind::Crashed, format!("cannot start the job: {e}")))?;
         metrics().observe_process_start("fork", forking.elapsed());
         // A dropped sender means the warm parent died: how the job ended is unknown.
         let exit: ExitFuture = Box::pin(async move { exited.await.ok() });
-        Ok(Started {
-            process: JobProcess::Forked(job),
-            pipes,
-            workdir,
-            exit,
-        })
+        Ok((
+            Started {
+                process: JobProcess::Forked(job),
+                pipes,
+                workdir,
+                exit,
+            },
+            cgroup,
+        ))
     }
 
     fn child_spec(&self, request: &RunRequest<'_>, workdir: &Path) -> ChildSpec {

@@ -36,7 +36,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, IoSlice};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -54,6 +54,7 @@ use tokio::sync::oneshot;
 
 use super::child::{ChildPipes, ExitInfo};
 use crate::runtime::ZYGOTE_STUB;
+use crate::sandbox::cgroup::JobCgroup;
 use crate::sandbox::{Sandbox, SandboxPolicy};
 use crate::worker::Worker;
 
@@ -145,6 +146,12 @@ struct WarmParent {
     /// Its private folder; each job's temp folder is made inside it.
     dir: tempfile::TempDir,
     policy: SandboxPolicy,
+    /// The cgroup of the parent's spare child (forked ahead for the next job), which entered
+    /// it when it was forked, so that the move (and the RCU grace period a cgroup move waits
+    /// for, ~10 ms when moves are rare) is off the job's path. The next job takes it over; the
+    /// daemon sends the following spare's cgroup with that job. Locked from the moment it is
+    /// taken until the next one is sent, so the parent sees them in the same order.
+    spare_cgroup: Mutex<Option<JobCgroup>>,
 }
 
 impl WarmParent {
@@ -382,12 +389,25 @@ impl WarmPool {
             next_id: AtomicU64::new(1),
             dir,
             policy,
+            spare_cgroup: Mutex::new(None),
         };
         let filters = parent
             .policy
             .fork_child_filters(pid as u32)
             .map_err(|e| start_err("the job's seccomp filter", &e))?;
-        parent.send(&json!({"t": "init", "filters": hex::encode(filters)}), &[])?;
+        let first_spare = self
+            .sandbox
+            .job_cgroup(worker.limits())
+            .map_err(|e| start_err("its spare child's cgroup", &e))?;
+        let fds: Vec<RawFd> = first_spare.iter().map(|c| c.procs().as_raw_fd()).collect();
+        parent.send(
+            &json!({"t": "init", "filters": hex::encode(filters), "cgroup": first_spare.is_some()}),
+            &fds,
+        )?;
+        *parent
+            .spare_cgroup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = first_spare;
         let ready = match tokio::time::timeout(READY_TIMEOUT, ready_rx).await {
             Ok(Ok(ready)) => ready,
             Ok(Err(_)) => {
@@ -413,23 +433,24 @@ impl WarmPool {
         Ok(parent)
     }
 
-    /// Forks a child for one job. `env` gives the job's complete environment for its temp
-    /// folder (made here, inside the parent's private folder, and returned); the pipes
-    /// returned are the daemon's ends, as in spawn mode. `cgroup` is the `cgroup.procs` of the
-    /// job's cgroup, which the child enters before anything else.
+    /// Starts one job in the parent's spare child. `env` gives the job's complete environment
+    /// for its temp folder (made here, inside the parent's private folder, and returned); the
+    /// pipes returned are the daemon's ends, as in spawn mode. The job's cgroup (when the
+    /// daemon has job cgroups) is returned too: the spare entered it when it was forked, before
+    /// it could run anything.
     #[allow(clippy::type_complexity)]
     pub async fn fork_job(
         &self,
         worker: &Worker,
         python: &Path,
         env: &(dyn Fn(&Path) -> Vec<(String, String)> + Sync),
-        cgroup: Option<BorrowedFd<'_>>,
     ) -> Result<
         (
             ForkedJob,
             ChildPipes,
             tempfile::TempDir,
             oneshot::Receiver<ExitInfo>,
+            Option<JobCgroup>,
         ),
         WarmError,
     > {
@@ -458,10 +479,10 @@ impl WarmPool {
         if let Some(r) = &ruleset {
             fds.push(r.as_raw_fd());
         }
-        // Last, after the optional ruleset; the parent closes its copy once it has forked.
-        if let Some(procs) = cgroup {
-            fds.push(procs.as_raw_fd());
-        }
+        let next = self
+            .sandbox
+            .job_cgroup(worker.limits())
+            .map_err(|e| prep("the next spare child's cgroup", &e))?;
         let id = parent.next_id.fetch_add(1, Ordering::SeqCst);
         let (started_tx, started_rx) = oneshot::channel();
         let (exited_tx, exited_rx) = oneshot::channel();
@@ -484,9 +505,22 @@ impl WarmPool {
             "cwd": workdir.path(),
             "env": env,
             "landlock": ruleset.is_some(),
-            "cgroup": cgroup.is_some(),
+            "cgroup": false,
         });
-        parent.send(&message, &fds)?;
+        let cgroup = {
+            let mut spare = parent
+                .spare_cgroup
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let mut message = message;
+            // Last, after the optional ruleset: the next spare's, which the parent keeps.
+            if let Some(next) = &next {
+                fds.push(next.procs().as_raw_fd());
+                message["cgroup"] = Value::Bool(true);
+            }
+            parent.send(&message, &fds)?;
+            std::mem::replace(&mut *spare, next)
+        };
         // The parent holds them now; ours must close, or the pipes would never report EOF.
         drop((job_read, chan_write, out_write, err_write, ruleset));
         let pid = match tokio::time::timeout(FORK_TIMEOUT, started_rx).await {
@@ -502,7 +536,7 @@ impl WarmPool {
             stdout: out_read,
             stderr: err_read,
         };
-        Ok((job, pipes, workdir, exited_rx))
+        Ok((job, pipes, workdir, exited_rx, cgroup))
     }
 }
 

@@ -715,9 +715,14 @@ fn remove_tree(dir: &Path) -> std::io::Result<()> {
 /// SIGKILL to every process of the cgroup `dir` and its descendants.
 fn kill_tree(dir: &Path, kill: KillMethod) {
     match kill {
-        // Also kills the descendants' processes. ENOENT (already removed) is fine.
+        // Also kills the descendants' processes. ENOENT (already removed) is fine. Written only
+        // when something is left: the write blocks forks through the whole hierarchy and waits
+        // for an RCU grace period (~10 ms when cgroup changes are rare), and a cgroup with no
+        // process can gain none (nothing is left in it to fork).
         KillMethod::CgroupKill => {
-            let _ = write_file(&dir.join("cgroup.kill"), "1");
+            if populated(dir) {
+                let _ = write_file(&dir.join("cgroup.kill"), "1");
+            }
         }
         KillMethod::EachProcess => {
             for pid in read_words(&dir.join("cgroup.procs")) {
@@ -841,20 +846,24 @@ impl JobCgroup {
         kill_tree(&self.dir, self.root.kill);
     }
 
-    /// Kills what is left, reads what the cgroup recorded, and removes it once it is empty
-    /// (waiting at most 2 s; a cgroup still busy then is removed at a later job, or
-    /// by the next daemon, and logged).
+    /// Kills what is left and reads what the cgroup recorded; a background task removes it
+    /// once it is empty (waiting at most 2 s; a cgroup still busy then is removed at a later
+    /// job, or by the next daemon, and logged).
     pub async fn finish(mut self) -> CgroupUsage {
         self.kill();
-        let started = Instant::now();
-        while populated(&self.dir) && started.elapsed() < EMPTY_WAIT {
-            tokio::time::sleep(POLL).await;
-            if self.root.kill == KillMethod::EachProcess {
-                self.kill();
-            }
-        }
+        // What the cgroup recorded (OOM kills, peak memory) is final once its processes are
+        // killed; the wait for them to be gone, and the removal, are off the job's path.
         let usage = read_usage(&self.dir);
-        self.remove();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            while populated(&self.dir) && started.elapsed() < EMPTY_WAIT {
+                tokio::time::sleep(POLL).await;
+                if self.root.kill == KillMethod::EachProcess {
+                    self.kill();
+                }
+            }
+            self.remove();
+        });
         usage
     }
 

@@ -310,13 +310,8 @@ pub fn hostile_worker(name: &str) -> ReadyWorker {
     ReadyWorker { worker, python }
 }
 
-/// A runner whose temp folder an unprivileged job user can enter.
-pub fn sandboxed_runner(temp: &Path) -> Runner {
-    open_to_all(temp);
-    runner(temp)
-}
-
-/// As [`sandboxed_runner`], with the given `[sandbox]` settings.
+/// A runner with the given `[sandbox]` settings, whose temp folder an unprivileged job user can
+/// enter.
 pub fn sandboxed_runner_with(
     temp: &Path,
     settings: hybrid_worker::sandbox::SandboxSettings,
@@ -327,7 +322,8 @@ pub fn sandboxed_runner_with(
     )
 }
 
-/// As [`sandboxed_runner`], with the given sandbox (fewer mechanisms, say).
+/// A runner with the given sandbox (fewer mechanisms, say), whose temp folder an unprivileged
+/// job user can enter.
 pub fn sandboxed_runner_in(temp: &Path, sandbox: hybrid_worker::sandbox::Sandbox) -> Runner {
     open_to_all(temp);
     let runtime = Runtime::install(temp).expect("runtime");

@@ -28,10 +28,23 @@ struct Daemon {
     _temp: tempfile::TempDir,
 }
 
+/// The uid of the hostile suite's jobs: its own, so that the process counts the fork bombs
+/// test (RLIMIT_NPROC is per uid, across the machine) are not shared with the other tests
+/// running meanwhile as 65534, and zombies a bomb leaves for init cannot starve them.
+const HOSTILE_UID: u32 = 210_000;
+
+fn own_uid() -> SandboxSettings {
+    SandboxSettings {
+        user: HOSTILE_UID,
+        group: 65534,
+        ..SandboxSettings::default()
+    }
+}
+
 impl Daemon {
     fn new(mode: Isolation) -> Self {
         let temp = tempfile::tempdir().expect("tmp");
-        let runner = sandboxed_runner(temp.path());
+        let runner = sandboxed_runner_with(temp.path(), own_uid());
         Self {
             _temp: temp,
             runner,
@@ -59,7 +72,7 @@ impl Daemon {
     /// A daemon with only the given mechanisms, and the default settings (job cgroups `auto`).
     fn with_mechanisms(mode: Isolation, mechanisms: Mechanisms) -> Self {
         let temp = tempfile::tempdir().expect("tmp");
-        let sandbox = Sandbox::new(SandboxSettings::default())
+        let sandbox = Sandbox::new(own_uid())
             .expect("auto")
             .with_mechanisms(mechanisms);
         let runner = sandboxed_runner_in(temp.path(), sandbox);
@@ -282,9 +295,9 @@ fn processes_of(uid: u32) -> usize {
 async fn a_fork_bomb_is_contained_and_killed(mode: Isolation) {
     let _serial = SERIAL.lock().await;
     let daemon = Daemon::new(mode);
-    // Counted after a first job: in fork mode the worker's warm parent (uid 65534) stays.
+    // Counted after a first job: in fork mode the worker's warm parent (HOSTILE_UID) stays.
     daemon.still_runs_jobs().await;
-    let before = processes_of(65534);
+    let before = processes_of(HOSTILE_UID);
     let report = daemon.run("fork-bomb", json!({}), T).await;
     let (kind, message) = failure(&report);
     assert_eq!(kind, ErrorKind::HandlerError, "{message}");
@@ -299,7 +312,7 @@ async fn a_fork_bomb_is_contained_and_killed(mode: Isolation) {
         made < 16,
         "the handler made {made} children with max_processes = 16"
     );
-    // In fork mode the fork-bomb worker's own warm parent (uid 65534) and its spare child (forked
+    // In fork mode the fork-bomb worker's own warm parent (HOSTILE_UID) and its spare child (forked
     // ahead for the next job) stay, and are no bomb.
     let warm_parent = 2 * usize::from(
         daemon
@@ -312,7 +325,7 @@ async fn a_fork_bomb_is_contained_and_killed(mode: Isolation) {
     wait_for(
         Duration::from_secs(5),
         "the bomb's processes to die",
-        || processes_of(65534) <= before + warm_parent,
+        || processes_of(HOSTILE_UID) <= before + warm_parent,
     )
     .await;
     daemon.still_runs_jobs().await;

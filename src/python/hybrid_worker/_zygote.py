@@ -6,10 +6,11 @@ applied before exec, except that its seccomp filter still allows ``setpgid``), w
 SOCK_SEQPACKET control socket on file descriptor 3. Messages are JSON, one per packet.
 
 daemon -> parent
-    ``{"t": "init", "filters": HEX}``  the job's seccomp filters, installed by every child
+    ``{"t": "init", "filters": HEX, "cgroup": BOOL}``  the job's seccomp filters, installed by
+        every child[, with the `cgroup.procs` of the first spare child's cgroup]
     ``{"t": "fork", "id": N, "cwd": DIR, "env": {...}, "landlock": BOOL, "cgroup": BOOL}``
-        with descriptors (job in, channel out, stdout, stderr[, Landlock ruleset][, the job
-        cgroup's cgroup.procs]) passed by SCM_RIGHTS
+        with descriptors (job in, channel out, stdout, stderr[, Landlock ruleset][, the
+        `cgroup.procs` of the next spare child's cgroup]) passed by SCM_RIGHTS
     ``{"t": "kill", "id": N, "sig": S}``  signal the job's whole process group
 parent -> daemon
     ``{"t": "ready", ...}``, ``{"t": "started", "id": N, "pid": P}``,
@@ -94,11 +95,16 @@ def _close_all_but(keep: int) -> None:
     os.closerange(keep + 1, 1 << 16)
 
 
-def _spare(sock: socket.socket, filters, parent_pid: int, argv) -> None:
-    """In a spare child: leave the parent's group, take the job's seccomp layer, then wait for
-    one job and become it. Never returns; any failure before the job runs exits with code 71
-    (a spare whose parent closed its socket exits with 0)."""
+def _spare(sock: socket.socket, cgroup_fd, filters, parent_pid: int, argv) -> None:
+    """In a spare child: enter the cgroup of the job it will run, leave the parent's group, take
+    the job's seccomp layer, then wait for one job and become it. Never returns; any failure
+    before the job runs exits with code 71 (a spare whose parent closed its socket exits with
+    0)."""
     try:
+        if cgroup_fd is not None:
+            # First of all, before anything could fork. The daemon opened the file, so the
+            # kernel checks the move against its credentials, not this uid's.
+            os.write(cgroup_fd, b"0")
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setpgid(0, 0)
@@ -116,13 +122,7 @@ def _spare(sock: socket.socket, filters, parent_pid: int, argv) -> None:
         if not data:
             os._exit(0)
         message = json.loads(data)
-        extra = list(fds[4:])
-        ruleset = extra.pop(0) if message.get("landlock") else None
-        if message.get("cgroup"):
-            # First, before the job's code could fork: the job's cgroup (this spare has forked
-            # nothing). The daemon opened the file, so the kernel checks the move against its
-            # credentials, not this uid's.
-            os.write(extra.pop(0), b"0")
+        ruleset = fds[4] if message.get("landlock") else None
         job_in, channel, out, err = fds[:4]
         os.dup2(out, 1)
         os.dup2(err, 2)
@@ -130,8 +130,7 @@ def _spare(sock: socket.socket, filters, parent_pid: int, argv) -> None:
         os.dup2(channel, 4)
         if ruleset is not None:
             _check(_libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
-        # This socket, the ruleset, the cgroup's file and the job's original descriptors: none
-        # stays open.
+        # This socket, the ruleset and the job's original descriptors: none stays open.
         os.closerange(5, 1 << 16)
         os.chdir(message["cwd"])
         _set_environ(message["env"])
@@ -173,6 +172,8 @@ class _Spares:
         self.argv = argv
         self.pid = 0
         self.sock = None
+        # The `cgroup.procs` of the cgroup the next spare enters (the daemon's job cgroups).
+        self.cgroup_fd = None
 
     def fork(self) -> None:
         """Forks a new spare unless one is waiting; an OSError (no memory, process limit) is
@@ -188,7 +189,7 @@ class _Spares:
             raise
         if pid == 0:
             ours.close()
-            _spare(theirs, self.filters, self.parent_pid, self.argv)
+            _spare(theirs, self.cgroup_fd, self.filters, self.parent_pid, self.argv)
         theirs.close()
         try:
             os.setpgid(pid, pid)  # also in the child: whichever runs first
@@ -196,8 +197,15 @@ class _Spares:
             pass
         self.pid, self.sock = pid, ours
 
+    def next_cgroup(self, fd) -> None:
+        """The cgroup for spares forked from now on (the one taken over by a job is closed)."""
+        if self.cgroup_fd is not None:
+            os.close(self.cgroup_fd)
+        self.cgroup_fd = fd
+
     def take(self, data: bytes, fds) -> int:
-        """Hands one job to the spare (forking one first if none waits) and returns its pid."""
+        """Hands one job to the spare (forking one first if none waits, into the same cgroup)
+        and returns its pid."""
         for _ in range(2):
             self.fork()
             pid, sock = self.pid, self.sock
@@ -338,6 +346,8 @@ def serve() -> None:
             kind = message["t"]
             if kind == "init":
                 spares.filters = _parse_filters(bytes.fromhex(message["filters"]))
+                if message.get("cgroup") and fds:
+                    spares.next_cgroup(fds[0])
                 try:
                     spares.fork()
                 except OSError:
@@ -350,6 +360,7 @@ def serve() -> None:
                         except OSError:
                             pass
             elif kind == "fork":
+                next_cgroup = fds.pop() if message.get("cgroup") and fds else None
                 try:
                     pid = spares.take(data, fds)
                 except OSError as exc:
@@ -358,6 +369,8 @@ def serve() -> None:
                 finally:
                     for fd in fds:
                         os.close(fd)
+                    if next_cgroup is not None:
+                        spares.next_cgroup(next_cgroup)
                 children[pid] = message["id"]
                 _send(ctl, {"t": "started", "id": message["id"], "pid": pid})
                 try:
