@@ -6,6 +6,10 @@
 //! interpreter, `-I -B`, the clean environment, a private folder as its cwd, and the job's
 //! sandbox applied between fork and exec. It imports the handler and the worker's `preload`
 //! list, then forks one child per job; the child runs that one job and exits with `os._exit`.
+//! Each child is forked ahead, as the parent's *spare*: it enters its job's cgroup, leaves the
+//! parent's process group and installs its seccomp layer, then waits for its job on a socket of
+//! its own, so the fork and that set-up are off the job's path. A spare holds no job data until
+//! its own job arrives, and runs no other.
 //!
 //! Where each sandbox mechanism applies:
 //!
@@ -18,15 +22,15 @@
 //! | parent-death signal | SIGKILL when the daemon dies | SIGKILL when the warm parent dies |
 //! | `no_new_privs` | set | inherited |
 //! | Landlock | the job's rules, its private folder writable | a second layer: the job's rules with only its own temp folder writable (ABI 6: cannot signal the parent) |
-//! | seccomp | the job's filter, but `setpgid` allowed | the job's full filter stacked on top (protects the daemon's and the parent's pids) |
+//! | seccomp | the job's filter, but `setpgid` allowed | the difference stacked on top: `setpgid` denied again, signals to the parent's pid and group denied |
 //! | process group | its own | its own (`setpgid(0, 0)` before the job's filter) |
-//! | job cgroup | the daemon's | the job's own, entered first of all through a descriptor of its `cgroup.procs` the daemon opened |
+//! | job cgroup | the daemon's | the job's own, entered first of all (as a spare) through a descriptor of its `cgroup.procs` the daemon opened and sent ahead |
 //!
 //! So the job's code runs under exactly the spawn-mode sandbox, intersected with the parent's
 //! (which is no wider). Descriptors: the daemon makes the job's four pipes (and its Landlock
-//! ruleset, and opens its cgroup's `cgroup.procs`) and passes the child's ends over a
-//! SOCK_SEQPACKET control socket with SCM_RIGHTS; the child moves them to 1, 2, 3, 4 and closes
-//! every other descriptor.
+//! ruleset) and passes the child's ends over a SOCK_SEQPACKET control socket with SCM_RIGHTS,
+//! with the `cgroup.procs` of the next spare's cgroup; the child moves them to 1, 2, 3, 4 and
+//! closes every other descriptor.
 //!
 //! Killing and accounting: the parent alone signals and reaps its children, so a kill can
 //! never hit a reused process-group id; it reports each child's exit status and `wait4` usage
