@@ -389,21 +389,44 @@ impl Runner {
                 format!("cannot prepare the job's sandbox: {e}"),
             )
         })?;
-        if let Some(cgroup) = cgroup {
-            prepared.enter_cgroup(cgroup.procs()).map_err(|e| {
-                (
-                    ErrorKind::Crashed,
-                    format!("cannot hand the job its cgroup: {e}"),
-                )
-            })?;
-        }
         let spawning = std::time::Instant::now();
-        let (handle, pipes) = child::spawn(&spec, prepared).map_err(|e| {
+        let cannot_start = |e: std::io::Error| {
             (
                 ErrorKind::Crashed,
                 format!("cannot start {}: {e}", spec.program.display()),
             )
-        })?;
+        };
+        // With a job cgroup, the child starts inside it (no move, whose cost is an RCU grace
+        // period); where the kernel cannot, it enters it between fork and exec.
+        let started = match cgroup {
+            Some(cgroup) => {
+                let dir = std::fs::File::open(cgroup.dir()).map_err(|e| {
+                    (
+                        ErrorKind::Crashed,
+                        format!(
+                            "cannot open the job's cgroup {}: {e}",
+                            cgroup.dir().display()
+                        ),
+                    )
+                })?;
+                match child::spawn_in_cgroup(&spec, &prepared, std::os::fd::AsFd::as_fd(&dir))
+                    .map_err(cannot_start)?
+                {
+                    Some(started) => started,
+                    None => {
+                        prepared.enter_cgroup(cgroup.procs()).map_err(|e| {
+                            (
+                                ErrorKind::Crashed,
+                                format!("cannot hand the job its cgroup: {e}"),
+                            )
+                        })?;
+                        child::spawn(&spec, prepared).map_err(cannot_start)?
+                    }
+                }
+            }
+            None => child::spawn(&spec, prepared).map_err(cannot_start)?,
+        };
+        let (handle, pipes) = started;
         metrics().observe_process_start("spawn", spawning.elapsed());
         let waiter = handle.clone();
         let exit: ExitFuture = Box::pin(async move {

@@ -746,11 +746,14 @@ impl Prepared {
             ChildUser::Keep => {}
             ChildUser::Drop { uid, gid } => {
                 // SAFETY: plain system calls with integer arguments; a null list with length
-                // 0 clears the supplementary groups.
+                // 0 clears the supplementary groups. Raw calls, not glibc's wrappers: these
+                // would signal every thread glibc believes the process has (its set-id
+                // broadcast), which is wrong in a child started by a raw `clone3`, whose only
+                // thread is this one (`runner::child`).
                 unsafe {
-                    if libc::setgroups(0, std::ptr::null()) < 0
-                        || libc::setresgid(gid, gid, gid) < 0
-                        || libc::setresuid(uid, uid, uid) < 0
+                    if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) < 0
+                        || libc::syscall(libc::SYS_setresgid, gid, gid, gid) < 0
+                        || libc::syscall(libc::SYS_setresuid, uid, uid, uid) < 0
                     {
                         return Err(os_err());
                     }
@@ -841,7 +844,7 @@ fn drop_capabilities(last_cap: u32) -> std::io::Result<()> {
             0,
             0,
         ) < 0
-            || libc::setgroups(0, std::ptr::null()) < 0
+            || libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) < 0
             || libc::syscall(libc::SYS_capset, &header, data.as_ptr()) < 0
         {
             return Err(std::io::Error::last_os_error());

@@ -411,3 +411,71 @@ fn a_daemon_that_may_not_write_its_cgroup_reports_cgroup_off() {
 }
 
 crate::in_both_modes!(a_job_runs_in_a_cgroup_of_its_own_that_is_gone_after_it);
+
+/// A job started inside its cgroup by `clone3(CLONE_INTO_CGROUP)` whose program cannot run is
+/// an error naming why (not a hang, not a process left behind), and a runnable one is in the
+/// cgroup from its first instruction: its own `/proc/self/cgroup` says so.
+#[tokio::test]
+async fn a_child_started_inside_its_cgroup_reports_a_failed_exec_and_runs_inside() {
+    use hybrid_worker::runner::child::{self, ChildSpec};
+    use hybrid_worker::sandbox::Mechanisms;
+    use std::os::fd::AsFd;
+
+    let Some(base) = cgroup_base("a_child_started_inside_its_cgroup_reports_a_failed_exec") else {
+        return;
+    };
+    let test = TestCgroup::new(&base);
+    let job = test.dir.join("job-clone3");
+    std::fs::create_dir(&job).expect("job cgroup");
+    let temp = tempfile::tempdir().expect("tmp");
+    let ready = hostile_worker("benign");
+    let policy = Sandbox::new(SandboxSettings::default())
+        .expect("sandbox")
+        .with_mechanisms(Mechanisms::NONE)
+        .policy(&ready.worker, &ready.python, temp.path(), temp.path());
+    let prepared = policy.prepare(temp.path()).expect("prepared");
+    let dir = std::fs::File::open(&job).expect("open the cgroup");
+    let spec = |program: &Path, args: Vec<String>| ChildSpec {
+        program: program.to_path_buf(),
+        args,
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        cwd: temp.path().to_path_buf(),
+    };
+
+    let missing = spec(Path::new("/nonexistent/python3"), Vec::new());
+    match child::spawn_in_cgroup(&missing, &prepared, dir.as_fd()) {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}"),
+        Ok(Some(_)) => panic!("a missing program started"),
+        Ok(None) => panic!("this kernel has CLONE_INTO_CGROUP; the test needs it"),
+    }
+    assert_eq!(
+        TestCgroup::procs(&job),
+        Vec::<i32>::new(),
+        "left in the cgroup"
+    );
+
+    let cat = spec(Path::new("/bin/cat"), vec!["/proc/self/cgroup".into()]);
+    let (handle, pipes) = child::spawn_in_cgroup(&cat, &prepared, dir.as_fd())
+        .expect("spawn")
+        .expect("clone3 with CLONE_INTO_CGROUP");
+    let exit = tokio::task::spawn_blocking(move || handle.wait_blocking())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert_eq!(exit.code, Some(0));
+    let mut text = String::new();
+    use std::io::Read;
+    std::fs::File::from(pipes.stdout)
+        .read_to_string(&mut text)
+        .expect("stdout");
+    let name = test
+        .dir
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        text.trim_end().ends_with(&format!("/{name}/job-clone3")),
+        "the child says it is in {text:?}"
+    );
+}
