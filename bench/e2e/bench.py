@@ -54,6 +54,7 @@ SIZES = {
     "celery-per-child": (100, 50),
     "floor-loop": (20000, 0),
     "floor-fork": (4000, 0),
+    "floor-runtime": (2000, 0),
 }
 
 
@@ -300,7 +301,58 @@ print(time.perf_counter() - started)
 """
 
 
-def floor_runs(n_loop: int, n_fork: int) -> list[dict]:
+RUNTIME_FLOOR = """
+import gc, json, os, sys, time
+runtime, worker_dir, n, procs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+sys.path[:0] = [runtime, worker_dir]
+from hybrid_worker import _bootstrap, _zygote
+import noop
+sys.argv = ["-c", runtime, worker_dir, "noop", "run", "[]"]
+_bootstrap.preload("noop", "run")
+_bootstrap.install_logging()
+gc.collect()
+gc.freeze()
+null = os.open(os.devnull, os.O_WRONLY)
+def loop(count):
+    spares = _zygote._Spares([], os.getpid(), sys.argv[:5])
+    env = dict(os.environ)
+    for i in range(count):
+        job_r, job_w = os.pipe()
+        chan_r, chan_w = os.pipe()
+        os.write(job_w, json.dumps({"job_id": str(i), "attempt": 1, "deadline": time.time() + 60,
+                                    "worker": "noop", "input": {"n": i}}).encode())
+        os.close(job_w)
+        control = json.dumps({"t": "fork", "id": i, "cwd": "/tmp", "env": env,
+                              "landlock": False, "cgroup": False}).encode()
+        pid = spares.take(control, [job_r, chan_w, null, null])
+        os.close(job_r)
+        os.close(chan_w)
+        spares.fork()
+        reply = b""
+        while chunk := os.read(chan_r, 65536):
+            reply += chunk
+        os.close(chan_r)
+        os.wait4(pid, 0)
+        if b'"result"' not in reply:
+            raise SystemExit(f"no result: {reply!r}")
+    spares.stop()
+started = time.perf_counter()
+kids = []
+for _ in range(procs):
+    pid = os.fork()
+    if pid == 0:
+        loop(n // procs)
+        os._exit(0)
+    kids.append(pid)
+for pid in kids:
+    _, status = os.waitpid(pid, 0)
+    if status:
+        raise SystemExit("a runtime floor loop failed")
+print(time.perf_counter() - started)
+"""
+
+
+def floor_runs(n_loop: int, n_fork: int, n_runtime: int) -> list[dict]:
     """The same job with no transport at all: called in a loop in one process, and forked per
     call by a bare loop. The fork loop runs in a fresh interpreter of the bench worker's venv
     that imported only the job's module (as a warm parent does), at the same concurrency, so
@@ -319,7 +371,15 @@ def floor_runs(n_loop: int, n_fork: int) -> list[dict]:
         [str(python), "-I", "-B", "-c", FORK_FLOOR, str(worker_dir), str(n_fork), str(CONCURRENCY)],
         check=True, capture_output=True, text=True).stdout)
     fork = summary("floor fork loop", n_fork, seconds, [])
-    return [loop, fork]
+    # The runtime's own floor: fork mode's warm parent and child code (a spare forked ahead,
+    # the job and its result through pipes, the handler's context) with no daemon, broker or
+    # sandbox; the most fork mode can do here whatever carries the jobs.
+    seconds = float(subprocess.run(
+        [str(python), "-I", "-B", "-c", RUNTIME_FLOOR, str(ROOT / "src" / "python"),
+         str(worker_dir), str(n_runtime), str(CONCURRENCY)],
+        check=True, capture_output=True, text=True).stdout)
+    runtime = summary("floor runtime fork", n_runtime, seconds, [])
+    return [loop, fork, runtime]
 
 
 # ---------------------------------------------------------------- main
@@ -373,10 +433,12 @@ def main() -> int:
             if wanted(name):
                 n, m = SIZES[name]
                 results["runs"][name] = celery_runs(tmp, per_child, name, n, m)
-        if wanted("floor-loop") or wanted("floor-fork"):
-            loop, fork = floor_runs(SIZES["floor-loop"][0], SIZES["floor-fork"][0])
+        if wanted("floor-loop") or wanted("floor-fork") or wanted("floor-runtime"):
+            loop, fork, runtime = floor_runs(SIZES["floor-loop"][0], SIZES["floor-fork"][0],
+                                             SIZES["floor-runtime"][0])
             results["runs"]["floor-loop"] = loop
             results["runs"]["floor-fork"] = fork
+            results["runs"]["floor-runtime"] = runtime
     machine["load_after"] = [round(x, 2) for x in os.getloadavg()]
     machine["run_seconds"] = round(time.time() - started, 1)
 

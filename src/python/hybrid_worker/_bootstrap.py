@@ -23,27 +23,57 @@ CHANNEL_FD = 4
 MESSAGE_LIMIT = 2000
 
 
-def _send(channel, record: Dict[str, Any]) -> None:
-    channel.write(json.dumps(record, allow_nan=False, separators=(",", ":")).encode() + b"\n")
-    channel.flush()
+def _send(record: Dict[str, Any]) -> None:
+    """Writes one line on the channel, straight to its descriptor: no file object (a warm
+    child would copy every page such objects touch)."""
+    line = memoryview(json.dumps(record, allow_nan=False, separators=(",", ":")).encode() + b"\n")
+    while line:
+        line = line[os.write(CHANNEL_FD, line):]
+
+
+def _read_job() -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(JOB_FD, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(JOB_FD)
+    return b"".join(chunks)
 
 
 class _ChannelHandler(logging.Handler):
-    """Forwards the handler's log records to the daemon as structured lines."""
+    """Forwards the handler's log records to the daemon as structured lines. Inert until a job
+    runs in this process (a warm parent installs it once for all its children)."""
 
-    def __init__(self, channel) -> None:
+    active = False
+
+    def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self._channel = channel
 
     def emit(self, record: logging.LogRecord) -> None:
+        if not self.active:
+            if logging.lastResort is not None and record.levelno >= logging.lastResort.level:
+                logging.lastResort.handle(record)
+            return
         try:
-            _send(
-                self._channel,
-                {"t": "log", "level": record.levelname, "logger": record.name,
-                 "msg": record.getMessage()[:MESSAGE_LIMIT]},
-            )
+            _send({"t": "log", "level": record.levelname, "logger": record.name,
+                   "msg": record.getMessage()[:MESSAGE_LIMIT]})
         except Exception:  # a broken log line must never fail the job
             self.handleError(record)
+
+
+def install_logging() -> None:
+    """Sends the root logger's records (INFO and up) to the channel, and only there. A warm
+    parent calls this once, after its imports, so that no child sets it up again."""
+    global _logging_installed
+    root = logging.getLogger()
+    root.handlers[:] = [_ChannelHandler()]
+    root.setLevel(logging.INFO)
+    _logging_installed = True
+
+
+_logging_installed = False
 
 
 def _describe(exc: BaseException) -> str:
@@ -53,30 +83,42 @@ def _describe(exc: BaseException) -> str:
     return message[:MESSAGE_LIMIT]
 
 
-def _error(channel, kind: str, message: str, permanent: bool, exc_type: str) -> None:
-    _send(channel, {"t": "error", "kind": kind, "message": message,
+def _error(kind: str, message: str, permanent: bool, exc_type: str) -> None:
+    _send({"t": "error", "kind": kind, "message": message,
                     "permanent": permanent, "type": exc_type})
+
+
+# The entry point a warm parent resolved before forking: (module, function) -> callable.
+_preloaded: Dict[Any, Any] = {}
+
+
+def preload(module_name: str, function_name: str) -> None:
+    """Resolves the entry point once, in a warm parent (the import stays in `sys.modules`
+    either way; a failure is left for the job to report, as spawn mode would)."""
+    try:
+        module = sys.modules[module_name]
+        _preloaded[(module_name, function_name)] = getattr(module, function_name)
+    except (KeyError, AttributeError):
+        pass
 
 
 def main() -> None:
     worker_dir, module_name, function_name = sys.argv[2], sys.argv[3], sys.argv[4]
-    with os.fdopen(JOB_FD, "rb") as job_pipe:
-        job = json.loads(job_pipe.read())
-    channel = os.fdopen(CHANNEL_FD, "wb")
-
-    root = logging.getLogger()
-    root.handlers[:] = [_ChannelHandler(channel)]
-    root.setLevel(logging.INFO)
+    job = json.loads(_read_job())
+    if not _logging_installed:
+        install_logging()
+    _ChannelHandler.active = True
     logger = logging.getLogger(f"worker.{job['worker']}")
     ctx = Context(job["job_id"], job["attempt"], job["deadline"], job.get("correlation_id"),
                   job["worker"], logger)
 
     try:
-        module = importlib.import_module(module_name)
-        handler = getattr(module, function_name)
+        handler = _preloaded.get((module_name, function_name))
+        if handler is None:
+            handler = getattr(importlib.import_module(module_name), function_name)
     except Exception as exc:
         traceback.print_exc()
-        _error(channel, "HandlerError",
+        _error("HandlerError",
                f"cannot load entrypoint {module_name}:{function_name}: {_describe(exc)}",
                True, type(exc).__name__)
         return
@@ -86,25 +128,25 @@ def main() -> None:
     except InvalidInput as exc:
         # The kind already says what happened; the message is the handler's explanation.
         message = str(exc).strip()[:MESSAGE_LIMIT] or "the handler rejected the input"
-        _error(channel, "InvalidInput", message, True, type(exc).__name__)
+        _error("InvalidInput", message, True, type(exc).__name__)
         return
     except PermanentError as exc:
         traceback.print_exc()
-        _error(channel, "HandlerError", _describe(exc), True, type(exc).__name__)
+        _error("HandlerError", _describe(exc), True, type(exc).__name__)
         return
     except MemoryError as exc:
-        _error(channel, "MemoryLimit", "the handler ran out of memory (MemoryError)", True,
+        _error("MemoryLimit", "the handler ran out of memory (MemoryError)", True,
                type(exc).__name__)
         return
     except Exception as exc:
         traceback.print_exc()
-        _error(channel, "HandlerError", _describe(exc), False, type(exc).__name__)
+        _error("HandlerError", _describe(exc), False, type(exc).__name__)
         return
 
     try:
-        _send(channel, {"t": "result", "output": output})
+        _send({"t": "result", "output": output})
     except (TypeError, ValueError) as exc:
-        _error(channel, "HandlerError",
+        _error("HandlerError",
                f"the handler's output is not JSON-serialisable: {_describe(exc)}", True,
                type(exc).__name__)
 

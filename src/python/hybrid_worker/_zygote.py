@@ -299,6 +299,10 @@ def serve() -> None:
             failed.append(name)
     sys.stdout.flush()
     sys.stderr.flush()
+    # What every child would otherwise do first: the entry point's look-up and the root
+    # logger's handler (inert in this process).
+    _bootstrap.preload(module_name, function_name)
+    _bootstrap.install_logging()
     # Everything imported so far is moved out of the collector's reach: a child's collections
     # then never touch (and so never copy) the parent's pages.
     gc.collect()
