@@ -1,7 +1,8 @@
 """End-to-end benchmark, one run, side by side: hybrid-worker (spawn and fork mode, trivial and
 pandas jobs) through its embedded Service Bus emulator, Celery 5 on a local Redis (prefork pool,
 default and `worker_max_tasks_per_child=1`), and the floors (a bare Python loop, a bare fork
-loop). Writes bench/results/e2e-<date>.json and .png and prints whether each target is met.
+loop, fork mode's own runtime with no transport, a bare fork of the pandas job). Writes
+bench/results/e2e-<date>.json and .png and prints whether each target is met.
 
 Run by bench/e2e/run.sh, which builds the release binary and installs what this needs.
 
@@ -55,6 +56,7 @@ SIZES = {
     "floor-loop": (20000, 0),
     "floor-fork": (4000, 0),
     "floor-runtime": (2000, 0),
+    "floor-pandas": (600, 0),
 }
 
 
@@ -276,15 +278,17 @@ def celery_runs(tmp: pathlib.Path, per_child: int, name: str, n: int, m: int) ->
 
 
 FORK_FLOOR = """
-import os, sys, time
+import gc, importlib, os, sys, time
 sys.path.insert(0, sys.argv[1])
-import noop
+job = importlib.import_module(sys.argv[4])
+gc.collect()
+gc.freeze()
 n, procs = int(sys.argv[2]), int(sys.argv[3])
 def loop(count):
     for i in range(count):
         pid = os.fork()
         if pid == 0:
-            noop.run({"n": i}, None)
+            job.run({"n": i}, None)
             os._exit(0)
         os.waitpid(pid, 0)
 started = time.perf_counter()
@@ -352,7 +356,7 @@ print(time.perf_counter() - started)
 """
 
 
-def floor_runs(n_loop: int, n_fork: int, n_runtime: int) -> list[dict]:
+def floor_runs(n_loop: int, n_fork: int, n_runtime: int, n_pandas: int) -> list[dict]:
     """The same job with no transport at all: called in a loop in one process, and forked per
     call by a bare loop. The fork loop runs in a fresh interpreter of the bench worker's venv
     that imported only the job's module (as a warm parent does), at the same concurrency, so
@@ -368,7 +372,8 @@ def floor_runs(n_loop: int, n_fork: int, n_runtime: int) -> list[dict]:
     loop = summary("floor python loop", n_loop, time.perf_counter() - started, [])
     python = next(pathlib.Path(VENVS).glob("noop-spawn-*/bin/python"))
     seconds = float(subprocess.run(
-        [str(python), "-I", "-B", "-c", FORK_FLOOR, str(worker_dir), str(n_fork), str(CONCURRENCY)],
+        [str(python), "-I", "-B", "-c", FORK_FLOOR, str(worker_dir), str(n_fork), str(CONCURRENCY),
+         "noop"],
         check=True, capture_output=True, text=True).stdout)
     fork = summary("floor fork loop", n_fork, seconds, [])
     # The runtime's own floor: fork mode's warm parent and child code (a spare forked ahead,
@@ -379,7 +384,17 @@ def floor_runs(n_loop: int, n_fork: int, n_runtime: int) -> list[dict]:
          str(worker_dir), str(n_runtime), str(CONCURRENCY)],
         check=True, capture_output=True, text=True).stdout)
     runtime = summary("floor runtime fork", n_runtime, seconds, [])
-    return [loop, fork, runtime]
+    # The pandas job the same way: a bare fork of an interpreter that imported pandas, the job,
+    # exit; no runtime, transport or sandbox (the pandas worker's thread settings).
+    pandas_python = next(pathlib.Path(VENVS).glob("pandas-fork-*/bin/python"))
+    seconds = float(subprocess.run(
+        [str(pandas_python), "-I", "-B", "-c", FORK_FLOOR,
+         str(ROOT / "bench" / "workers" / "pandas-fork"), str(n_pandas), str(CONCURRENCY),
+         "pandas_job"],
+        check=True, capture_output=True, text=True,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}).stdout)
+    pandas = summary("floor pandas fork", n_pandas, seconds, [])
+    return [loop, fork, runtime, pandas]
 
 
 # ---------------------------------------------------------------- main
@@ -433,12 +448,12 @@ def main() -> int:
             if wanted(name):
                 n, m = SIZES[name]
                 results["runs"][name] = celery_runs(tmp, per_child, name, n, m)
-        if wanted("floor-loop") or wanted("floor-fork") or wanted("floor-runtime"):
-            loop, fork, runtime = floor_runs(SIZES["floor-loop"][0], SIZES["floor-fork"][0],
-                                             SIZES["floor-runtime"][0])
-            results["runs"]["floor-loop"] = loop
-            results["runs"]["floor-fork"] = fork
-            results["runs"]["floor-runtime"] = runtime
+        if any(wanted(k) for k in ("floor-loop", "floor-fork", "floor-runtime", "floor-pandas")):
+            floors = floor_runs(*(SIZES[k][0] for k in
+                                  ("floor-loop", "floor-fork", "floor-runtime", "floor-pandas")))
+            for key, run in zip(("floor-loop", "floor-fork", "floor-runtime", "floor-pandas"),
+                                floors):
+                results["runs"][key] = run
     machine["load_after"] = [round(x, 2) for x in os.getloadavg()]
     machine["run_seconds"] = round(time.time() - started, 1)
 
@@ -461,11 +476,27 @@ def main() -> int:
                         40 * 1024 / results["daemon_idle"]["rss_kb"], 1.0))
     results["targets"] = [{"target": t, "ratio": round(v, 2), "needed": need, "met": v >= need}
                           for t, v, need in targets]
+    # The same ratios with no transport at all: what fork mode could reach here if the daemon,
+    # the broker and the client cost nothing.
+    bounds = [
+        ("runtime fork floor / Celery prefork", ("floor-runtime", "celery-prefork"),
+         lambda: tp("floor-runtime") / tp("celery-prefork"), 1.5),
+        ("runtime fork floor / Celery max_tasks_per_child=1", ("floor-runtime", "celery-per-child"),
+         lambda: tp("floor-runtime") / tp("celery-per-child"), 100.0),
+        ("bare pandas fork floor (no runtime) / spawn pandas", ("floor-pandas", "pandas-spawn"),
+         lambda: tp("floor-pandas") / tp("pandas-spawn"), 50.0),
+    ]
+    results["bounds"] = [{"bound": b, "ratio": round(f(), 2), "needed": need}
+                         for b, keys, f, need in bounds if all(k in r for k in keys)]
     print(f"\nload average before {machine['load_before']}, after {machine['load_after']}; "
           f"run took {machine['run_seconds']} s")
     print("targets:")
     for t in results["targets"]:
         print(f"  [{'MET' if t['met'] else 'NOT MET'}] {t['target']}: {t['ratio']}x (needed {t['needed']}x)")
+    if results["bounds"]:
+        print("with no transport at all (floors):")
+        for b in results["bounds"]:
+            print(f"  {b['bound']}: {b['ratio']}x (a target needs {b['needed']}x)")
     if ONLY:
         print("partial run (HYBRID_BENCH_ONLY): no result files written")
         return 0

@@ -114,3 +114,96 @@ pub fn features(abi: i32) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+
+    fn c(path: &std::path::Path) -> CString {
+        CString::new(path.as_os_str().as_bytes()).expect("a test path has no NUL")
+    }
+
+    /// Opens `path` with `flags` (0o600 when created) and reports whether it worked: only
+    /// system calls, so it can run in a child forked from the threaded test binary.
+    fn opens(path: &CString, flags: libc::c_int) -> bool {
+        // SAFETY: a valid NUL-terminated path; the descriptor is closed at once.
+        let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC, 0o600) };
+        if fd >= 0 {
+            // SAFETY: our own fresh descriptor.
+            unsafe { libc::close(fd) };
+        }
+        fd >= 0
+    }
+
+    #[test]
+    fn a_ruleset_allows_what_it_lists_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("a temp folder");
+        let root = dir.path();
+        for sub in ["allowed", "denied", "work"] {
+            std::fs::create_dir(root.join(sub)).expect("a folder");
+        }
+        std::fs::write(root.join("allowed/file"), "x").expect("a file");
+        std::fs::write(root.join("denied/file"), "x").expect("a file");
+        std::fs::write(root.join("single"), "x").expect("a file");
+        let rules = FsRules {
+            // A file among the folders takes only a file's rights (else adding it fails), and
+            // a path that does not exist is left out.
+            read_only: vec![
+                root.join("allowed"),
+                root.join("single"),
+                root.join("missing"),
+            ],
+            read_write: vec![root.join("work")],
+        };
+        let Some(ruleset) = build(&rules, NetworkPolicy::Allow).expect("the ruleset builds") else {
+            eprintln!("no Landlock on this kernel: nothing to check");
+            return;
+        };
+        let checks = [
+            (c(&root.join("allowed/file")), libc::O_RDONLY, true),
+            (c(&root.join("single")), libc::O_RDONLY, true),
+            (c(&root.join("denied/file")), libc::O_RDONLY, false),
+            (
+                c(&root.join("allowed/new")),
+                libc::O_WRONLY | libc::O_CREAT,
+                false,
+            ),
+            (
+                c(&root.join("work/new")),
+                libc::O_WRONLY | libc::O_CREAT,
+                true,
+            ),
+        ];
+        // SAFETY: the child makes only system calls on values prepared above, then _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: plain system calls in the child; it never returns into the test.
+            unsafe {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                if restrict_self(&ruleset).is_err() {
+                    libc::_exit(3);
+                }
+                for (i, (path, flags, allowed)) in checks.iter().enumerate() {
+                    if opens(path, *flags) != *allowed {
+                        libc::_exit(10 + i as i32);
+                    }
+                }
+                libc::_exit(0);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: our own child; `status` is a live local.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status), "the child did not exit: {status}");
+        let code = libc::WEXITSTATUS(status);
+        assert_eq!(
+            code,
+            0,
+            "check {} failed (3: restrict_self failed)",
+            code - 10
+        );
+    }
+}
