@@ -156,6 +156,39 @@ struct WarmParent {
     /// daemon sends the following spare's cgroup with that job. Locked from the moment it is
     /// taken until the next one is sent, so the parent sees them in the same order.
     spare_cgroup: Mutex<Option<JobCgroup>>,
+    /// Its threads beside the main one once it was ready.
+    threads: Mutex<Threads>,
+}
+
+/// The threads a warm parent runs beside its main one once its imports are done: each is
+/// missing from every forked child, with whatever lock it held at the fork.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Threads {
+    /// How many, native ones (a BLAS pool) included, from `/proc/<pid>/task`.
+    pub others: usize,
+    /// The names of those Python knows of (`threading.enumerate()`).
+    pub python: Vec<String>,
+}
+
+impl Threads {
+    fn of(pid: i32, python: &Value) -> Self {
+        let python: Vec<String> = python
+            .as_array()
+            .map(|names| {
+                names
+                    .iter()
+                    .filter_map(|n| n.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let native = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| tasks.count().saturating_sub(1))
+            .unwrap_or(0);
+        Self {
+            others: native.max(python.len()),
+            python,
+        }
+    }
 }
 
 impl WarmParent {
@@ -236,6 +269,16 @@ impl WarmPool {
     pub async fn parent_pid(&self, worker: &str) -> Option<i32> {
         let parents = self.parents.lock().await;
         parents.get(worker).filter(|p| !p.is_dead()).map(|p| p.pid)
+    }
+
+    /// The threads `worker`'s running warm parent had beside its main one once ready, for
+    /// tests and reports.
+    pub async fn parent_threads(&self, worker: &str) -> Option<Threads> {
+        let parents = self.parents.lock().await;
+        parents
+            .get(worker)
+            .filter(|p| !p.is_dead())
+            .map(|p| p.threads.lock().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
     async fn parent(&self, worker: &Worker, python: &Path) -> Result<Arc<WarmParent>, WarmError> {
@@ -394,6 +437,7 @@ impl WarmPool {
             dir,
             policy,
             spare_cgroup: Mutex::new(None),
+            threads: Mutex::new(Threads::default()),
         };
         let filters = parent
             .policy
@@ -434,6 +478,22 @@ impl WarmPool {
             ms = started.elapsed().as_millis() as u64,
             "Warm parent ready."
         );
+        let threads = Threads::of(pid, &ready["threads"]);
+        if threads.others > 0 {
+            tracing::warn!(
+                worker = %worker.name,
+                pid,
+                threads = threads.others,
+                python_threads = ?threads.python,
+                "The warm parent runs other threads after its imports. A fork copies only the \
+                 thread that forks: these are gone in every job's child, and a lock one of them \
+                 holds at the fork stays held there, which can hang the job. Limit the \
+                 library's threads in the worker's env (OPENBLAS_NUM_THREADS=1, \
+                 OMP_NUM_THREADS=1, ...), start them in the handler instead of at import, or \
+                 use isolation = \"spawn\"."
+            );
+        }
+        *parent.threads.lock().unwrap_or_else(|e| e.into_inner()) = threads;
         Ok(parent)
     }
 

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use hybrid_worker::job::ErrorKind;
+use hybrid_worker::runner::warm::Threads;
 use hybrid_worker::runner::{KillReason, RunOutcome, RunReport, RunRequest, Runner};
 use hybrid_worker::sandbox::{Mechanisms, Sandbox, SandboxSettings};
 use hybrid_worker::worker::Isolation;
@@ -577,3 +578,34 @@ crate::in_both_modes!(
     an_escaped_grandchild_dies_with_the_job_cgroup,
     a_job_cannot_kill_the_daemon,
 );
+
+/// A thread a worker starts at import runs in its warm parent only: the parent reports it
+/// (the daemon warns), and each job's child is a copy of the forking thread alone. A worker
+/// that starts none reports none.
+#[tokio::test]
+async fn a_thread_started_at_import_is_reported_and_absent_from_each_job() {
+    let daemon = Daemon::new(Isolation::Fork);
+    let report = daemon
+        .run("thread-at-import", json!({}), Duration::from_secs(20))
+        .await;
+    match &report.outcome {
+        RunOutcome::Succeeded(v) => assert_eq!(v["threads"], json!(["MainThread"])),
+        other => panic!("{other:?} (stderr: {})", report.stderr.text()),
+    }
+    let threads = daemon
+        .runner
+        .warm_pool()
+        .parent_threads("thread-at-import")
+        .await
+        .expect("the warm parent runs");
+    assert_eq!(threads.python, vec!["ticker".to_owned()]);
+    assert!(threads.others >= 1, "{threads:?}");
+    daemon.still_runs_jobs().await;
+    let benign = daemon
+        .runner
+        .warm_pool()
+        .parent_threads("benign")
+        .await
+        .expect("the warm parent runs");
+    assert_eq!(benign, Threads::default());
+}

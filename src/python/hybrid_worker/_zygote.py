@@ -13,7 +13,9 @@ daemon -> parent
         `cgroup.procs` of the next spare child's cgroup]) passed by SCM_RIGHTS
     ``{"t": "kill", "id": N, "sig": S}``  signal the job's whole process group
 parent -> daemon
-    ``{"t": "ready", ...}``, ``{"t": "started", "id": N, "pid": P}``,
+    ``{"t": "ready", "pid", "preloaded", "failed", "threads"}`` (``threads``: the names of the
+        Python threads beside the main one once the imports are done),
+    ``{"t": "started", "id": N, "pid": P}``,
     ``{"t": "exited", "id": N, "code", "signal", "cpu_ms", "max_rss_kb"}``,
     ``{"t": "failed", "id": N, "error": TEXT}`` (the fork itself failed)
 
@@ -43,6 +45,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import traceback
 
@@ -316,7 +319,12 @@ def serve() -> None:
     wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_write)
-    _send(ctl, {"t": "ready", "pid": me, "preloaded": preloaded, "failed": failed})
+    # A fork copies only the thread that forks: a thread started by an import (a client's
+    # background loop, a thread pool) is gone in every child, and any lock it held at the fork
+    # stays held there. The daemon warns; these are the names Python knows.
+    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    _send(ctl, {"t": "ready", "pid": me, "preloaded": preloaded, "failed": failed,
+                "threads": threads})
     children = {}  # pid -> job id
     poller = select.poll()
     poller.register(ctl, select.POLLIN)
