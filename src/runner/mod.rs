@@ -11,6 +11,7 @@
 
 pub mod child;
 pub mod output;
+pub mod reaper;
 pub mod warm;
 
 use std::future::Future;
@@ -161,6 +162,11 @@ impl Runner {
     /// A runner with the given sandbox (the configured settings, or fewer mechanisms for the
     /// benchmark).
     pub fn with_sandbox(runtime: Runtime, temp_base: PathBuf, sandbox: Sandbox) -> Self {
+        // Orphans of jobs come to this process rather than to PID 1, whose reaping may be slow
+        // or absent, and are reaped here.
+        if let Err(why) = reaper::install() {
+            tracing::warn!(reason = %why, "This process cannot be a child subreaper; orphans of jobs go to PID 1.");
+        }
         let warm = Arc::new(warm::WarmPool::new(
             runtime.dir.clone(),
             temp_base.clone(),
@@ -430,7 +436,14 @@ impl Runner {
         metrics().observe_process_start("spawn", spawning.elapsed());
         let waiter = handle.clone();
         let exit: ExitFuture = Box::pin(async move {
-            let waited = tokio::task::spawn_blocking(move || waiter.wait_blocking()).await;
+            let waited = tokio::task::spawn_blocking(move || {
+                let exit = waiter.wait_blocking();
+                // Helpers the job left behind were handed to this subreaper: they die and are
+                // reaped now, before the next job of this uid needs the process count.
+                reaper::end_job_group(waiter.pid());
+                exit
+            })
+            .await;
             drop(uid);
             waited.ok().and_then(Result::ok)
         });
