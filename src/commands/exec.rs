@@ -81,6 +81,11 @@ pub async fn run(settings: &Settings, args: &ExecArgs) -> anyhow::Result<ExitCod
             millis,
             report.resources,
         ),
+        // Not the job's result: the job never ran.
+        RunOutcome::DaemonFault(fault) => anyhow::bail!(
+            "the daemon could not start the job ({}): {fault}",
+            fault.stage.as_str()
+        ),
     };
     println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(match result.error {
