@@ -81,6 +81,15 @@ pub enum RunOutcome {
     DaemonFault(DaemonFault),
 }
 
+/// A root daemon never runs a job as root: when the job user cannot reach what the job needs,
+/// the job is not started (the daemon refuses to start in that state; this guards the rest).
+fn refuse_root(policy: &crate::sandbox::SandboxPolicy) -> Result<(), DaemonFault> {
+    match policy.would_stay_root() {
+        Some(why) => Err(DaemonFault::new(FaultStage::Sandbox, why)),
+        None => Ok(()),
+    }
+}
+
 /// Where the daemon failed to start a job; the label of `hybrid_daemon_faults_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultStage {
@@ -445,6 +454,7 @@ impl Runner {
             &self.runtime.dir,
             &self.temp_base,
         );
+        refuse_root(&policy)?;
         let mut prepared = policy.prepare(workdir.path()).map_err(|e| {
             DaemonFault::new(
                 FaultStage::Sandbox,

@@ -317,6 +317,9 @@ impl WarmPool {
         let policy = self
             .sandbox
             .policy(worker, python, &self.runtime_dir, &self.temp_base);
+        if let Some(why) = policy.would_stay_root() {
+            return Err(WarmError::Start(why));
+        }
         let prepared = policy
             .prepare_warm_parent(dir.path())
             .map_err(|e| start_err("its sandbox", &e))?;
