@@ -268,7 +268,12 @@ impl SandboxPolicy {
     /// Why a job of this policy would keep uid 0 (a root daemon whose job user cannot reach
     /// what the job needs); the runner then refuses to start it. `None` otherwise.
     pub fn would_stay_root(&self) -> Option<String> {
+        let missing = &self.support.missing_root_capabilities;
         match &self.user {
+            JobUser::Drop { .. } if self.mechanisms.user && !missing.is_empty() => Some(format!(
+                "the daemon is uid 0 without {}: it can neither start the job as another uid nor stop it",
+                missing.join(", ")
+            )),
             JobUser::RootWithoutCapabilities { uid, blocked } if self.mechanisms.user => {
                 Some(format!(
                     "the job would run as root: uid {uid} cannot reach {}",

@@ -35,8 +35,16 @@ impl SandboxPolicy {
         let l = &self.limits;
         let m = &self.mechanisms;
         let mut out = Vec::new();
+        let missing = &self.support.missing_root_capabilities;
         out.push(if m.user {
             match &self.user {
+                JobUser::Drop { .. } if !missing.is_empty() => off(
+                    "user",
+                    format!(
+                        "uid 0 without {}: jobs could neither be started as another uid nor stopped",
+                        missing.join(", ")
+                    ),
+                ),
                 JobUser::Same { uid } => on(
                     "user",
                     format!("the daemon's own uid {uid} (not root: nothing to drop)"),

@@ -343,3 +343,30 @@ fn sandbox_require_refuses_to_start_when_a_required_mechanism_is_off() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_root_daemon_without_the_capabilities_to_drop_and_stop_jobs_refuses_to_start() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    ready_worker("diagnostics");
+    let echo = example("diagnostics", "echo.json");
+    // uid 0 without CAP_KILL (as in a container or user namespace that grants uid 0 but not
+    // every capability): jobs of another uid could not be stopped at their deadline.
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--bounding-set=-kill", "--"])
+        .arg(env!("CARGO_BIN_EXE_hybrid-worker"))
+        .args(["exec", "diagnostics", "--input", &echo])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("HYBRID__WORKERS__VENV_ROOT", venv_root())
+        .env("HYBRID__LOG__FORMAT", "text")
+        .env_remove("HYBRID_CONFIG");
+    let out = cmd.output().expect("setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("CAP_KILL") && stderr.contains("never runs as uid 0"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "a job ran");
+}
