@@ -124,15 +124,26 @@ def base_rootfs(release: str) -> Path:
     return base
 
 
+# Lent to RUN steps from the host, as `docker build` on this host would need them: the proxy
+# variables (Docker passes them as predefined build arguments) and the host's CA bundle, mounted
+# read-only over the image's for the step only (as a BuildKit secret mount would be), for hosts
+# whose egress goes through a TLS-inspecting proxy. The image keeps Debian's own bundle.
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
+HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
 def chroot_run(root: Path, command: str, env: dict, workdir: str) -> None:
     """A RUN step: /bin/sh -c in the chroot, as root, with /proc, /dev and the host's resolver."""
     script = (
         'set -e; R="$1"; mount -t proc proc "$R/proc"; mount --rbind /dev "$R/dev"; '
         'touch "$R/etc/resolv.conf" 2>/dev/null || true; mount --bind /etc/resolv.conf "$R/etc/resolv.conf"; '
+        f'if [ -f {HOST_CA_BUNDLE} ] && [ -f "$R{HOST_CA_BUNDLE}" ]; then '
+        f'mount --bind -o ro {HOST_CA_BUNDLE} "$R{HOST_CA_BUNDLE}"; fi; '
         'mkdir -p "$R$3"; exec chroot "$R" /bin/sh -c "cd \\"\\$0\\" && $2" "$3"'
     )
+    lent = {k: os.environ[k] for k in PROXY_VARS if k in os.environ}
     subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script,
-                    "sh", str(root), command, workdir], env=env, check=True)
+                    "sh", str(root), command, workdir], env={**lent, **env}, check=True)
 
 
 def copy_into(src: Path, dest: Path, rules: list, rel: str) -> None:
