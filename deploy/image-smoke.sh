@@ -7,7 +7,8 @@
 # cover. Needs root, network to Debian's archive, PyPI and crates.io (as `docker build` does),
 # and debootstrap (installed here when missing). Exits non-zero on any failure.
 #
-#   deploy/image-smoke.sh
+#   deploy/image-smoke.sh            the image as deploy/aks deploys it (uid 10001)
+#   deploy/image-smoke.sh --userns   and as deploy/aks/overlays/userns does (hostUsers: false)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
@@ -23,4 +24,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap iproute2 binutils >/dev/null
 fi
-exec python3 deploy/validate/image_smoke.py "$@"
+# PyYAML (pinned in deploy/validate/requirements.txt) reads the userns overlay.
+PY=python3
+if ! "$PY" -c 'import yaml' 2>/dev/null; then
+  VENV="$PWD/target/image-smoke-venv"
+  if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "$(grep -i '^PyYAML==' deploy/validate/requirements.txt)"
+  fi
+  PY="$VENV/bin/python"
+fi
+exec "$PY" deploy/validate/image_smoke.py "$@"

@@ -55,7 +55,7 @@ for dir in deploy/aks/base deploy/aks/overlays/*/; do
   "$PY" deploy/validate/check_manifests.py "${final[@]}" "${k_args[@]}" "$OUT/$name.yaml" || failed=1
 done
 
-"$PY" deploy/validate/selftest.py "$OUT/overlays-example.yaml" || failed=1
+"$PY" deploy/validate/selftest.py "$OUT/overlays-example.yaml" "$OUT/overlays-userns.yaml" || failed=1
 
 echo "== deploy: Terraform (deploy/azure) and alert rules (deploy/monitoring)"
 "$PY" deploy/validate/check_terraform.py deploy/azure || failed=1

@@ -119,6 +119,48 @@ def check_config_keys(config: dict, where: str) -> None:
                 fail(where, f"config.toml: unknown key {section}.{key}")
 
 
+# What the daemon needs, as root of a pod's user namespace, to run each job as its own uid:
+# SETUID/SETGID to switch, CHOWN to hand it its temp folder, KILL to stop it at its deadline,
+# DAC_OVERRIDE/FOWNER to remove what it left (deploy/validate/image_smoke_userns.py).
+USERNS_CAPABILITIES = {"CHOWN", "DAC_OVERRIDE", "FOWNER", "KILL", "SETGID", "SETUID"}
+# A pod user namespace maps uids 0-65535.
+USERNS_IDS = 65536
+
+
+def check_userns(where: str, main: dict, by_kind: dict) -> None:
+    """A hostUsers: false pod: the guard against a runtime that ignores it, job uids inside the
+    namespace's range and one per concurrent job, a Pod Security level that admits it."""
+    command = " ".join(main.get("command", []))
+    if "/proc/self/uid_map" not in command or "4294967295" not in command:
+        fail(where, "with hostUsers: false the container's command must refuse to start when /proc/self/uid_map "
+                    "maps the whole uid range (a runtime that ignored hostUsers would run the daemon as the node's root)")
+    env = {e["name"]: e.get("value") for e in main.get("env", [])}
+    defaults = tomllib.loads((REPO / "config/default.toml").read_text())["sandbox"]
+    try:
+        user = int(env.get("HYBRID__SANDBOX__USER") or defaults["user"])
+        users = int(env.get("HYBRID__SANDBOX__USERS") or defaults["users"])
+    except ValueError:
+        fail(where, "HYBRID__SANDBOX__USER and HYBRID__SANDBOX__USERS must be numbers")
+        return
+    concurrency = None
+    for cm in by_kind.get("ConfigMap", {}).values():
+        for text in cm.get("data", {}).values():
+            try:
+                concurrency = tomllib.loads(text).get("engine", {}).get("concurrency", concurrency)
+            except tomllib.TOMLDecodeError:
+                pass
+    concurrency = concurrency or tomllib.loads((REPO / "config/default.toml").read_text())["engine"]["concurrency"]
+    if user < 1 or user + users - 1 >= USERNS_IDS:
+        fail(where, f"sandbox uids {user}-{user + users - 1} are outside the user namespace's 1-{USERNS_IDS - 1}")
+    if users < concurrency:
+        fail(where, f"HYBRID__SANDBOX__USERS {users} < engine.concurrency {concurrency}: running jobs would share uids")
+    for ns in by_kind.get("Namespace", {}).values():
+        level = ns["metadata"].get("labels", {}).get("pod-security.kubernetes.io/enforce")
+        if level == "restricted":
+            fail(f"Namespace/{ns['metadata']['name']}", "enforces the restricted Pod Security Standard, which refuses "
+                 "the added capabilities: use baseline for a hostUsers: false pod")
+
+
 def check_project_rules(objects: list, final: bool) -> None:
     by_kind = {}
     for obj in objects:
@@ -140,14 +182,20 @@ def check_project_rules(objects: list, final: bool) -> None:
     if not labels_match(spec["selector"], pod_labels):
         fail(where, "the selector does not match the pod template's labels")
 
-    # Security context: what the sandbox and the image are built for.
+    # Security context: what the sandbox and the image are built for. With a user namespace
+    # (hostUsers: false, overlays/userns) the daemon is root of that namespace instead.
     psc = pod.get("securityContext", {})
-    if psc.get("runAsNonRoot") is not True:
-        fail(where, "pod securityContext.runAsNonRoot must be true")
+    userns = pod.get("hostUsers") is False
     if psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
         fail(where, "pod securityContext.seccompProfile.type must be RuntimeDefault")
-    if docker["uid"] is not None and psc.get("runAsUser") != docker["uid"]:
-        fail(where, f"pod runAsUser {psc.get('runAsUser')} differs from the Dockerfile's USER {docker['uid']}")
+    if userns:
+        if psc.get("runAsUser") != 0:
+            fail(where, "with hostUsers: false the daemon runs as uid 0 of the pod's user namespace (runAsUser: 0)")
+    else:
+        if psc.get("runAsNonRoot") is not True:
+            fail(where, "pod securityContext.runAsNonRoot must be true")
+        if docker["uid"] is not None and psc.get("runAsUser") != docker["uid"]:
+            fail(where, f"pod runAsUser {psc.get('runAsUser')} differs from the Dockerfile's USER {docker['uid']}")
     if pod.get("automountServiceAccountToken") is not False:
         fail(where, "automountServiceAccountToken must be false: the daemon never calls the Kubernetes API")
 
@@ -161,10 +209,18 @@ def check_project_rules(objects: list, final: bool) -> None:
         fail(where, "container readOnlyRootFilesystem must be true")
     if csc.get("allowPrivilegeEscalation") is not False:
         fail(where, "container allowPrivilegeEscalation must be false")
-    if "ALL" not in csc.get("capabilities", {}).get("drop", []) or csc.get("capabilities", {}).get("add"):
-        fail(where, "container capabilities must drop ALL and add none")
+    added = set(csc.get("capabilities", {}).get("add") or [])
+    if "ALL" not in csc.get("capabilities", {}).get("drop", []):
+        fail(where, "container capabilities must drop ALL")
+    if userns and not added <= USERNS_CAPABILITIES:
+        fail(where, f"with hostUsers: false the container may add only {sorted(USERNS_CAPABILITIES)}, "
+                    f"not {sorted(added - USERNS_CAPABILITIES)}")
+    elif not userns and added:
+        fail(where, "container capabilities must add none (only a user-namespace pod may add the job-switching ones)")
     if csc.get("privileged"):
         fail(where, "container must not be privileged")
+    if userns:
+        check_userns(where, main, by_kind)
 
     ports = {p.get("name"): p["containerPort"] for p in main.get("ports", [])}
     if ports.get("http") != docker["http_port"]:

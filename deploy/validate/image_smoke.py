@@ -20,7 +20,11 @@ image's USER with no capabilities and no_new_privs, the image's ENV. It checks t
 4. the daemon's own memory and /tmp use fit budgets.py's shares;
 5. SIGTERM drains and `run` exits 0.
 
-Usage: image_smoke.py [--keep-base]   (deploy/image-smoke.sh)
+With --userns it then runs the image as deploy/aks/overlays/userns deploys it (hostUsers:
+false): image_smoke_userns.py, with that overlay's capabilities, sandbox settings and command.
+The overlay's guard is also run here, outside a user namespace, where it must refuse to start.
+
+Usage: image_smoke.py [--userns]   (deploy/image-smoke.sh)
        image_smoke.py --inner STATE.json   (internal: the part inside the namespaces)
 """
 
@@ -412,6 +416,13 @@ def inner(state_file: str) -> int:
     check(jobs == len([p for p in workers_dir.iterdir() if (p / "worker.toml").exists()]),
           f"one job for each of the {jobs} shipped workers")
 
+    if "userns" in state:
+        guard = state["userns"]["command"] + ["workers", "verify"]
+        say("== userns overlay's command outside a user namespace (a runtime that ignored hostUsers)")
+        r = run(state, guard, shipped, timeout=30)
+        check(r.returncode == 2 and "hostUsers: false did not take effect" in r.stderr,
+              f"refuses to start: exit {r.returncode}, {r.stderr.strip()[:100]!r}")
+
     say("== 4. SIGTERM")
     t0 = time.monotonic()
     if daemon.poll() is None:
@@ -431,7 +442,25 @@ def inner(state_file: str) -> int:
 # ---------------------------------------------------------------- outside
 
 
-def outer() -> int:
+def userns_overlay() -> dict:
+    """The hybrid-worker container of the rendered userns overlay: its command, capabilities and
+    sandbox variables, which image_smoke_userns.py applies."""
+    import render
+    objects = render.build(REPO / "deploy/aks/overlays/userns")
+    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    main = next(c for c in pod["containers"] if c["name"] == "hybrid-worker")
+    if pod.get("hostUsers") is not False:
+        raise SmokeError("deploy/aks/overlays/userns does not set hostUsers: false")
+    return {
+        "command": main.get("command", []),
+        "capabilities": main["securityContext"]["capabilities"].get("add", []),
+        "env": {e["name"]: e["value"] for e in main.get("env", []) if e["name"].startswith("HYBRID__SANDBOX__")},
+        "uid": pod["securityContext"].get("runAsUser"),
+    }
+
+
+def outer(userns: bool) -> int:
     if os.geteuid() != 0:
         raise SmokeError("run as root: debootstrap, chroot and namespaces need it")
     for tool in ("debootstrap", "unshare", "chroot", "mount", "ip", "objcopy", "cargo"):
@@ -455,14 +484,20 @@ def outer() -> int:
     t_image = time.monotonic()
     sizes = {p.name: p.stat().st_size for p in out.iterdir()}
     say(f"== binary: {', '.join(f'{n} {s / 2**20:.1f} MiB' for n, s in sorted(sizes.items()))}")
+    if userns:
+        state["userns"] = userns_overlay()
     state_file = WORK / "state.json"
     state_file.write_text(json.dumps(state))
     r = subprocess.run(["unshare", "--mount", "--pid", "--net", "--ipc", "--uts", "--cgroup", "--fork",
                         "--propagation", "private", "--", sys.executable, __file__, "--inner", str(state_file)])
+    code = r.returncode
+    if userns:
+        import image_smoke_userns
+        code = image_smoke_userns.outer(str(state_file)) or code
     t_end = time.monotonic()
     say(f"== times: build stage {t_build - t0:.0f} s, runtime file system {t_image - t_build:.0f} s, "
         f"checks {t_end - t_image:.0f} s, total {t_end - t0:.0f} s")
-    if r.returncode != 0:
+    if code != 0:
         say("image smoke: FAILED")
         return 1
     say("image smoke: passed")
@@ -472,9 +507,10 @@ def outer() -> int:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--inner", metavar="STATE.json")
+    parser.add_argument("--userns", action="store_true", help="also run deploy/aks/overlays/userns's setup")
     args = parser.parse_args()
     try:
-        return inner(args.inner) if args.inner else outer()
+        return inner(args.inner) if args.inner else outer(args.userns)
     except (SmokeError, subprocess.CalledProcessError, OSError) as e:
         say(f"image smoke: FAILED: {e}")
         return 1

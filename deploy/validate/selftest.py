@@ -1,6 +1,7 @@
-"""Proves the manifest checks bite: each mutation of the rendered example overlay must be
-refused by check_manifests.py, with the message of the rule it breaks (so a mutation refused
-for another reason does not count). Usage: selftest.py RENDERED_OVERLAY.yaml"""
+"""Proves the manifest checks bite: each mutation of the rendered example overlay (and of the
+user-namespace overlay, when given) must be refused by check_manifests.py, with the message of
+the rule it breaks (so a mutation refused for another reason does not count).
+Usage: selftest.py RENDERED_EXAMPLE.yaml [RENDERED_USERNS.yaml]"""
 
 import subprocess
 import sys
@@ -40,13 +41,27 @@ MUTATIONS = {
     "DNS egress without NodeLocal DNSCache's address":
         ("cidr: 169.254.20.10/32", "cidr: 10.0.0.10/32", "node-local resolver 169.254.20.10/32"),
 }
+# Mutations of overlays/userns (hostUsers: false).
+USERNS_MUTATIONS = {
+    "a user-namespace pod adding a capability the jobs do not need":
+        ("            - SETUID\n", "            - SETUID\n            - SYS_ADMIN\n", "not ['SYS_ADMIN']"),
+    "a user-namespace pod without the guard against a runtime that ignores hostUsers":
+        ("/proc/self/uid_map", "/proc/self/gid_map", "must refuse to start"),
+    "fewer job uids than running jobs":
+        ("name: HYBRID__SANDBOX__USERS\n          value: '4'", "name: HYBRID__SANDBOX__USERS\n          value: '2'",
+         "HYBRID__SANDBOX__USERS 2 < engine.concurrency 4"),
+    "a root pod in the node's user namespace":
+        ("      hostUsers: false\n", "      hostUsers: true\n", "runAsNonRoot must be true"),
+    "the restricted Pod Security Standard, which refuses the capabilities":
+        ("pod-security.kubernetes.io/enforce: baseline", "pod-security.kubernetes.io/enforce: restricted",
+         "use baseline"),
+}
 
 
-def main() -> int:
-    rendered = Path(sys.argv[1]).read_text()
+def refused(rendered: str, mutations: dict) -> int:
     check = Path(__file__).with_name("check_manifests.py")
     bad = 0
-    for what, (old, new, expected) in MUTATIONS.items():
+    for what, (old, new, expected) in mutations.items():
         if old not in rendered:
             print(f"  FAIL selftest: {what}: {old!r} is not in the rendered overlay")
             bad += 1
@@ -61,7 +76,16 @@ def main() -> int:
         elif expected not in r.stdout:
             print(f"  FAIL selftest: {what} was refused, but not by its rule ({expected!r}):\n{r.stdout}")
             bad += 1
-    print(f"selftest: {len(MUTATIONS) - bad} of {len(MUTATIONS)} broken manifests refused by their rule")
+    return bad
+
+
+def main() -> int:
+    bad = refused(Path(sys.argv[1]).read_text(), MUTATIONS)
+    total = len(MUTATIONS)
+    if len(sys.argv) > 2:
+        bad += refused(Path(sys.argv[2]).read_text(), USERNS_MUTATIONS)
+        total += len(USERNS_MUTATIONS)
+    print(f"selftest: {total - bad} of {total} broken manifests refused by their rule")
     return 1 if bad else 0
 
 
