@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 FOREIGN = {
     "keda_scaler_metrics_value": "KEDA's operator: the jobs queue's active messages as the scaler reads them",
 }
-# Daemon metrics being added in parallel to this file; each must be registered once it lands.
+# Daemon metrics being added in parallel to this file: accepted with a note until registered.
 ANNOUNCED = {
     "daemon_faults": "the daemon-fault counter (labels: stage), issue 12 item 4",
 }
@@ -95,7 +95,7 @@ def main() -> int:
                     continue
                 announced = next((a for a in ANNOUNCED if series in {f"hybrid_{a}", f"hybrid_{a}_total"}), None)
                 if announced in registered:
-                    errors.append(f"{where}: {series} is registered now: remove {announced!r} from ANNOUNCED")
+                    notes.append(f"{where}: {series} is registered now: {announced!r} can leave ANNOUNCED")
                 elif announced:
                     notes.append(f"{where}: {series} is not registered yet ({ANNOUNCED[announced]})")
                 else:
