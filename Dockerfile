@@ -87,6 +87,12 @@ RUN HYBRID__LOG__FORMAT=text hybrid-worker workers build \
 # The venvs are built ahead, so the daemon must never try to build them on a read-only file
 # system: with a missing or stale venv it refuses to start and names `workers build`.
 ENV HYBRID__ENGINE__BUILD_VENVS_ON_START=false
+# Fail closed on a weakened sandbox: every mechanism an AKS node gives a non-root pod must be
+# on, or the daemon refuses to start (exit 2) naming what is off and why. (A non-root pod has
+# no uid of its own per job and no delegated cgroup: `user`, `processes` and `cgroup*` are
+# required by the user-namespace overlay instead, where the node gives them.) A node pool
+# whose kernel lacks Landlock, or whose seccomp profile blocks it, is refused, not used weakly.
+ENV HYBRID__SANDBOX__REQUIRE=rlimits,oom_score_adj,no_new_privs,seccomp,landlock
 
 WORKDIR /opt/hybrid-worker
 USER 10001:10001
