@@ -53,6 +53,8 @@ pub struct Settings {
     pub http: HttpSettings,
     /// Who jobs run as when the daemon is root; see [`crate::sandbox`].
     pub sandbox: crate::sandbox::SandboxSettings,
+    /// Claim-check Blob Storage for large inputs and results; see [`crate::storage`].
+    pub storage: crate::storage::StorageSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -218,6 +220,7 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("workers.allow")
+                .with_list_parse_key("storage.input_containers")
                 .try_parsing(true)
                 .source(Some(env_map)),
         );
@@ -342,6 +345,11 @@ impl Settings {
                 "must be a host name like contoso.servicebus.windows.net, without a scheme",
             ));
         }
+        self.storage.validate().map_err(|e| ConfigError::Invalid {
+            key: e.key,
+            value: e.value,
+            reason: e.reason,
+        })?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
                 "log.level",
@@ -357,6 +365,8 @@ impl Settings {
         let mut shown = self.clone();
         shown.servicebus.connection_string =
             redact_connection_string(&shown.servicebus.connection_string);
+        shown.storage.connection_string =
+            redact_connection_string(&shown.storage.connection_string);
         toml::to_string_pretty(&shown).map_err(|e| ConfigError::Load(e.to_string()))
     }
 }
@@ -369,7 +379,8 @@ pub fn redact_connection_string(cs: &str) -> String {
         .map(|part| match part.split_once('=') {
             Some((k, _))
                 if k.eq_ignore_ascii_case("SharedAccessKey")
-                    || k.eq_ignore_ascii_case("SharedAccessSignature") =>
+                    || k.eq_ignore_ascii_case("SharedAccessSignature")
+                    || k.eq_ignore_ascii_case("AccountKey") =>
             {
                 format!("{k}=<redacted>")
             }
