@@ -99,7 +99,9 @@ impl StorageConnectionString {
                 {
                     return Err(ConnectionStringError::KeyNotBase64);
                 }
-                let account = account.clone().ok_or(ConnectionStringError::NoAccountName)?;
+                let account = account
+                    .clone()
+                    .ok_or(ConnectionStringError::NoAccountName)?;
                 AccountAuth::Key { account, key }
             }
             (None, Some(sas)) => AccountAuth::Sas(sas.trim_start_matches('?').to_owned()),
@@ -182,8 +184,14 @@ mod tests {
         let cases = [
             ("AccountName=x", ConnectionStringError::NoCredential),
             ("AccountKey=a2V5", ConnectionStringError::NoAccountName),
-            ("AccountName=x;AccountKey=not base64!", ConnectionStringError::KeyNotBase64),
-            ("SharedAccessSignature=sv=1", ConnectionStringError::NoEndpoint),
+            (
+                "AccountName=x;AccountKey=not base64!",
+                ConnectionStringError::KeyNotBase64,
+            ),
+            (
+                "SharedAccessSignature=sv=1",
+                ConnectionStringError::NoEndpoint,
+            ),
         ];
         for (text, expected) in cases {
             assert_eq!(
@@ -191,8 +199,9 @@ mod tests {
                 expected
             );
         }
-        let err = StorageConnectionString::parse("AccountName=x;AccountKey=a2V5;BlobEndpoint=ftp://h")
-            .expect_err("ftp");
+        let err =
+            StorageConnectionString::parse("AccountName=x;AccountKey=a2V5;BlobEndpoint=ftp://h")
+                .expect_err("ftp");
         assert!(matches!(err, ConnectionStringError::BadEndpoint(_)));
     }
 }

@@ -50,7 +50,11 @@ pub enum StorageError {
     NotFound { path: String },
     /// The job's input is over the cap (`InvalidInput`).
     #[error("input_blob {path:?} has {bytes} bytes, over storage.max_input_mb = {cap_mb} MiB")]
-    TooLarge { path: String, bytes: u64, cap_mb: u64 },
+    TooLarge {
+        path: String,
+        bytes: u64,
+        cap_mb: u64,
+    },
     /// The service could not be reached or refused the daemon: not the job's fault, so the
     /// job is given back to the broker and runs again later.
     #[error("blob storage is unavailable ({path}): {reason}")]
@@ -207,12 +211,59 @@ impl Storage {
         blob.url(&self.endpoint)
     }
 
-    /// A client for one blob, authorised for `permission` only when signing with a key.
-    fn client(&self, blob: &BlobRef, permission: sas::Permission) -> Result<BlobClient, StorageError> {
-        let mut url = self.url(blob);
+    /// Creates `container` unless it exists (for `submit --upload` and test setups; the daemon
+    /// itself never creates containers).
+    pub async fn ensure_container(&self, container: &str) -> Result<(), StorageError> {
+        let path = container.to_owned();
+        let mut url = self.endpoint.clone();
+        url.set_query(None);
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments.pop_if_empty().push(container);
+        }
         let credential = match &self.auth {
             Auth::Key { account, key } => {
-                let token = sas::blob_sas(
+                let token =
+                    sas::create_container_sas(account, key, SystemTime::now(), SAS_LIFETIME);
+                url.set_query(Some(&token));
+                None
+            }
+            Auth::Sas(token) => {
+                url.set_query(Some(token));
+                None
+            }
+            Auth::Entra(credential) => Some(credential.clone()),
+        };
+        let unavailable = |e: azure_core::Error| StorageError::Unavailable {
+            path: path.clone(),
+            reason: crate::job::one_line(&e.to_string(), 300),
+        };
+        let client = azure_storage_blob::BlobContainerClient::new(
+            url,
+            credential,
+            Some(azure_storage_blob::BlobContainerClientOptions {
+                client_options: self.options.client_options.clone(),
+                ..Default::default()
+            }),
+        )
+        .map_err(unavailable)?;
+        match client.create(None).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.http_status() == Some(azure_core::http::StatusCode::Conflict) => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Puts the SAS on `url` (signed for `permission` on this blob when the daemon holds the
+    /// key), or returns the Entra ID credential the client adds itself.
+    fn authorise(
+        &self,
+        url: &mut Url,
+        blob: &BlobRef,
+        permission: sas::Permission,
+    ) -> Option<Arc<dyn TokenCredential>> {
+        match &self.auth {
+            Auth::Key { account, key } => {
+                let token = sas::service_sas(
                     account,
                     key,
                     &blob.container,
@@ -229,7 +280,17 @@ impl Storage {
                 None
             }
             Auth::Entra(credential) => Some(credential.clone()),
-        };
+        }
+    }
+
+    /// A client for one blob, authorised for `permission` only when signing with a key.
+    fn client(
+        &self,
+        blob: &BlobRef,
+        permission: sas::Permission,
+    ) -> Result<BlobClient, StorageError> {
+        let mut url = self.url(blob);
+        let credential = self.authorise(&mut url, blob, permission);
         BlobClient::new(url, credential, Some(self.options.clone())).map_err(|e| {
             StorageError::Unavailable {
                 path: blob.path(),

@@ -192,15 +192,36 @@ mod tests {
     #[test]
     fn foreign_containers_accounts_and_urls_are_refused() {
         let cases = [
-            ("results/job/result.json", "not one of storage.input_containers"),
+            (
+                "results/job/result.json",
+                "not one of storage.input_containers",
+            ),
             ("secrets/key.pem", "not one of storage.input_containers"),
-            ("http://127.0.0.1:10000/otheraccount/inputs/a.csv", "not a blob of this"),
-            ("http://127.0.0.1:10001/devstoreaccount1/inputs/a.csv", "not a blob of this"),
-            ("https://evil.example/devstoreaccount1/inputs/a.csv", "not a blob of this"),
-            ("http://169.254.169.254/metadata/identity", "not a blob of this"),
+            (
+                "http://127.0.0.1:10000/otheraccount/inputs/a.csv",
+                "not a blob of this",
+            ),
+            (
+                "http://127.0.0.1:10001/devstoreaccount1/inputs/a.csv",
+                "not a blob of this",
+            ),
+            (
+                "https://evil.example/devstoreaccount1/inputs/a.csv",
+                "not a blob of this",
+            ),
+            (
+                "http://169.254.169.254/metadata/identity",
+                "not a blob of this",
+            ),
             ("file:///etc/passwd", "not a blob of this"),
-            ("http://127.0.0.1:10000/devstoreaccount1/inputs/a.csv?sv=x", "query"),
-            ("http://u:p@127.0.0.1:10000/devstoreaccount1/inputs/a.csv", "not a blob of this"),
+            (
+                "http://127.0.0.1:10000/devstoreaccount1/inputs/a.csv?sv=x",
+                "query",
+            ),
+            (
+                "http://u:p@127.0.0.1:10000/devstoreaccount1/inputs/a.csv",
+                "not a blob of this",
+            ),
             ("inputs/../results/x", "'..'"),
             ("inputs", "must be"),
             ("inputs/", "1-1024"),

@@ -208,11 +208,18 @@ mod tests {
         assert_eq!(names, ["a.json", "b.csv"]);
         std::os::unix::fs::symlink("/etc/passwd", dir.path().join("c.txt")).expect("link");
         let err = list_outputs(dir.path()).expect_err("link");
-        assert!(err.message.contains("not a plain file") && !err.retryable, "{err}");
+        assert!(
+            err.message.contains("not a plain file") && !err.retryable,
+            "{err}"
+        );
         std::fs::remove_file(dir.path().join("c.txt")).expect("rm");
         std::fs::write(dir.path().join("bad name.csv"), "x").expect("write");
         assert!(list_outputs(dir.path()).is_err());
-        assert!(list_outputs(&dir.path().join("none")).expect("missing").is_empty());
+        assert!(
+            list_outputs(&dir.path().join("none"))
+                .expect("missing")
+                .is_empty()
+        );
         assert_eq!(content_type_for("report.CSV"), "text/csv");
     }
 }

@@ -37,10 +37,10 @@ impl Permission {
     }
 }
 
-/// A blob's service SAS query string (without `?`), valid from a little before `now` until
-/// `now + lifetime`. `key` is the account key as base64, checked when the connection string
-/// was parsed.
-pub fn blob_sas(
+/// A service SAS query string (without `?`) for one blob, valid from a little before `now`
+/// until `now + lifetime`. `key` is the account key as base64, checked when the connection
+/// string was parsed.
+pub fn service_sas(
     account: &str,
     key: &str,
     container: &str,
@@ -49,10 +49,10 @@ pub fn blob_sas(
     now: SystemTime,
     lifetime: Duration,
 ) -> String {
-    let start = humantime::format_rfc3339_seconds(now - CLOCK_SKEW).to_string();
-    let expiry = humantime::format_rfc3339_seconds(now + lifetime).to_string();
+    let (start, expiry) = window(now, lifetime);
     let sp = permission.letters();
     let resource = format!("/blob/{account}/{container}/{blob}");
+    let sr = "b";
     let string_to_sign = [
         sp,
         &start,
@@ -62,22 +62,49 @@ pub fn blob_sas(
         "", // signedIP
         "", // signedProtocol
         SAS_VERSION,
-        "b", // signedResource: a blob
-        "",  // signedSnapshotTime
-        "",  // signedEncryptionScope
-        "",  // rscc
-        "",  // rscd
-        "",  // rsce
-        "",  // rscl
-        "",  // rsct
+        sr, // signedResource: a blob
+        "", // signedSnapshotTime
+        "", // signedEncryptionScope
+        "", // rscc
+        "", // rscd
+        "", // rsce
+        "", // rscl
+        "", // rsct
     ]
     .join("\n");
     let sig = sign(key, &string_to_sign);
     format!(
-        "sv={SAS_VERSION}&st={}&se={}&sr=b&sp={sp}&sig={}",
+        "sv={SAS_VERSION}&st={}&se={}&sr={sr}&sp={sp}&sig={}",
         url_encode(&start),
         url_encode(&expiry),
         url_encode(&sig)
+    )
+}
+
+/// An account SAS (without `?`) that allows only creating containers: a service SAS cannot.
+/// Used by `submit --upload` and test setups, never by the daemon.
+pub fn create_container_sas(
+    account: &str,
+    key: &str,
+    now: SystemTime,
+    lifetime: Duration,
+) -> String {
+    let (start, expiry) = window(now, lifetime);
+    // accountname, sp, ss, srt, st, se, sip, spr, sv, ses, and a final newline.
+    let string_to_sign = format!("{account}\nc\nb\nc\n{start}\n{expiry}\n\n\n{SAS_VERSION}\n\n");
+    format!(
+        "sv={SAS_VERSION}&ss=b&srt=c&sp=c&st={}&se={}&sig={}",
+        url_encode(&start),
+        url_encode(&expiry),
+        url_encode(&sign(key, &string_to_sign))
+    )
+}
+
+/// The token's start (a little in the past) and expiry, as the service writes times.
+fn window(now: SystemTime, lifetime: Duration) -> (String, String) {
+    (
+        humantime::format_rfc3339_seconds(now - CLOCK_SKEW).to_string(),
+        humantime::format_rfc3339_seconds(now + lifetime).to_string(),
     )
 }
 
@@ -102,7 +129,7 @@ mod tests {
     #[test]
     fn signs_the_documented_string_with_the_decoded_key() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let token = blob_sas(
+        let token = service_sas(
             "devstoreaccount1",
             super::super::connection_string::DEV_KEY,
             "inputs",

@@ -164,7 +164,15 @@ mod tests {
         for ok in ["inputs", "abc", "a-b-c", "x1y"] {
             assert!(is_container_name(ok), "{ok}");
         }
-        for bad in ["ab", "Inputs", "-abc", "abc-", "a--b", "in/puts", &"a".repeat(64)] {
+        for bad in [
+            "ab",
+            "Inputs",
+            "-abc",
+            "abc-",
+            "a--b",
+            "in/puts",
+            &"a".repeat(64),
+        ] {
             assert!(!is_container_name(bad), "{bad}");
         }
     }
