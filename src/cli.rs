@@ -64,6 +64,13 @@ pub struct ExecArgs {
     /// Seconds before the job is stopped (capped by the worker's timeout_s).
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<f64>,
+    /// A local file the handler gets as `ctx.input_path`, as a job's `input_blob` would be.
+    #[arg(long, value_name = "FILE")]
+    pub input_file: Option<std::path::PathBuf>,
+    /// Where to copy the files the handler writes into `ctx.output_dir` (the artifacts a
+    /// daemon with storage would upload); without it they are listed and discarded.
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub dir: WorkersDir,
 }

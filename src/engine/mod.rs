@@ -2,6 +2,7 @@
 //! settle each outcome in one place; on shutdown, stop receiving, drain, then stop what is left
 //! and abandon it.
 
+pub mod claim;
 pub mod executor;
 pub mod lock;
 pub mod retry;
@@ -324,11 +325,17 @@ impl JobTask {
         }
         match execution.outcome {
             RunOutcome::Stopped => Outcome::Interrupted,
+            RunOutcome::Postponed(reason) => {
+                // Not the job's fault: given back to the broker, it runs again, attempt intact.
+                tracing::warn!(reason = %reason, "A step the daemon owes the job failed; the job is given back to be delivered again.");
+                Outcome::Interrupted
+            }
             RunOutcome::Succeeded(output) => Outcome::Succeeded {
                 worker: job.worker,
                 output,
                 duration: execution.duration,
                 resources: execution.resources,
+                blobs: execution.blobs,
             },
             RunOutcome::Failed(error) => Outcome::Failed {
                 worker: Some(job.worker),

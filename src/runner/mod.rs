@@ -75,7 +75,31 @@ pub enum RunOutcome {
     Failed(JobError),
     /// Stopped at the caller's request; the job must not be settled as a result.
     Stopped,
+    /// Something the daemon needs for the job failed (its storage is unreachable, its disk):
+    /// not the job's fault, so the job is given back to the broker to run again, without
+    /// using up an attempt.
+    Postponed(String),
 }
+
+/// The files a job gets and leaves, besides its JSON (claim-check storage, `docs/storage.md`).
+/// The default hands the job none and discards what it writes into `ctx.output_dir`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JobFiles<'a> {
+    /// A file the daemon prepared for the job, moved into the job's folder as
+    /// `input/<file name>` (read-only) and given to the handler as `ctx.input_path`.
+    pub input: Option<&'a Path>,
+    /// Where the job's output folder (`ctx.output_dir`) is moved when the job ends: a path
+    /// that does not exist yet, in a folder of the daemon's. `None` discards the folder.
+    pub keep_outputs: Option<&'a Path>,
+    /// The longest result accepted, in bytes, instead of the worker's `max_result_kb` (the
+    /// caller stores larger outputs elsewhere).
+    pub max_result_bytes: Option<u64>,
+}
+
+/// The folder inside a job's private folder that holds its input file.
+pub const INPUT_DIR: &str = "input";
+/// The folder inside a job's private folder that is its `ctx.output_dir`.
+pub const OUTPUT_DIR: &str = "output";
 
 /// Everything the runner learned about one run.
 #[derive(Debug, Clone)]
@@ -91,6 +115,11 @@ pub struct RunReport {
     pub dropped_logs: u64,
     /// What the job's cgroup recorded (OOM kills, peak memory); `None` without job cgroups.
     pub cgroup: Option<CgroupUsage>,
+    /// Why the job's output folder could not be kept ([`JobFiles::keep_outputs`]), when the
+    /// fault is the daemon's.
+    pub outputs_error: Option<String>,
+    /// What the caller stored for the job in Blob Storage (filled by the executor).
+    pub blobs: crate::storage::ResultBlobs,
 }
 
 impl RunReport {
@@ -106,6 +135,8 @@ impl RunReport {
             exit: None,
             dropped_logs: 0,
             cgroup: None,
+            outputs_error: None,
+            blobs: Default::default(),
         }
     }
 }
@@ -196,11 +227,29 @@ impl Runner {
             .enforcement()
     }
 
+    /// The folder jobs' private folders are made in (the daemon's staging folders go there
+    /// too, so that files move between them by renaming).
+    pub fn temp_base(&self) -> &Path {
+        &self.temp_base
+    }
+
     /// Runs one job to its end. `stop` ends it early with [`RunOutcome::Stopped`]; `on_log`
     /// receives the handler's log records as they come.
     pub async fn run(
         &self,
         request: RunRequest<'_>,
+        stop: CancellationToken,
+        on_log: &(dyn Fn(LogRecord) + Send + Sync),
+    ) -> RunReport {
+        self.run_with_files(request, JobFiles::default(), stop, on_log)
+            .await
+    }
+
+    /// [`Runner::run`] with files: an input handed to the job, its output folder kept.
+    pub async fn run_with_files(
+        &self,
+        request: RunRequest<'_>,
+        files: JobFiles<'_>,
         stop: CancellationToken,
         on_log: &(dyn Fn(LogRecord) + Send + Sync),
     ) -> RunReport {
@@ -235,6 +284,31 @@ impl Runner {
             Ok(started_job) => started_job,
             Err((kind, message)) => return failed(kind, message),
         };
+        // The process waits for its job document; its input file is in place before.
+        let input_path = match files
+            .input
+            .map(|f| hand_input(workdir.path(), f))
+            .transpose()
+        {
+            Ok(path) => path,
+            Err(message) => {
+                process.signal_group(Signal::SIGKILL);
+                if let Some(cgroup) = &cgroup {
+                    cgroup.kill();
+                }
+                let _ = exit.await;
+                drop((pipes, process));
+                let _ = workdir.close();
+                if let Some(cgroup) = cgroup {
+                    cgroup.finish().await;
+                }
+                return RunReport {
+                    outcome: RunOutcome::Postponed(message),
+                    duration: started.elapsed(),
+                    ..RunReport::failed_to_start(JobError::new(ErrorKind::Crashed, ""))
+                };
+            }
+        };
         let deadline = SystemTime::now() + request.timeout;
         let job_doc = json!({
             "job_id": request.job_id,
@@ -243,11 +317,16 @@ impl Runner {
             "correlation_id": request.correlation_id,
             "worker": request.worker.name,
             "input": request.input,
+            "input_path": input_path,
+            "output_dir": workdir.path().join(OUTPUT_DIR),
         });
         let job_bytes = serde_json::to_vec(&job_doc).unwrap_or_default();
         let output_cap = usize::try_from(limits.max_output_kb * 1024).unwrap_or(usize::MAX);
+        let result_limit = files
+            .max_result_bytes
+            .unwrap_or(limits.max_result_kb * 1024);
         // The result line carries JSON framing around the output: allow for it.
-        let line_limit = usize::try_from(limits.max_result_kb * 1024).unwrap_or(usize::MAX) + 64;
+        let line_limit = usize::try_from(result_limit).unwrap_or(usize::MAX) + 64;
 
         let write_job = async move {
             if let Ok(mut tx) = tokio::net::unix::pipe::Sender::from_owned_fd(pipes.job) {
@@ -328,6 +407,9 @@ impl Runner {
             )
         });
         drop(process);
+        let kept = files
+            .keep_outputs
+            .map(|dest| take_outputs(workdir.path(), dest));
         if let Err(e) = workdir.close() {
             tracing::warn!(error = %e, "Could not remove a job's temp folder.");
         }
@@ -342,7 +424,21 @@ impl Runner {
             None => None,
         };
         let oom_killed = usage.is_some_and(|u| u.oom_killed());
-        let outcome = classify(&request, killed, exit_info, channel, &stderr, oom_killed);
+        let mut outcome = classify(&request, killed, exit_info, channel, &stderr, oom_killed);
+        let mut outputs_error = None;
+        match kept {
+            Some(Err(TakeError::NotAFolder)) if matches!(outcome, RunOutcome::Succeeded(_)) => {
+                outcome = RunOutcome::Failed(
+                    JobError::new(
+                        ErrorKind::HandlerError,
+                        "ctx.output_dir was replaced by something that is not a folder",
+                    )
+                    .permanent(),
+                );
+            }
+            Some(Err(TakeError::Move(e))) => outputs_error = Some(e),
+            _ => {}
+        }
         RunReport {
             outcome,
             duration: started.elapsed(),
@@ -353,6 +449,8 @@ impl Runner {
             exit: exit_info,
             dropped_logs,
             cgroup: usage,
+            outputs_error,
+            blobs: Default::default(),
         }
     }
 
@@ -503,6 +601,64 @@ impl Runner {
             env,
             cwd: workdir.to_path_buf(),
         }
+    }
+}
+
+/// Moves the daemon's prepared `file` into the job's folder as `input/<name>`, readable by the
+/// job's user and by nobody's write. A rename, as both are under the runner's temp folder; a
+/// copy where that folder spans file systems.
+fn hand_input(workdir: &Path, file: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let fail =
+        |what: &str, e: std::io::Error| format!("cannot hand the job its input ({what}): {e}");
+    let dir = workdir.join(INPUT_DIR);
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(&dir)
+        .map_err(|e| fail("its folder", e))?;
+    let name = file.file_name().unwrap_or(std::ffi::OsStr::new("input"));
+    let dest = dir.join(name);
+    match std::fs::rename(file, &dest) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            std::fs::copy(file, &dest).map_err(|e| fail("a copy", e))?;
+        }
+        Err(e) => return Err(fail("a rename", e)),
+    }
+    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o444))
+        .map_err(|e| fail("its mode", e))?;
+    Ok(dest)
+}
+
+/// Why a job's output folder was not kept.
+enum TakeError {
+    /// The job put something else (a link, a file) where its output folder was.
+    NotAFolder,
+    /// Moving it failed: the daemon's fault.
+    Move(String),
+}
+
+/// Moves the job's output folder to `dest`, out of the job's reach, before its private folder
+/// is removed. What is at `dest` afterwards is checked, not what was there before, so a job
+/// that swaps the folder for a link in between gains nothing.
+fn take_outputs(workdir: &Path, dest: &Path) -> Result<(), TakeError> {
+    let source = workdir.join(OUTPUT_DIR);
+    match std::fs::symlink_metadata(&source) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(TakeError::Move(format!("cannot read ctx.output_dir: {e}"))),
+        Ok(_) => {}
+    }
+    std::fs::rename(&source, dest)
+        .map_err(|e| TakeError::Move(format!("cannot keep ctx.output_dir: {e}")))?;
+    match std::fs::symlink_metadata(dest) {
+        Ok(meta) if meta.file_type().is_dir() => Ok(()),
+        Ok(_) => {
+            let _ = std::fs::remove_file(dest);
+            Err(TakeError::NotAFolder)
+        }
+        Err(e) => Err(TakeError::Move(format!(
+            "cannot read the kept output folder: {e}"
+        ))),
     }
 }
 

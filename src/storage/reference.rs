@@ -27,21 +27,7 @@ impl BlobRef {
 
     /// The last part of the name, made safe as a local file name.
     pub fn file_name(&self) -> String {
-        let last = self.name.rsplit('/').next().unwrap_or_default();
-        let safe: String = last
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        match safe.trim_start_matches('.') {
-            "" => "input".to_owned(),
-            name => name.to_owned(),
-        }
+        safe_file_name(self.name.rsplit('/').next().unwrap_or_default())
     }
 
     /// The blob's URL under `endpoint`, each name segment percent-encoded.
@@ -53,6 +39,25 @@ impl BlobRef {
             segments.extend(self.name.split('/'));
         }
         url
+    }
+}
+
+/// `name` as a local file name: letters, digits and `-_.` kept, anything else `_`, no leading
+/// dots (`input` when nothing is left).
+pub fn safe_file_name(name: &str) -> String {
+    let safe: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    match safe.trim_start_matches('.') {
+        "" => "input".to_owned(),
+        name => name.to_owned(),
     }
 }
 
