@@ -77,12 +77,23 @@ impl Azurite {
             seen.push('\n');
         }
         let _ = child.kill();
+        let _ = child.wait();
         panic!("azurite did not start: {seen}");
     }
 
-    /// Stops it (an outage), keeping its data.
+    /// Stops it (an outage), keeping its data: SIGTERM lets it save its blob index, SIGKILL
+    /// follows if it does not exit within 10 s.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let give_up = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < give_up {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
