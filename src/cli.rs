@@ -79,9 +79,16 @@ pub struct ExecArgs {
 pub struct SubmitArgs {
     /// The worker to run.
     pub worker: String,
-    /// The job's input as JSON: a file, or `-` for standard input.
+    /// The job's input as JSON: a file, or `-` for standard input (default: `null`).
     #[arg(long, value_name = "FILE|-")]
-    pub input: String,
+    pub input: Option<String>,
+    /// A blob the daemon fetches for the job (`<container>/<blob name>`): its `input_blob`.
+    #[arg(long, value_name = "PATH", conflicts_with = "upload")]
+    pub input_blob: Option<String>,
+    /// Uploads a local file into the first of `storage.input_containers` and names it as the
+    /// job's `input_blob` (needs `[storage]` configured here too).
+    #[arg(long, value_name = "FILE")]
+    pub upload: Option<std::path::PathBuf>,
     /// Wait for the reply on the job's reply session and print it (exit 1 if the job failed).
     #[arg(long)]
     pub wait: bool,

@@ -57,7 +57,8 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
         settings.engine.temp_dir(),
         sandbox,
     );
-    let executor = Arc::new(ProcessExecutor::new(ready, &catalog, runner));
+    let storage = super::storage(settings)?;
+    let executor = Arc::new(ProcessExecutor::new(ready, &catalog, runner).with_storage(storage));
 
     let target = Target::of(settings)?;
     let mut embedded = None;
