@@ -58,6 +58,13 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
         sandbox,
     );
     let storage = super::storage(settings)?;
+    if let Some(storage) = &storage {
+        // Results have somewhere to go from the first job (a no-op when it exists).
+        let results = &settings.storage.results_container;
+        if let Err(e) = storage.ensure_container(results).await {
+            tracing::warn!(container = %results, error = %e, "Could not make sure the results container exists; uploads will fail until it does.");
+        }
+    }
     let executor = Arc::new(ProcessExecutor::new(ready, &catalog, runner).with_storage(storage));
 
     let target = Target::of(settings)?;

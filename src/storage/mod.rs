@@ -211,8 +211,8 @@ impl Storage {
         blob.url(&self.endpoint)
     }
 
-    /// Creates `container` unless it exists (for `submit --upload` and test setups; the daemon
-    /// itself never creates containers).
+    /// Creates `container` unless it exists: the results container when the daemon starts,
+    /// the input container for `submit --upload`.
     pub async fn ensure_container(&self, container: &str) -> Result<(), StorageError> {
         let path = container.to_owned();
         let mut url = self.endpoint.clone();

@@ -81,8 +81,8 @@ pub fn service_sas(
     )
 }
 
-/// An account SAS (without `?`) that allows only creating containers: a service SAS cannot.
-/// Used by `submit --upload` and test setups, never by the daemon.
+/// An account SAS (without `?`) that allows only creating containers, which a service SAS
+/// cannot (the results container at start, the input container for `submit --upload`).
 pub fn create_container_sas(
     account: &str,
     key: &str,

@@ -177,11 +177,21 @@ impl Storage {
         client
             .upload(content, Some(options))
             .await
-            .map_err(|e| self.classify(blob, e))?;
+            .map_err(|e| match e.http_status() {
+                // The results container is missing: the deployment's fault, not the job's.
+                Some(StatusCode::NotFound) => StorageError::Unavailable {
+                    path: blob.path(),
+                    reason: format!(
+                        "the container {:?} does not exist (check storage.results_container)",
+                        blob.container
+                    ),
+                },
+                _ => self.classify(blob, e),
+            })?;
         Ok(())
     }
 
-    /// A 404 is the job's missing input; anything else (no connection, 5xx, a refused
+    /// A 404 on a read is the job's missing input; anything else (no connection, 5xx, a refused
     /// credential) is the daemon's problem and makes the job run again later.
     fn classify(&self, blob: &BlobRef, e: azure_core::Error) -> StorageError {
         match e.http_status() {

@@ -135,6 +135,18 @@ async fn missing_and_oversize_inputs_are_the_jobs_fault_and_an_outage_is_not() {
     );
     assert!(!dir.path().join("b").exists(), "nothing is left behind");
 
+    // A missing results container is the deployment's fault: the job is postponed, not failed.
+    let err = storage
+        .upload_bytes(
+            &blob("nosuchcontainer", "job/result.json"),
+            b"{}".to_vec(),
+            "application/json",
+        )
+        .await
+        .expect_err("no container");
+    assert!(matches!(err, StorageError::Unavailable { .. }), "{err}");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+
     azurite.stop();
     let started = std::time::Instant::now();
     let err = storage
