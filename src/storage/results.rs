@@ -175,12 +175,22 @@ impl Storage {
     }
 }
 
-/// Opens a file for reading without following a final link.
+/// Opens a file for reading without following a final link, and only if what was opened is a
+/// regular file with no other hard link (checked on the open file, so a swap after listing the
+/// folder gains nothing).
 pub fn open_no_follow(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() || meta.nlink() != 1 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a plain file", path.display()),
+        ));
+    }
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -221,5 +231,22 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(content_type_for("report.CSV"), "text/csv");
+    }
+
+    #[test]
+    fn only_plain_files_are_opened() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("a.csv");
+        std::fs::write(&file, "x").expect("write");
+        open_no_follow(&file).expect("a plain file");
+        let link = dir.path().join("link.csv");
+        std::os::unix::fs::symlink(&file, &link).expect("symlink");
+        assert!(open_no_follow(&link).is_err(), "a link is not followed");
+        std::fs::hard_link(&file, dir.path().join("hard.csv")).expect("hard link");
+        assert!(
+            open_no_follow(&file).is_err(),
+            "a file with another name elsewhere"
+        );
+        assert!(open_no_follow(dir.path()).is_err(), "a folder");
     }
 }
