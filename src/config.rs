@@ -445,6 +445,26 @@ mod tests {
     }
 
     #[test]
+    fn storage_loads_from_the_environment_and_its_key_is_redacted() {
+        let s = load_env(&[
+            ("HYBRID__STORAGE__INPUT_CONTAINERS", "uploads,exports"),
+            (
+                "HYBRID__STORAGE__CONNECTION_STRING",
+                "AccountName=x;AccountKey=c2VjcmV0",
+            ),
+        ])
+        .expect("valid");
+        assert_eq!(s.storage.input_containers, ["uploads", "exports"]);
+        let shown = s.redacted_toml().expect("toml");
+        assert!(shown.contains("AccountKey=<redacted>") && !shown.contains("c2VjcmV0"));
+        let err = load_env(&[("HYBRID__STORAGE__RESULTS_CONTAINER", "Results")]).expect_err("name");
+        assert!(
+            err.to_string().contains("storage.results_container"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_bad_value_names_key_value_and_reason() {
         let err = load_env(&[("HYBRID__ENGINE__CONCURRENCY", "0")]).expect_err("zero");
         let text = err.to_string();
