@@ -76,14 +76,10 @@ pub async fn fetch_input(
             None => Ok(None),
         };
     };
-    let report = |outcome| RunReport {
-        outcome,
-        ..RunReport::failed_to_start(storage_missing())
-    };
     fetch(storage, job, temp_base, stop)
         .await
         .map(Some)
-        .map_err(report)
+        .map_err(RunReport::without_process)
 }
 
 async fn fetch(

@@ -15,9 +15,9 @@ use crate::job::{ErrorKind, Job, JobError};
 use crate::runner::output::LogRecord;
 use crate::runner::{JobFiles, RunReport, RunRequest, Runner};
 use crate::storage::Storage;
+use crate::worker::{Catalog, RetryPolicy, Worker};
 
 use super::claim::{self, Claim};
-use crate::worker::{Catalog, RetryPolicy, Worker};
 
 /// What the engine needs of a worker to settle its jobs.
 #[derive(Debug, Clone, PartialEq)]

@@ -10,6 +10,7 @@
 //! say whether the OOM killer ended the job, and it is removed.
 
 pub mod child;
+pub mod files;
 pub mod output;
 pub mod warm;
 
@@ -31,6 +32,8 @@ use crate::sandbox::{Enforced, Sandbox, SandboxSettings};
 use crate::telemetry::metrics::metrics;
 use crate::worker::{Isolation, Worker};
 use child::{ChildHandle, ChildPipes, ChildSpec, ExitInfo};
+pub use files::JobFiles;
+use files::{OUTPUT_DIR, TakeError, hand_input, take_outputs};
 use output::{Captured, ChannelEnd, LogRecord, Report};
 
 /// How long a job has between SIGTERM and SIGKILL when the runner stops it.
@@ -81,26 +84,6 @@ pub enum RunOutcome {
     Postponed(String),
 }
 
-/// The files a job gets and leaves, besides its JSON (claim-check storage, `docs/storage.md`).
-/// The default hands the job none and discards what it writes into `ctx.output_dir`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct JobFiles<'a> {
-    /// A file the daemon prepared for the job, moved into the job's folder as
-    /// `input/<file name>` (read-only) and given to the handler as `ctx.input_path`.
-    pub input: Option<&'a Path>,
-    /// Where the job's output folder (`ctx.output_dir`) is moved when the job ends: a path
-    /// that does not exist yet, in a folder of the daemon's. `None` discards the folder.
-    pub keep_outputs: Option<&'a Path>,
-    /// The longest result accepted, in bytes, instead of the worker's `max_result_kb` (the
-    /// caller stores larger outputs elsewhere).
-    pub max_result_bytes: Option<u64>,
-}
-
-/// The folder inside a job's private folder that holds its input file.
-pub const INPUT_DIR: &str = "input";
-/// The folder inside a job's private folder that is its `ctx.output_dir`.
-pub const OUTPUT_DIR: &str = "output";
-
 /// Everything the runner learned about one run.
 #[derive(Debug, Clone)]
 pub struct RunReport {
@@ -125,8 +108,13 @@ pub struct RunReport {
 impl RunReport {
     /// The report of a job that never got a process.
     pub fn failed_to_start(error: JobError) -> Self {
+        Self::without_process(RunOutcome::Failed(error))
+    }
+
+    /// The report of a run that ended with `outcome` before (or without) a process.
+    pub fn without_process(outcome: RunOutcome) -> Self {
         Self {
-            outcome: RunOutcome::Failed(error),
+            outcome,
             duration: Duration::ZERO,
             resources: Resources::default(),
             stdout: Captured::default(),
@@ -303,9 +291,8 @@ impl Runner {
                     cgroup.finish().await;
                 }
                 return RunReport {
-                    outcome: RunOutcome::Postponed(message),
                     duration: started.elapsed(),
-                    ..RunReport::failed_to_start(JobError::new(ErrorKind::Crashed, ""))
+                    ..RunReport::without_process(RunOutcome::Postponed(message))
                 };
             }
         };
@@ -601,64 +588,6 @@ impl Runner {
             env,
             cwd: workdir.to_path_buf(),
         }
-    }
-}
-
-/// Moves the daemon's prepared `file` into the job's folder as `input/<name>`, readable by the
-/// job's user and by nobody's write. A rename, as both are under the runner's temp folder; a
-/// copy where that folder spans file systems.
-fn hand_input(workdir: &Path, file: &Path) -> Result<PathBuf, String> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    let fail =
-        |what: &str, e: std::io::Error| format!("cannot hand the job its input ({what}): {e}");
-    let dir = workdir.join(INPUT_DIR);
-    std::fs::DirBuilder::new()
-        .mode(0o755)
-        .create(&dir)
-        .map_err(|e| fail("its folder", e))?;
-    let name = file.file_name().unwrap_or(std::ffi::OsStr::new("input"));
-    let dest = dir.join(name);
-    match std::fs::rename(file, &dest) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            std::fs::copy(file, &dest).map_err(|e| fail("a copy", e))?;
-        }
-        Err(e) => return Err(fail("a rename", e)),
-    }
-    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o444))
-        .map_err(|e| fail("its mode", e))?;
-    Ok(dest)
-}
-
-/// Why a job's output folder was not kept.
-enum TakeError {
-    /// The job put something else (a link, a file) where its output folder was.
-    NotAFolder,
-    /// Moving it failed: the daemon's fault.
-    Move(String),
-}
-
-/// Moves the job's output folder to `dest`, out of the job's reach, before its private folder
-/// is removed. What is at `dest` afterwards is checked, not what was there before, so a job
-/// that swaps the folder for a link in between gains nothing.
-fn take_outputs(workdir: &Path, dest: &Path) -> Result<(), TakeError> {
-    let source = workdir.join(OUTPUT_DIR);
-    match std::fs::symlink_metadata(&source) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(TakeError::Move(format!("cannot read ctx.output_dir: {e}"))),
-        Ok(_) => {}
-    }
-    std::fs::rename(&source, dest)
-        .map_err(|e| TakeError::Move(format!("cannot keep ctx.output_dir: {e}")))?;
-    match std::fs::symlink_metadata(dest) {
-        Ok(meta) if meta.file_type().is_dir() => Ok(()),
-        Ok(_) => {
-            let _ = std::fs::remove_file(dest);
-            Err(TakeError::NotAFolder)
-        }
-        Err(e) => Err(TakeError::Move(format!(
-            "cannot read the kept output folder: {e}"
-        ))),
     }
 }
 
