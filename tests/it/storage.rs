@@ -463,34 +463,52 @@ async fn a_storage_outage_postpones_the_job_and_loses_nothing() {
         .expect("upload");
     azurite.stop();
     let temp = tempfile::tempdir().expect("tmp");
-    let executor = process_executor_in(&["csv-normalize"], temp.path(), Isolation::Spawn)
-        .with_storage(Some(storage.clone()));
+    let executor = process_executor_in(
+        &["csv-normalize", "diagnostics"],
+        temp.path(),
+        Isolation::Spawn,
+    )
+    .with_storage(Some(storage.clone()));
     let broker = Arc::new(MemoryBroker::new(JOBS, Duration::from_secs(30), 10));
+    // One job cannot fetch its input, the other cannot store its output.
     broker.push(job_message(
-        "during-outage",
+        "input-outage",
         &json!({"worker": "csv-normalize", "input_blob": "inputs/a.csv"}),
     ));
-    let run = start(broker.clone(), Arc::new(executor), options(1));
-    wait_for(Duration::from_secs(90), "the job given back", || {
+    broker.push(job_message(
+        "upload-outage",
+        &json!({"worker": "diagnostics", "input": {"action": "result", "kb": 400}}),
+    ));
+    let run = start(broker.clone(), Arc::new(executor), options(2));
+    wait_for(Duration::from_secs(90), "both jobs given back", || {
         broker
             .events()
             .iter()
-            .any(|e| matches!(e, Event::Abandoned(_)))
+            .filter(|e| matches!(e, Event::Abandoned(_)))
+            .count()
+            >= 2
     })
     .await;
     assert!(
         broker.messages(RESULTS).is_empty(),
         "no reply while storage is down"
     );
-    assert!(broker.dead_letters().is_empty(), "not the job's fault");
+    assert!(broker.dead_letters().is_empty(), "not the jobs' fault");
     azurite.restart();
-    wait_for(Duration::from_secs(90), "the reply", || {
-        !broker.messages(RESULTS).is_empty()
+    wait_for(Duration::from_secs(120), "the replies", || {
+        broker.messages(RESULTS).len() == 2
     })
     .await;
     run.stop().await;
-    let reply = &replies(&broker, RESULTS)["during-outage"].1;
-    assert_eq!(reply["status"], "succeeded", "{reply}");
-    assert_eq!(reply["attempt"], 1, "an outage uses up no attempt");
+    let replies = replies(&broker, RESULTS);
+    for id in ["input-outage", "upload-outage"] {
+        let reply = &replies[id].1;
+        assert_eq!(reply["status"], "succeeded", "{reply}");
+        assert_eq!(reply["attempt"], 1, "an outage uses up no attempt");
+    }
+    assert_eq!(
+        replies["upload-outage"].1["output_blob"]["path"],
+        "results/upload-outage/result.json"
+    );
     assert!(broker.dead_letters().is_empty());
 }
