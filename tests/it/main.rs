@@ -2,6 +2,7 @@
 
 mod cgroup;
 mod cli;
+mod dlq;
 mod engine;
 mod helpers;
 mod hostile;
