@@ -101,6 +101,8 @@ pub struct ServiceBusSettings {
 pub struct QueueSettings {
     pub jobs: String,
     pub results: String,
+    /// Queues besides `results` that a job's ReplyTo may name.
+    pub reply_allowed: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -218,6 +220,7 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("workers.allow")
+                .with_list_parse_key("queues.reply_allowed")
                 .try_parsing(true)
                 .source(Some(env_map)),
         );
@@ -272,6 +275,22 @@ impl Settings {
                     name,
                     "must be a Service Bus entity name (letters, digits, '.', '-', '_', '/'; \
                      starting and ending with a letter or digit)",
+                ));
+            }
+        }
+        for name in &self.queues.reply_allowed {
+            if !is_entity_name(name) {
+                return Err(invalid(
+                    "queues.reply_allowed",
+                    name,
+                    "each entry must be a queue name (a dead-letter sub-queue is never allowed)",
+                ));
+            }
+            if name.eq_ignore_ascii_case(&self.queues.jobs) {
+                return Err(invalid(
+                    "queues.reply_allowed",
+                    name,
+                    "must not name queues.jobs: a reply sent there would run as a new job",
                 ));
             }
         }
@@ -426,11 +445,24 @@ mod tests {
             ("HYBRID__ENGINE__CONCURRENCY", "9"),
             ("HYBRID__QUEUES__JOBS", "work"),
             ("HYBRID__WORKERS__ALLOW", "a,b-c"),
+            ("HYBRID__QUEUES__REPLY_ALLOWED", "flow-a,flow-b"),
         ])
         .expect("valid");
+        assert_eq!(
+            s.queues.reply_allowed,
+            vec!["flow-a".to_string(), "flow-b".to_string()]
+        );
         assert_eq!(s.engine.concurrency, 9);
         assert_eq!(s.queues.jobs, "work");
         assert_eq!(s.workers.allow, vec!["a".to_string(), "b-c".to_string()]);
+    }
+
+    #[test]
+    fn reply_queues_must_be_queues_and_never_the_jobs_queue() {
+        for bad in ["jobs", "jobs/$DeadLetterQueue"] {
+            let err = load_env(&[("HYBRID__QUEUES__REPLY_ALLOWED", bad)]).expect_err(bad);
+            assert!(err.to_string().contains("queues.reply_allowed"), "{err}");
+        }
     }
 
     #[test]

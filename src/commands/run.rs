@@ -103,6 +103,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
             queues: Queues {
                 jobs: settings.queues.jobs.clone(),
                 results: settings.queues.results.clone(),
+                reply_allowed: settings.queues.reply_allowed.clone(),
             },
             drain_timeout: settings.engine.drain_timeout(),
             max_lock_renewal: settings.engine.max_lock_renewal(),

@@ -8,7 +8,7 @@
 //! reconnect, so a job that was running while the connection dropped is still settled once,
 //! not redelivered and run twice. The price is one request/response per settlement.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -368,6 +368,7 @@ impl ServiceBusBroker {
         token: Uuid,
         status: &str,
         dead_letter: Option<(&str, &str)>,
+        keep: &BTreeMap<String, String>,
     ) -> Result<(), BrokerError> {
         let mut request = MgmtRequest::new("com.microsoft:update-disposition")
             .with("disposition-status", Value::String(status.to_owned()))
@@ -379,6 +380,13 @@ impl ServiceBusBroker {
                     "deadletter-description",
                     Value::String(description.to_owned()),
                 );
+        }
+        if !keep.is_empty() {
+            let map = keep
+                .iter()
+                .map(|(k, v)| (Value::String(k.clone()), Value::String(v.clone())))
+                .collect();
+            request = request.with("properties-to-modify", Value::Map(map));
         }
         let response = self.management_retried(request).await?;
         status_result(&response)
@@ -811,11 +819,13 @@ impl Broker for ServiceBusBroker {
     }
 
     async fn complete(&self, lock_token: Uuid) -> Result<(), BrokerError> {
-        self.update_disposition(lock_token, "completed", None).await
+        self.update_disposition(lock_token, "completed", None, &BTreeMap::new())
+            .await
     }
 
     async fn abandon(&self, lock_token: Uuid) -> Result<(), BrokerError> {
-        self.update_disposition(lock_token, "abandoned", None).await
+        self.update_disposition(lock_token, "abandoned", None, &BTreeMap::new())
+            .await
     }
 
     async fn dead_letter(
@@ -824,7 +834,18 @@ impl Broker for ServiceBusBroker {
         reason: &str,
         description: &str,
     ) -> Result<(), BrokerError> {
-        self.update_disposition(lock_token, "suspended", Some((reason, description)))
+        self.dead_letter_keeping(lock_token, reason, description, &BTreeMap::new())
+            .await
+    }
+
+    async fn dead_letter_keeping(
+        &self,
+        lock_token: Uuid,
+        reason: &str,
+        description: &str,
+        keep: &BTreeMap<String, String>,
+    ) -> Result<(), BrokerError> {
+        self.update_disposition(lock_token, "suspended", Some((reason, description)), keep)
             .await
     }
 

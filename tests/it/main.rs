@@ -6,5 +6,6 @@ mod dlq;
 mod engine;
 mod helpers;
 mod hostile;
+mod reply_policy;
 mod runner;
 mod servicebus;
