@@ -162,6 +162,12 @@ pub struct EmulatorSettings {
     pub listen: String,
     pub data_dir: PathBuf,
     pub entities: PathBuf,
+    /// The SharedAccessKey of rule RootManageSharedAccessKey (secret).
+    pub key: String,
+    /// Seconds a connection may stay open without a valid token.
+    pub auth_timeout_s: u64,
+    /// Connections without a valid token allowed open at once.
+    pub max_unauthenticated: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -323,6 +329,17 @@ impl Settings {
                 "must be at least 1, and user + users - 1 a valid uid",
             ));
         }
+        let em = &self.emulator;
+        if em.key.is_empty() {
+            return Err(invalid("emulator.key", "", "must not be empty"));
+        }
+        within("emulator.auth_timeout_s", em.auth_timeout_s, 1, 3600)?;
+        within(
+            "emulator.max_unauthenticated",
+            em.max_unauthenticated as u64,
+            1,
+            1 << 20,
+        )?;
         if self.workers.python.trim().is_empty() {
             return Err(invalid("workers.python", "", "must name an interpreter"));
         }
@@ -376,8 +393,21 @@ impl Settings {
         let mut shown = self.clone();
         shown.servicebus.connection_string =
             redact_connection_string(&shown.servicebus.connection_string);
+        shown.emulator.key = "<redacted>".into();
         toml::to_string_pretty(&shown).map_err(|e| ConfigError::Load(e.to_string()))
     }
+}
+
+/// `value` of `key` must lie in `min..=max`.
+fn within(key: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        return Ok(());
+    }
+    Err(invalid(
+        key,
+        value,
+        format!("must be between {min} and {max}"),
+    ))
 }
 
 /// Keeps a connection string's shape (so an operator can see which endpoint and rule are used)

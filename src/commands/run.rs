@@ -22,6 +22,9 @@ use crate::worker::python::Interpreter;
 use crate::worker::venv::{VenvPlan, VenvState};
 
 pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let open_files = crate::runner::child::raise_descriptor_limit(settings.engine.concurrency)
+        .map_err(|e| UsageError(e.to_string()))?;
+    tracing::info!(open_files, "The daemon's open-files limit.");
     let shutdown = crate::shutdown::on_signals()?;
     // Probes and metrics answer from the start: not ready until workers and broker are.
     let http_stop = CancellationToken::new();

@@ -42,7 +42,7 @@ pub mod store;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -73,7 +73,19 @@ pub struct EmulatorConfig {
     pub accept_jwt: bool,
     /// Time source for locks, TTL and scheduling; tests pass a [`clock::ManualClock`].
     pub clock: Arc<dyn Clock>,
+    /// A connection that has put no valid token on `$cbs` this long after it was accepted is
+    /// closed, as Service Bus does (20 s there).
+    pub auth_timeout: Duration,
+    /// At most this many connections may be open without a valid token at once; more are
+    /// closed as soon as they are accepted, so that unauthenticated clients cannot exhaust
+    /// the process's descriptors.
+    pub max_unauthenticated: usize,
 }
+
+/// Service Bus's time for a connection's first token (protocol notes §1.3).
+pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default bound on connections without a token.
+pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 64;
 
 impl EmulatorConfig {
     /// The default entities (`jobs`, session-enabled `results`), the official emulator's key,
@@ -87,6 +99,8 @@ impl EmulatorConfig {
             rules: vec![SasRule::default()],
             accept_jwt: false,
             clock: Arc::new(SystemClock),
+            auth_timeout: DEFAULT_AUTH_TIMEOUT,
+            max_unauthenticated: DEFAULT_MAX_UNAUTHENTICATED,
         }
     }
 }
@@ -137,10 +151,41 @@ pub struct Shared {
     pub rules: Vec<SasRule>,
     /// Whether `$cbs` takes JWTs.
     pub accept_jwt: bool,
+    /// See [`EmulatorConfig::auth_timeout`].
+    pub auth_timeout: Duration,
+    max_unauthenticated: usize,
+    /// Connections open now that have not put a valid token yet.
+    unauthenticated: AtomicUsize,
     next_link: AtomicU64,
 }
 
+/// One connection counted as unauthenticated until it is dropped (on its first valid token,
+/// or when the connection ends).
+#[derive(Debug)]
+pub struct Unauthenticated(Arc<Shared>);
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        self.0.unauthenticated.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Shared {
+    /// Counts a newly accepted connection, unless the bound is reached (`None`: close it).
+    fn admit(self: &Arc<Self>) -> Option<Unauthenticated> {
+        self.unauthenticated
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.max_unauthenticated).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Unauthenticated(self.clone()))
+    }
+
+    /// Connections open now without a valid token.
+    pub fn unauthenticated(&self) -> usize {
+        self.unauthenticated.load(Ordering::SeqCst)
+    }
+
     /// A process-unique link id.
     pub fn next_link_id(&self) -> LinkId {
         self.next_link.fetch_add(1, Ordering::Relaxed) + 1
@@ -175,6 +220,9 @@ impl Emulator {
             broker,
             rules: config.rules.clone(),
             accept_jwt: config.accept_jwt,
+            auth_timeout: config.auth_timeout,
+            max_unauthenticated: config.max_unauthenticated,
+            unauthenticated: AtomicUsize::new(0),
             next_link: AtomicU64::new(0),
         });
         let stop = CancellationToken::new();
@@ -239,6 +287,11 @@ impl EmulatorHandle {
         broker.counts(&e).ok()
     }
 
+    /// Connections open now that have not put a valid token yet.
+    pub fn unauthenticated(&self) -> usize {
+        self.shared.unauthenticated()
+    }
+
     /// Closes every connection (AMQP close), stops accepting and waits for all tasks.
     pub async fn shutdown(self) {
         self.stop.cancel();
@@ -259,9 +312,19 @@ async fn accept_loop(
             _ = stop.cancelled() => return,
         };
         match accepted {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
+                let Some(pending) = shared.admit() else {
+                    // Dropping the socket closes it: the bound is what keeps descriptors free.
+                    tracing::debug!(%peer, "Too many connections without a token; closed one.");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                tracker.spawn(connection::serve(stream, shared.clone(), stop.clone()));
+                tracker.spawn(connection::serve(
+                    stream,
+                    shared.clone(),
+                    stop.clone(),
+                    pending,
+                ));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "Accept failed; retrying.");

@@ -3,6 +3,7 @@
 mod cgroup;
 mod cli;
 mod dlq;
+mod emulator_limits;
 mod engine;
 mod helpers;
 mod hostile;

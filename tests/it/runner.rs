@@ -309,7 +309,24 @@ async fn a_dead_warm_parent_is_restarted() {
     assert_eq!(second["ppid"], new_parent);
 }
 
+/// A daemon holding more descriptors than a job may have (1024) still starts jobs: the job's
+/// own descriptors keep low numbers whatever the daemon's are.
+async fn a_job_starts_while_the_daemon_holds_more_descriptors_than_a_job_may(mode: Isolation) {
+    use std::os::fd::AsRawFd;
+    let held: Vec<std::fs::File> = (0..1100)
+        .map(|_| std::fs::File::open("/dev/null").expect("open /dev/null"))
+        .collect();
+    assert!(
+        held.iter().any(|f| f.as_raw_fd() > 1024),
+        "the test holds descriptors above 1024"
+    );
+    let (report, _) = diagnostics(mode, json!({"action": "echo", "value": 1}), T).await;
+    assert_eq!(output(&report)["echo"], 1);
+    drop(held);
+}
+
 crate::in_both_modes!(
+    a_job_starts_while_the_daemon_holds_more_descriptors_than_a_job_may,
     each_job_is_a_fresh_process,
     no_daemon_environment_reaches_a_job,
     context_and_logs_reach_the_handler_and_the_daemon,
