@@ -44,6 +44,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const RECEIVER_RECYCLE: u64 = 2_000;
 /// Lock duration assumed when a delivery does not say when its lock ends.
 const DEFAULT_LOCK: Duration = Duration::from_secs(30);
+/// Silence after which the connection counts as dead. The Open advertises half of it, so the
+/// broker sends an empty frame at least every 5 s while it has nothing to say (Service Bus
+/// and the emulator do), and a peer that vanished without closing the socket is found in
+/// 10 s instead of when TCP gives up.
+const IDLE_TIMEOUT_MS: u32 = 10_000;
 /// Messages asked for by the first peek of a page walk (see `peek_page`).
 pub const PEEK_PAGE: i32 = 100;
 /// Extra time given to a receive call to collect more messages after the first.
@@ -207,6 +212,7 @@ impl ServiceBusBroker {
             .scheme(endpoint.scheme)
             .domain(endpoint.domain())
             .sasl_profile(SaslProfile::Anonymous)
+            .idle_time_out(IDLE_TIMEOUT_MS)
             .alt_tls_establishment(true)
             .open_with_stream(stream)
             .await

@@ -2,6 +2,7 @@
 
 mod cgroup;
 mod cli;
+mod dead_peer;
 mod dlq;
 mod emulator_limits;
 mod engine;
