@@ -4,13 +4,18 @@
 
 use std::time::Duration;
 
-use hybrid_worker::broker::Broker;
+use std::sync::atomic::Ordering;
+
+use hybrid_worker::broker::{Broker, BrokerError, OutgoingMessage};
+use hybrid_worker::emulator::entities::QueueConfig;
 use hybrid_worker::emulator::{Emulator, EmulatorConfig};
+use hybrid_worker::servicebus::client::{ServiceBusBroker, ServiceBusConfig};
+use hybrid_worker::servicebus::connection_string::ConnectionString;
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use crate::helpers::{JOBS, job_message};
+use crate::helpers::{JOBS, RESULTS, job_message};
 
 fn open_descriptors() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
@@ -64,17 +69,7 @@ async fn a_flood_of_connections_that_never_authenticate_is_bounded_in_number_and
     drop(flood);
 
     // And a client that authenticates is served.
-    let cs = hybrid_worker::servicebus::connection_string::ConnectionString::parse(
-        &emu.connection_string(),
-    )
-    .expect("connection string");
-    let sb = hybrid_worker::servicebus::client::ServiceBusBroker::new(
-        hybrid_worker::servicebus::client::ServiceBusConfig::from_connection_string(
-            &cs,
-            JOBS,
-            Duration::from_secs(3600),
-        ),
-    );
+    let sb = client_of(&emu, JOBS);
     sb.send(JOBS, job_message("after-flood", &json!({"worker": "w"})))
         .await
         .expect("a real client sends after the flood");
@@ -83,6 +78,94 @@ async fn a_flood_of_connections_that_never_authenticate_is_bounded_in_number_and
         0,
         "an authenticated connection is not counted"
     );
+    sb.close().await;
+    emu.shutdown().await;
+}
+
+fn client_of(emu: &hybrid_worker::emulator::EmulatorHandle, entity: &str) -> ServiceBusBroker {
+    let cs = ConnectionString::parse(&emu.connection_string()).expect("connection string");
+    ServiceBusBroker::new(ServiceBusConfig::from_connection_string(
+        &cs,
+        entity,
+        Duration::from_secs(3600),
+    ))
+}
+
+#[tokio::test]
+async fn a_queue_refuses_sends_past_its_size_quota_until_messages_leave() {
+    let mut config = EmulatorConfig::new("127.0.0.1:0".parse().expect("addr"));
+    let mut jobs = QueueConfig::new(JOBS);
+    jobs.max_size_bytes = 1024 * 1024;
+    config.queues = vec![jobs];
+    let emu = Emulator::start(config).await.expect("emulator starts");
+    let sb = client_of(&emu, JOBS);
+    let big = |i: usize| OutgoingMessage {
+        message_id: Some(format!("big-{i}")),
+        body: vec![b'x'; 250_000],
+        ..Default::default()
+    };
+    for i in 0..4 {
+        sb.send(JOBS, big(i)).await.expect("within the quota");
+    }
+    let refused = sb.send(JOBS, big(4)).await;
+    match &refused {
+        Err(BrokerError::Refused(why)) => {
+            assert!(
+                why.contains("ResourceLimitExceeded") && why.contains("maximum entity size"),
+                "{why}"
+            )
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(
+        sb.stats.connects.load(Ordering::Relaxed),
+        1,
+        "only the send failed"
+    );
+    // Dead letters count too; a completed message frees its space.
+    let got = sb
+        .receive(2, Duration::from_secs(5))
+        .await
+        .expect("receive");
+    sb.dead_letter(got[0].lock_token, "x", "y")
+        .await
+        .expect("dead-letter");
+    assert!(
+        sb.send(JOBS, big(4)).await.is_err(),
+        "a dead letter still takes space"
+    );
+    sb.complete(got[1].lock_token).await.expect("complete");
+    sb.send(JOBS, big(4)).await.expect("room again");
+    sb.close().await;
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_embedded_results_queue_drops_a_resent_reply_as_deployed_ones_do() {
+    let emu = Emulator::start(EmulatorConfig::new("127.0.0.1:0".parse().expect("addr")))
+        .await
+        .expect("emulator starts");
+    let sb = client_of(&emu, JOBS);
+    let reply = || OutgoingMessage {
+        message_id: Some("job-1:result".into()),
+        session_id: Some("flow-1".into()),
+        body: b"{}".to_vec(),
+        ..Default::default()
+    };
+    sb.send(RESULTS, reply()).await.expect("first");
+    sb.send(RESULTS, reply())
+        .await
+        .expect("a duplicate is accepted and dropped");
+    let first = sb
+        .receive_session(RESULTS, "flow-1", Duration::from_secs(5))
+        .await
+        .expect("receive");
+    assert!(first.is_some());
+    let second = sb
+        .receive_session(RESULTS, "flow-1", Duration::from_secs(1))
+        .await
+        .expect("receive");
+    assert!(second.is_none(), "the resent reply was dropped");
     sb.close().await;
     emu.shutdown().await;
 }
