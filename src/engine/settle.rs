@@ -33,8 +33,8 @@ use super::retry::delay_before;
 
 /// The DeadLetterReason of a job whose reply could not be sent.
 pub const REPLY_UNDELIVERABLE: &str = "ReplyUndeliverable";
-/// Largest result (JSON) kept on such a dead letter, as its `result` property; a larger one is
-/// in the daemon's log only.
+/// Largest result (JSON) kept on such a dead letter, as its `result` property (Service Bus
+/// allows 64 KB of properties); of a larger one, only its status and size are kept.
 const MAX_KEPT_RESULT: usize = 32 * 1024;
 
 /// Longest `DeadLetterErrorDescription` written (Service Bus allows far more; a one-line
@@ -217,14 +217,16 @@ async fn send_reply(
     let Err(e) = broker.send(queue, reply(envelope, result)).await else {
         return Ok(None);
     };
-    // A JobResult of plain JSON values always serialises.
+    // A JobResult of plain JSON values always serialises. It goes on the dead letter (access
+    // controlled like the job), not into the log: outputs may hold the job's data.
     let json = serde_json::to_string(result).unwrap_or_default();
-    tracing::warn!(queue, error = %e, result = %json, "The reply could not be sent; the job is dead-lettered with its result.");
+    tracing::warn!(queue, error = %e, "The reply could not be sent; the job is dead-lettered with its result.");
     let mut keep = std::collections::BTreeMap::new();
     keep.insert(
         "result_status".to_owned(),
         result.status.as_str().to_owned(),
     );
+    keep.insert("result_bytes".to_owned(), json.len().to_string());
     if json.len() <= MAX_KEPT_RESULT {
         keep.insert("result".to_owned(), json);
     }
