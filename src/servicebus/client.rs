@@ -432,7 +432,7 @@ impl ServiceBusBroker {
                 }
                 // The broker refused this one link (unknown or forbidden entity): the
                 // connection and every other link are fine.
-                Ok(Err(e)) => {
+                Ok(Err(SenderAttachError::RemoteClosedWithError(e))) => {
                     let text = format!("{e:?}");
                     if text.contains("not-found") || text.contains("NotFound") {
                         return Err(BrokerError::NotFound(queue.to_owned()));
@@ -440,6 +440,14 @@ impl ServiceBusBroker {
                     return Err(BrokerError::Refused(format!(
                         "attaching a sender to {queue}: {text}"
                     )));
+                }
+                // The link's own handshake went wrong: the session's state is in doubt, so
+                // the connection is rebuilt.
+                Ok(Err(e)) => {
+                    return Err(self.broken(
+                        &live,
+                        connection_error(&format!("attaching a sender to {queue}"), e),
+                    ));
                 }
                 Err(_) => {
                     return Err(self.broken(
