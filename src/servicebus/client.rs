@@ -34,7 +34,7 @@ use uuid::Uuid;
 use super::connection_string::{ConnectionString, SasAuth};
 use super::credential::{Credential, CredentialError};
 use super::management::{MgmtRequest, MgmtResponse};
-use super::message::{Peeked, decode, peeked, to_amqp, to_delivery};
+use super::message::{to_amqp, to_delivery};
 use crate::broker::{Broker, BrokerError, Delivery, OutgoingMessage};
 
 /// How long connecting, authorising or attaching may take before it counts as failed.
@@ -49,8 +49,6 @@ const DEFAULT_LOCK: Duration = Duration::from_secs(30);
 /// and the emulator do), and a peer that vanished without closing the socket is found in
 /// 10 s instead of when TCP gives up.
 const IDLE_TIMEOUT_MS: u32 = 10_000;
-/// Messages asked for by the first peek of a page walk (see `peek_page`).
-pub const PEEK_PAGE: i32 = 100;
 /// Extra time given to a receive call to collect more messages after the first.
 const GATHER: Duration = Duration::from_millis(3);
 
@@ -137,7 +135,7 @@ pub struct ServiceBusBroker {
     senders: Mutex<HashMap<String, (u64, Sender)>>,
     generation: AtomicU64,
     /// Messages asked for per peek; halved when a response does not fit (see `peek_page`).
-    peek_count: AtomicI32,
+    pub(super) peek_count: AtomicI32,
     pub stats: ClientStats,
 }
 
@@ -163,7 +161,7 @@ impl ServiceBusBroker {
             mgmt: Mutex::new(None),
             senders: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
-            peek_count: AtomicI32::new(PEEK_PAGE),
+            peek_count: AtomicI32::new(super::peek::PEEK_PAGE),
             stats: ClientStats::default(),
         }
     }
@@ -310,7 +308,10 @@ impl ServiceBusBroker {
     }
 
     /// Calls the jobs queue's management node; the caller maps the status.
-    async fn management(&self, request: MgmtRequest) -> Result<MgmtResponse, BrokerError> {
+    pub(super) async fn management(
+        &self,
+        request: MgmtRequest,
+    ) -> Result<MgmtResponse, BrokerError> {
         self.management_sized(request).await?.map_err(|too_large| {
             BrokerError::Refused(format!(
                 "the management response is larger than its link allows ({too_large})"
@@ -320,7 +321,7 @@ impl ServiceBusBroker {
 
     /// [`management`](Self::management), telling a response over the link's size limit apart
     /// (the inner error): only that link was detached, and a smaller request may fit.
-    async fn management_sized(
+    pub(super) async fn management_sized(
         &self,
         request: MgmtRequest,
     ) -> Result<Result<MgmtResponse, MessageSizeExceeded>, BrokerError> {
@@ -558,48 +559,6 @@ impl ServiceBusBroker {
         }
     }
 
-    /// Reads up to `count` messages from sequence number `from` on, without locking them
-    /// (management `peek-message`). The broker may return fewer (Service Bus caps a response's
-    /// size); a response over the link's size limit is an error here, see
-    /// [`peek_page`](Self::peek_page).
-    pub async fn peek(&self, from: i64, count: i32) -> Result<Vec<Peeked>, BrokerError> {
-        let request = peek_request(from, count);
-        peeked_messages(&retried(|| self.management(request.clone())).await?)
-    }
-
-    /// The next page of messages from sequence number `from` on, however large they are: the
-    /// page starts at [`PEEK_PAGE`] messages and halves, for this and every later page,
-    /// whenever the response would be larger than the management link allows (1 MiB), down
-    /// to one message. Empty when nothing is left.
-    pub async fn peek_page(&self, from: i64) -> Result<Vec<Peeked>, BrokerError> {
-        loop {
-            let count = self.peek_count.load(Ordering::Relaxed);
-            let request = peek_request(from, count);
-            match retried(|| self.management_sized(request.clone())).await? {
-                Ok(response) => return peeked_messages(&response),
-                Err(too_large) if count > 1 => {
-                    let smaller = (count / 2).max(1);
-                    tracing::info!(
-                        from,
-                        count,
-                        smaller,
-                        size = too_large.size,
-                        max = too_large.max_size,
-                        "A peek response was too large; peeking fewer messages at a time."
-                    );
-                    self.peek_count.store(smaller, Ordering::Relaxed);
-                }
-                Err(too_large) => {
-                    return Err(BrokerError::Refused(format!(
-                        "the message at sequence number {from} or after is too large to peek: \
-                         {} bytes, over the management link's limit of {} bytes",
-                        too_large.size, too_large.max_size
-                    )));
-                }
-            }
-        }
-    }
-
     /// Receives one message of session `session_id` on the session-enabled `queue`, waiting
     /// up to `wait`, and completes it: how a flow (or `submit --wait`) takes its own reply.
     /// `None` when nothing came in time.
@@ -683,7 +642,7 @@ impl ServiceBusBroker {
 }
 
 /// Retries `call` with backoff and jitter while its error is transient.
-async fn retried<T, F, Fut>(call: F) -> Result<T, BrokerError>
+pub(super) async fn retried<T, F, Fut>(call: F) -> Result<T, BrokerError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, BrokerError>>,
@@ -700,36 +659,6 @@ where
     .await
 }
 
-fn peek_request(from: i64, count: i32) -> MgmtRequest {
-    MgmtRequest::new("com.microsoft:peek-message")
-        .with("from-sequence-number", Value::Long(from))
-        .with("message-count", Value::Int(count))
-}
-
-/// The messages of a peek response; none for 204 (nothing left).
-fn peeked_messages(response: &MgmtResponse) -> Result<Vec<Peeked>, BrokerError> {
-    if response.status == 204 {
-        return Ok(Vec::new());
-    }
-    status_result(response)?;
-    let items: Vec<Value> = match response.field("messages") {
-        Some(Value::List(list)) => list.clone(),
-        Some(Value::Array(array)) => array.iter().cloned().collect(),
-        _ => Vec::new(),
-    };
-    Ok(items
-        .iter()
-        .filter_map(|item| match item {
-            Value::Map(map) => map.iter().find_map(|(k, v)| match (k, v) {
-                (Value::String(k), Value::Binary(b)) if k == "message" => decode(b.as_ref()),
-                _ => None,
-            }),
-            _ => None,
-        })
-        .map(peeked)
-        .collect())
-}
-
 fn lock_tokens(token: Uuid) -> Value {
     Value::Array(
         vec![Value::Uuid(fe2o3_amqp::types::primitives::Uuid::from(
@@ -739,7 +668,7 @@ fn lock_tokens(token: Uuid) -> Value {
     )
 }
 
-fn status_result(response: &MgmtResponse) -> Result<(), BrokerError> {
+pub(super) fn status_result(response: &MgmtResponse) -> Result<(), BrokerError> {
     if response.status == 200 {
         return Ok(());
     }
