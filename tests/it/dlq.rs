@@ -178,6 +178,60 @@ async fn purge_off_a_terminal_needs_yes_and_without_it_deletes_nothing() {
     emu.shutdown().await;
 }
 
+/// Runs `hybrid-worker dlq purge` on a terminal (a pty from util-linux `script`), typing
+/// `answer`; `None` when `script` is not installed.
+async fn purge_at_a_terminal(emu: &EmulatorHandle, answer: &str) -> Option<Output> {
+    let line = format!("{} dlq purge", env!("CARGO_BIN_EXE_hybrid-worker"));
+    let mut cmd = Command::new("script");
+    cmd.args(["-qec", &line, "/dev/null"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env(
+            "HYBRID__SERVICEBUS__CONNECTION_STRING",
+            emu.connection_string(),
+        )
+        .env("HYBRID__LOG__FORMAT", "text")
+        .env("HYBRID__LOG__LEVEL", "warn")
+        .env_remove("HYBRID_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let answer = format!("{answer}\n");
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = cmd.spawn().ok()?;
+        // The prompt is up before the answer is read; what is typed early waits in the pty.
+        child.stdin.take()?.write_all(answer.as_bytes()).ok()?;
+        child.wait_with_output().ok()
+    })
+    .await
+    .expect("join")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_at_a_terminal_asks_and_deletes_only_on_yes() {
+    let emu = emulator(Duration::from_secs(30)).await;
+    let two = (0..2)
+        .map(|i| message(&format!("t{i}"), data(b"{}".to_vec())))
+        .collect();
+    dead_letter_all(&emu, two, "bad").await;
+    let Some(declined) = purge_at_a_terminal(&emu, "no").await else {
+        eprintln!("skipped: util-linux `script` is not installed");
+        return;
+    };
+    let screen = String::from_utf8_lossy(&declined.stdout);
+    assert!(screen.contains("Delete 2 dead letter(s)"), "{screen}");
+    assert!(screen.contains("nothing was deleted"), "{screen}");
+    assert_eq!(peek_all(&emu, DLQ).await.len(), 2);
+
+    let accepted = purge_at_a_terminal(&emu, "yes")
+        .await
+        .expect("script ran before");
+    let screen = String::from_utf8_lossy(&accepted.stdout);
+    assert_eq!(screen.matches("\"purged\"").count(), 2, "{screen}");
+    assert!(peek_all(&emu, DLQ).await.is_empty());
+    emu.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_dead_letters_can_be_listed_shown_replayed_and_purged() {
     let emu = emulator(Duration::from_secs(30)).await;
