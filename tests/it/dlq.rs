@@ -108,20 +108,23 @@ async fn peek_all(emu: &EmulatorHandle, entity: &str) -> Vec<Peeked> {
     out
 }
 
-/// Runs `hybrid-worker dlq ARGS` against the emulator with stdin not a terminal.
-async fn dlq(emu: &EmulatorHandle, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hybrid-worker"));
-    cmd.arg("dlq")
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+/// `cmd` (the binary, or what starts it) pointed at the emulator, with quiet text logs.
+fn aimed_at(mut cmd: Command, emu: &EmulatorHandle) -> Command {
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
         .env(
             "HYBRID__SERVICEBUS__CONNECTION_STRING",
             emu.connection_string(),
         )
         .env("HYBRID__LOG__FORMAT", "text")
         .env("HYBRID__LOG__LEVEL", "warn")
-        .env_remove("HYBRID_CONFIG")
-        .stdin(Stdio::null());
+        .env_remove("HYBRID_CONFIG");
+    cmd
+}
+
+/// Runs `hybrid-worker dlq ARGS` against the emulator with stdin not a terminal.
+async fn dlq(emu: &EmulatorHandle, args: &[&str]) -> Output {
+    let mut cmd = aimed_at(Command::new(env!("CARGO_BIN_EXE_hybrid-worker")), emu);
+    cmd.arg("dlq").args(args).stdin(Stdio::null());
     tokio::task::spawn_blocking(move || cmd.output().expect("run hybrid-worker"))
         .await
         .expect("join")
@@ -182,16 +185,8 @@ async fn purge_off_a_terminal_needs_yes_and_without_it_deletes_nothing() {
 /// `answer`; `None` when `script` is not installed.
 async fn purge_at_a_terminal(emu: &EmulatorHandle, answer: &str) -> Option<Output> {
     let line = format!("{} dlq purge", env!("CARGO_BIN_EXE_hybrid-worker"));
-    let mut cmd = Command::new("script");
+    let mut cmd = aimed_at(Command::new("script"), emu);
     cmd.args(["-qec", &line, "/dev/null"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env(
-            "HYBRID__SERVICEBUS__CONNECTION_STRING",
-            emu.connection_string(),
-        )
-        .env("HYBRID__LOG__FORMAT", "text")
-        .env("HYBRID__LOG__LEVEL", "warn")
-        .env_remove("HYBRID_CONFIG")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
