@@ -18,6 +18,8 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, interval, timeout};
 use tokio_util::sync::CancellationToken;
 
+use super::Shared;
+use super::admission::Unauthenticated;
 use super::cbs::Authz;
 use super::error::amqp_error;
 use super::frame::{
@@ -26,7 +28,6 @@ use super::frame::{
 };
 use super::sasl::negotiate;
 use super::session::{Ctx, Fatal, Routed, Session};
-use super::{Shared, Unauthenticated};
 
 /// Largest frame we accept. Smaller than a message (256 KiB), so large messages arrive in
 /// several transfer frames, as they do from the cloud service.
@@ -51,7 +52,15 @@ pub async fn serve(
 ) {
     let peer = stream.peer_addr().ok();
     let handshake = HANDSHAKE_TIMEOUT.min(shared.auth_timeout);
-    match timeout(handshake, negotiate(&mut stream)).await {
+    let evicted = pending.evicted.clone();
+    let negotiated = tokio::select! {
+        r = timeout(handshake, negotiate(&mut stream)) => r,
+        () = evicted.cancelled() => {
+            tracing::debug!(?peer, "Closed a connection without a token to admit a newer one.");
+            return;
+        }
+    };
+    match negotiated {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::debug!(?peer, error = %e, "Connection preamble failed.");
@@ -111,6 +120,7 @@ async fn run(
     pending: Unauthenticated,
 ) -> Result<(), FrameError> {
     let accepted = Instant::now();
+    let evicted = pending.evicted.clone();
     let mut pending = Some(pending);
     let open = match timeout(HANDSHAKE_TIMEOUT.min(shared.auth_timeout), rx.recv()).await {
         Ok(Some(Ok(Some(AmqpFrame {
@@ -199,6 +209,13 @@ async fn run(
             }
             _ = stop.cancelled() => {
                 conn.close(None);
+                closing = true;
+            }
+            () = evicted.cancelled(), if pending.is_some() => {
+                conn.close(Some(amqp_error(
+                    "amqp:resource-limit-exceeded",
+                    "too many connections without a token; this was the oldest",
+                )));
                 closing = true;
             }
         }

@@ -3,8 +3,9 @@
 //! the daemon and Microsoft's SDKs use (design.md, "The embedded default").
 //!
 //! The life of a message, file by file:
-//! 1. [`connection`] accepts a socket; [`sasl`] runs the preamble; [`frame`] and [`codec`]
-//!    cut the byte stream into performatives.
+//! 1. [`connection`] accepts a socket ([`admission`] bounds those without a token yet);
+//!    [`sasl`] runs the preamble; [`frame`] and [`codec`] cut the byte stream into
+//!    performatives.
 //! 2. [`session`] keeps windows and links ([`link`]); a client first puts a SAS token on
 //!    `$cbs` ([`cbs`], [`sas`]).
 //! 3. A transfer on a queue link becomes a [`message::MessageParts`], which [`queue`]
@@ -18,6 +19,7 @@
 //! partitioning, rule actions and the rule-management operations, SQL filters beyond the
 //! subset described in [`filter`], forwarding to topics.
 
+pub mod admission;
 pub mod cbs;
 pub mod cli;
 pub mod clock;
@@ -42,13 +44,14 @@ pub mod store;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use admission::Admission;
 use clock::{Clock, SystemClock};
 use entities::{Entities, QueueConfig, TopicConfig};
 use error::SbError;
@@ -76,9 +79,9 @@ pub struct EmulatorConfig {
     /// A connection that has put no valid token on `$cbs` this long after it was accepted is
     /// closed, as Service Bus does (20 s there).
     pub auth_timeout: Duration,
-    /// At most this many connections may be open without a valid token at once; more are
-    /// closed as soon as they are accepted, so that unauthenticated clients cannot exhaust
-    /// the process's descriptors.
+    /// At most this many connections may be open without a valid token at once; a new one
+    /// closes the oldest, so that clients that never authenticate can neither exhaust the
+    /// process's descriptors nor lock real clients out (see `admission`).
     pub max_unauthenticated: usize,
 }
 
@@ -153,37 +156,15 @@ pub struct Shared {
     pub accept_jwt: bool,
     /// See [`EmulatorConfig::auth_timeout`].
     pub auth_timeout: Duration,
-    max_unauthenticated: usize,
     /// Connections open now that have not put a valid token yet.
-    unauthenticated: AtomicUsize,
+    admission: Arc<Admission>,
     next_link: AtomicU64,
 }
 
-/// One connection counted as unauthenticated until it is dropped (on its first valid token,
-/// or when the connection ends).
-#[derive(Debug)]
-pub struct Unauthenticated(Arc<Shared>);
-
-impl Drop for Unauthenticated {
-    fn drop(&mut self) {
-        self.0.unauthenticated.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 impl Shared {
-    /// Counts a newly accepted connection, unless the bound is reached (`None`: close it).
-    fn admit(self: &Arc<Self>) -> Option<Unauthenticated> {
-        self.unauthenticated
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < self.max_unauthenticated).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Unauthenticated(self.clone()))
-    }
-
     /// Connections open now without a valid token.
     pub fn unauthenticated(&self) -> usize {
-        self.unauthenticated.load(Ordering::SeqCst)
+        self.admission.count()
     }
 
     /// A process-unique link id.
@@ -221,8 +202,7 @@ impl Emulator {
             rules: config.rules.clone(),
             accept_jwt: config.accept_jwt,
             auth_timeout: config.auth_timeout,
-            max_unauthenticated: config.max_unauthenticated,
-            unauthenticated: AtomicUsize::new(0),
+            admission: Admission::new(config.max_unauthenticated),
             next_link: AtomicU64::new(0),
         });
         let stop = CancellationToken::new();
@@ -312,12 +292,8 @@ async fn accept_loop(
             _ = stop.cancelled() => return,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                let Some(pending) = shared.admit() else {
-                    // Dropping the socket closes it: the bound is what keeps descriptors free.
-                    tracing::debug!(%peer, "Too many connections without a token; closed one.");
-                    continue;
-                };
+            Ok((stream, _)) => {
+                let pending = shared.admission.admit();
                 let _ = stream.set_nodelay(true);
                 tracker.spawn(connection::serve(
                     stream,
