@@ -4,10 +4,12 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
+use super::sas::SasRule;
 use super::{Emulator, EmulatorConfig};
 use crate::config::EmulatorSettings;
 
@@ -47,7 +49,14 @@ pub fn config(settings: &EmulatorSettings, args: &EmulatorArgs) -> anyhow::Resul
             .clone()
             .unwrap_or_else(|| settings.data_dir.clone())
     });
-    Ok(EmulatorConfig::load(listen, entities.as_deref(), data_dir)?)
+    let mut config = EmulatorConfig::load(listen, entities.as_deref(), data_dir)?;
+    config.rules = vec![SasRule {
+        key: settings.key.clone(),
+        ..SasRule::default()
+    }];
+    config.auth_timeout = Duration::from_secs(settings.auth_timeout_s);
+    config.max_unauthenticated = settings.max_unauthenticated;
+    Ok(config)
 }
 
 /// Runs until SIGINT or SIGTERM, then closes connections cleanly.

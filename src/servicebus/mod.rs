@@ -7,5 +7,6 @@ pub mod connection_string;
 pub mod credential;
 pub mod management;
 pub mod message;
+pub mod peek;
 pub mod sas;
 pub mod tcp;
