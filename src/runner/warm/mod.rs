@@ -53,7 +53,7 @@ use nix::sys::socket::{
     AddressFamily, ControlMessage, MsgFlags, Shutdown, SockFlag, SockType, recv, sendmsg, shutdown,
     socketpair,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::child::{ChildPipes, ExitInfo};
@@ -61,6 +61,13 @@ use crate::runtime::ZYGOTE_STUB;
 use crate::sandbox::cgroup::JobCgroup;
 use crate::sandbox::{Sandbox, SandboxPolicy};
 use crate::worker::Worker;
+use protocol::{Control, Reply};
+
+mod protocol;
+
+/// What a warm parent reports when it is ready: its preloads that worked and failed, and the
+/// Python threads it runs.
+type ReadyReport = (Vec<String>, Vec<String>, Vec<String>);
 
 /// How long a warm parent may take to import its handler and preload list (pandas: ~0.5 s
 /// here, much more on a cold disk).
@@ -171,16 +178,7 @@ pub struct Threads {
 }
 
 impl Threads {
-    fn of(pid: i32, python: &Value) -> Self {
-        let python: Vec<String> = python
-            .as_array()
-            .map(|names| {
-                names
-                    .iter()
-                    .filter_map(|n| n.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
+    fn of(pid: i32, python: Vec<String>) -> Self {
         let native = std::fs::read_dir(format!("/proc/{pid}/task"))
             .map(|tasks| tasks.count().saturating_sub(1))
             .unwrap_or(0);
@@ -192,7 +190,7 @@ impl Threads {
 }
 
 impl WarmParent {
-    fn send(&self, message: &Value, fds: &[RawFd]) -> Result<(), WarmError> {
+    fn send(&self, message: &Control<'_>, fds: &[RawFd]) -> Result<(), WarmError> {
         let bytes = serde_json::to_vec(message).unwrap_or_default();
         let _guard = self.send_lock.lock().unwrap_or_else(|e| e.into_inner());
         let cmsgs = [ControlMessage::ScmRights(fds)];
@@ -234,7 +232,10 @@ impl ForkedJob {
     /// whether the group still exists.
     pub fn signal_group(&self, signal: Signal) {
         let _ = self.parent.send(
-            &json!({"t": "kill", "id": self.id, "sig": signal as i32}),
+            &Control::Kill {
+                id: self.id,
+                sig: signal as i32,
+            },
             &[],
         );
     }
@@ -431,36 +432,40 @@ impl WarmPool {
             .map_err(|e| start_err("its spare child's cgroup", &e))?;
         let fds: Vec<RawFd> = first_spare.iter().map(|c| c.procs().as_raw_fd()).collect();
         parent.send(
-            &json!({"t": "init", "filters": hex::encode(filters), "cgroup": first_spare.is_some()}),
+            &Control::Init {
+                filters: hex::encode(filters),
+                cgroup: first_spare.is_some(),
+            },
             &fds,
         )?;
         *parent
             .spare_cgroup
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = first_spare;
-        let ready = match tokio::time::timeout(READY_TIMEOUT, ready_rx).await {
-            Ok(Ok(ready)) => ready,
-            Ok(Err(_)) => {
-                return Err(WarmError::Died(
-                    "before it was ready; its output is in the log".into(),
-                ));
-            }
-            Err(_) => {
-                return Err(WarmError::Start(format!(
-                    "not ready after {}s",
-                    READY_TIMEOUT.as_secs()
-                )));
-            }
-        };
+        let (preloaded, failed, python_threads) =
+            match tokio::time::timeout(READY_TIMEOUT, ready_rx).await {
+                Ok(Ok(ready)) => ready,
+                Ok(Err(_)) => {
+                    return Err(WarmError::Died(
+                        "before it was ready; its output is in the log".into(),
+                    ));
+                }
+                Err(_) => {
+                    return Err(WarmError::Start(format!(
+                        "not ready after {}s",
+                        READY_TIMEOUT.as_secs()
+                    )));
+                }
+            };
         tracing::info!(
             worker = %worker.name,
             pid,
-            preloaded = %ready["preloaded"],
-            failed = %ready["failed"],
+            preloaded = ?preloaded,
+            failed = ?failed,
             ms = started.elapsed().as_millis() as u64,
             "Warm parent ready."
         );
-        let threads = Threads::of(pid, &ready["threads"]);
+        let threads = Threads::of(pid, python_threads);
         if threads.others > 0 {
             tracing::warn!(
                 worker = %worker.name,
@@ -545,14 +550,13 @@ impl WarmPool {
             .iter()
             .map(|(k, v)| (k.clone(), Value::String(v.clone())))
             .collect();
-        let message = json!({
-            "t": "fork",
-            "id": id,
-            "cwd": workdir.path(),
-            "env": env,
-            "landlock": ruleset.is_some(),
-            "cgroup": false,
-        });
+        let message = Control::Fork {
+            id,
+            cwd: workdir.path(),
+            env,
+            landlock: ruleset.is_some(),
+            cgroup: false,
+        };
         let cgroup = {
             let mut spare = parent
                 .spare_cgroup
@@ -562,7 +566,9 @@ impl WarmPool {
             // Last, after the optional ruleset: the next spare's, which the parent keeps.
             if let Some(next) = &next {
                 fds.push(next.procs().as_raw_fd());
-                message["cgroup"] = Value::Bool(true);
+                if let Control::Fork { cgroup, .. } = &mut message {
+                    *cgroup = true;
+                }
             }
             parent.send(&message, &fds)?;
             std::mem::replace(&mut *spare, next)
@@ -588,7 +594,7 @@ impl WarmPool {
 
 /// The reader thread: forwards the parent's replies to the jobs waiting for them, until the
 /// parent's end of the socket closes.
-fn read_replies(fd: OwnedFd, shared: &Shared, ready: oneshot::Sender<Value>) {
+fn read_replies(fd: OwnedFd, shared: &Shared, ready: oneshot::Sender<ReadyReport>) {
     let mut ready = Some(ready);
     let mut buf = vec![0u8; MAX_PACKET];
     loop {
@@ -598,42 +604,51 @@ fn read_replies(fd: OwnedFd, shared: &Shared, ready: oneshot::Sender<Value>) {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => return,
         };
-        let Ok(message) = serde_json::from_slice::<Value>(&buf[..n]) else {
-            tracing::error!("The warm parent sent a message that is not JSON; stopping it.");
-            return;
+        let message = match serde_json::from_slice::<Reply>(&buf[..n]) {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::error!(error = %e, "The warm parent sent a message this daemon does not know; stopping it.");
+                return;
+            }
         };
-        let id = message["id"].as_u64().unwrap_or(0);
         let mut waiters = shared.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        match message["t"].as_str() {
-            Some("ready") => {
+        match message {
+            Reply::Ready {
+                preloaded,
+                failed,
+                threads,
+            } => {
                 if let Some(tx) = ready.take() {
-                    let _ = tx.send(message);
+                    let _ = tx.send((preloaded, failed, threads));
                 }
             }
-            Some("started") => {
+            Reply::Started { id, pid } => {
                 if let Some(tx) = waiters.started.remove(&id) {
-                    let pid = message["pid"].as_i64().unwrap_or(0) as i32;
                     let _ = tx.send(Ok(pid));
                 }
             }
-            Some("failed") => {
+            Reply::Failed { id, error } => {
                 waiters.exited.remove(&id);
                 if let Some(tx) = waiters.started.remove(&id) {
-                    let _ = tx.send(Err(message["error"].as_str().unwrap_or("").to_owned()));
+                    let _ = tx.send(Err(error));
                 }
             }
-            Some("exited") => {
+            Reply::Exited {
+                id,
+                code,
+                signal,
+                cpu_ms,
+                max_rss_kb,
+            } => {
                 if let Some(tx) = waiters.exited.remove(&id) {
-                    let int = |k: &str| message[k].as_i64().map(|v| v as i32);
                     let _ = tx.send(ExitInfo {
-                        code: int("code"),
-                        signal: int("signal"),
-                        cpu_ms: message["cpu_ms"].as_u64().unwrap_or(0),
-                        max_rss_kb: message["max_rss_kb"].as_u64().unwrap_or(0),
+                        code,
+                        signal,
+                        cpu_ms,
+                        max_rss_kb,
                     });
                 }
             }
-            _ => tracing::warn!(message = %message, "The warm parent sent an unknown message."),
         }
     }
 }
