@@ -104,6 +104,13 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
         Err(BrokerError::Refused(why)) => {
             return Err(UsageError(format!("Service Bus refused the connection: {why}")).into());
         }
+        Err(BrokerError::NotFound(entity)) => {
+            return Err(UsageError(format!(
+                "Service Bus has no entity {entity:?} (queues.jobs = {:?}); create it, or name the right queue",
+                settings.queues.jobs
+            ))
+            .into());
+        }
         Err(e) => {
             tracing::warn!(error = %e, "Service Bus is not reachable yet; retrying with backoff.")
         }

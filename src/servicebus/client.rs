@@ -17,7 +17,9 @@ use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::link::receiver::CreditMode;
-use fe2o3_amqp::link::{ErrorRecovery, MessageSizeExceeded, RecvError, SenderAttachError};
+use fe2o3_amqp::link::{
+    ErrorRecovery, MessageSizeExceeded, ReceiverAttachError, RecvError, SenderAttachError,
+};
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::definitions::{ReceiverSettleMode, SenderSettleMode};
@@ -287,6 +289,12 @@ impl ServiceBusBroker {
                 live,
                 BrokerError::Connection("putting a token on $cbs timed out".into()),
             )),
+            // Service Bus answers a token for an entity that does not exist with 404.
+            Ok(Err(fe2o3_amqp_management::error::Error::Status(status)))
+                if status.code.0.get() == 404 =>
+            {
+                Err(BrokerError::NotFound(entity.to_owned()))
+            }
             Ok(Err(fe2o3_amqp_management::error::Error::Status(status))) => {
                 Err(BrokerError::Refused(format!(
                     "the token for {audience} was refused ({}: {})",
@@ -434,12 +442,11 @@ impl ServiceBusBroker {
                 // The broker refused this one link (unknown or forbidden entity): the
                 // connection and every other link are fine.
                 Ok(Err(SenderAttachError::RemoteClosedWithError(e))) => {
-                    let text = format!("{e:?}");
-                    if text.contains("not-found") || text.contains("NotFound") {
+                    if is_not_found(&e) {
                         return Err(BrokerError::NotFound(queue.to_owned()));
                     }
                     return Err(BrokerError::Refused(format!(
-                        "attaching a sender to {queue}: {text}"
+                        "attaching a sender to {queue}: {e:?}"
                     )));
                 }
                 // The link's own handshake went wrong: the session's state is in doubt, so
@@ -545,13 +552,13 @@ impl ServiceBusBroker {
         drop(session);
         match attached {
             Ok(Ok(receiver)) => Ok(receiver),
-            Ok(Err(e)) => {
-                let text = e.to_string();
-                if text.contains("not-found") || text.contains("NotFound") {
-                    return Err(BrokerError::NotFound(self.config.jobs_queue.clone()));
-                }
-                Err(self.broken(live, connection_error("attaching the jobs receiver", text)))
+            Ok(Err(ReceiverAttachError::RemoteClosedWithError(e))) if is_not_found(&e) => {
+                Err(BrokerError::NotFound(self.config.jobs_queue.clone()))
             }
+            Ok(Err(e)) => Err(self.broken(
+                live,
+                connection_error("attaching the jobs receiver", e.to_string()),
+            )),
             Err(_) => Err(self.broken(
                 live,
                 BrokerError::Connection("attaching the jobs receiver timed out".into()),
@@ -826,4 +833,13 @@ impl Broker for ServiceBusBroker {
         self.send_retried(queue, &to_amqp(&message, Some(SystemTime::now() + delay)))
             .await
     }
+}
+
+/// Whether the broker refused a link because its entity does not exist (`amqp:not-found`).
+fn is_not_found(error: &fe2o3_amqp::types::definitions::Error) -> bool {
+    use fe2o3_amqp::types::definitions::{AmqpError, ErrorCondition};
+    matches!(
+        error.condition,
+        ErrorCondition::AmqpError(AmqpError::NotFound)
+    )
 }

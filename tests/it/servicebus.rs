@@ -117,10 +117,19 @@ async fn unknown_queues_and_wrong_keys_are_refused() {
         .send("no-such-queue", OutgoingMessage::default())
         .await
         .expect_err("unknown");
-    assert!(
-        matches!(err, BrokerError::NotFound(_) | BrokerError::Refused(_)),
-        "{err:?}"
-    );
+    assert!(matches!(err, BrokerError::NotFound(_)), "{err:?}");
+    // The same refusal on the receiving side: a jobs queue that does not exist.
+    let cs = ConnectionString::parse(&emu.connection_string()).expect("cs");
+    let lost = ServiceBusBroker::new(ServiceBusConfig::from_connection_string(
+        &cs,
+        "no-such-jobs",
+        HOUR,
+    ));
+    let err = lost
+        .receive(1, Duration::from_millis(200))
+        .await
+        .expect_err("unknown jobs queue");
+    assert!(matches!(err, BrokerError::NotFound(_)), "{err:?}");
     let wrong = emu.connection_string().replace("SAS_KEY_VALUE", "WRONG");
     let cs = ConnectionString::parse(&wrong).expect("cs");
     let bad = ServiceBusBroker::new(ServiceBusConfig::from_connection_string(&cs, JOBS, HOUR));
