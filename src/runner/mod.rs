@@ -10,6 +10,7 @@
 //! say whether the OOM killer ended the job, and it is removed.
 
 pub mod child;
+mod classify;
 mod env;
 pub mod files;
 pub mod output;
@@ -36,7 +37,7 @@ use crate::worker::{Isolation, Worker};
 use child::{ChildHandle, ChildPipes, ChildSpec, ExitInfo};
 pub use files::JobFiles;
 use files::{OUTPUT_DIR, TakeError, hand_input, take_outputs};
-use output::{Captured, ChannelEnd, LogRecord, Report};
+use output::{Captured, ChannelEnd, LogRecord};
 
 /// How long a job has between SIGTERM and SIGKILL when the runner stops it.
 pub const KILL_GRACE: Duration = Duration::from_secs(2);
@@ -478,7 +479,8 @@ impl Runner {
             None => None,
         };
         let oom_killed = usage.is_some_and(|u| u.oom_killed());
-        let mut outcome = classify(&request, killed, exit_info, channel, &stderr, oom_killed);
+        let mut outcome =
+            classify::classify(&request, killed, exit_info, channel, &stderr, oom_killed);
         let mut outputs_error = None;
         match kept {
             Some(Err(TakeError::NotAFolder)) if matches!(outcome, RunOutcome::Succeeded(_)) => {
@@ -642,226 +644,5 @@ impl Runner {
             env: env::environment(request.worker, &request.python, workdir, job_env),
             cwd: workdir.to_path_buf(),
         }
-    }
-}
-
-/// Maps how the process ended to the job's outcome. The runner's own kill reason wins, then
-/// the runtime's report, then an OOM kill in the job's cgroup (`oom_killed`), then the exit
-/// status.
-fn classify(
-    request: &RunRequest<'_>,
-    killed: Option<KillReason>,
-    exit: Option<ExitInfo>,
-    channel: ChannelEnd,
-    stderr: &Captured,
-    oom_killed: bool,
-) -> RunOutcome {
-    let limits = request.worker.limits();
-    let fail = |kind, message: String| RunOutcome::Failed(JobError::new(kind, message));
-    match killed {
-        Some(KillReason::Stopped) => return RunOutcome::Stopped,
-        Some(KillReason::Timeout) => {
-            // A result that was complete before the deadline fired still counts.
-            if let ChannelEnd::Report(Report::Output(output)) = channel {
-                return RunOutcome::Succeeded(output);
-            }
-            return fail(
-                ErrorKind::Timeout,
-                format!(
-                    "the job ran past its deadline of {:.1}s and was stopped",
-                    request.timeout.as_secs_f64()
-                ),
-            );
-        }
-        Some(KillReason::ResultTooLarge) => {
-            return fail(
-                ErrorKind::ResultTooLarge,
-                format!(
-                    "the result is larger than the worker's limit of {} KiB",
-                    limits.max_result_kb
-                ),
-            );
-        }
-        None => {}
-    }
-    match channel {
-        ChannelEnd::Report(Report::Output(output)) => return RunOutcome::Succeeded(output),
-        ChannelEnd::Report(Report::Error {
-            kind,
-            message,
-            permanent,
-        }) => {
-            let kind = match kind.as_str() {
-                "InvalidInput" => ErrorKind::InvalidInput,
-                "MemoryLimit" => ErrorKind::MemoryLimit,
-                _ => ErrorKind::HandlerError,
-            };
-            let mut error = JobError::new(kind, message);
-            if permanent {
-                error = error.permanent();
-            }
-            return RunOutcome::Failed(error);
-        }
-        ChannelEnd::TooLarge { .. } => {
-            return fail(
-                ErrorKind::ResultTooLarge,
-                format!(
-                    "the result is larger than the worker's limit of {} KiB",
-                    limits.max_result_kb
-                ),
-            );
-        }
-        ChannelEnd::Nothing | ChannelEnd::Garbled(_) => {}
-    }
-    let detail = match &channel {
-        ChannelEnd::Garbled(why) => format!(" ({why})"),
-        _ => String::new(),
-    };
-    if oom_killed {
-        return fail(
-            ErrorKind::MemoryLimit,
-            format!(
-                "the job was killed by the kernel at its cgroup memory limit of {} MiB",
-                limits.memory_mb
-            ),
-        );
-    }
-    let ran_out_of_memory = String::from_utf8_lossy(&stderr.kept).contains("MemoryError");
-    match exit {
-        Some(ExitInfo {
-            signal: Some(sig), ..
-        }) if sig == libc::SIGXCPU => fail(
-            ErrorKind::Timeout,
-            format!(
-                "the job used its CPU limit of {}s and was stopped",
-                limits.cpu_s
-            ),
-        ),
-        Some(ExitInfo {
-            signal: Some(sig),
-            max_rss_kb,
-            ..
-        }) => {
-            if sig == libc::SIGKILL && max_rss_kb >= limits.memory_mb * 1024 * 9 / 10 {
-                return fail(
-                    ErrorKind::MemoryLimit,
-                    format!(
-                        "the job was killed at its memory limit of {} MiB",
-                        limits.memory_mb
-                    ),
-                );
-            }
-            fail(
-                ErrorKind::Crashed,
-                format!(
-                    "the job's process was killed by {} without a result{detail}",
-                    child::signal_name(sig)
-                ),
-            )
-        }
-        Some(ExitInfo {
-            code: Some(code), ..
-        }) if ran_out_of_memory => fail(
-            ErrorKind::MemoryLimit,
-            format!(
-                "the job ran out of memory (limit {} MiB) and exited with code {code}",
-                limits.memory_mb
-            ),
-        ),
-        Some(ExitInfo {
-            code: Some(code), ..
-        }) => fail(
-            ErrorKind::Crashed,
-            format!("the job's process exited with code {code} without a result{detail}"),
-        ),
-        _ => fail(
-            ErrorKind::Crashed,
-            format!("the job's process ended in an unknown way{detail}"),
-        ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn outcome_of(killed: Option<KillReason>, channel: ChannelEnd, oom_killed: bool) -> RunOutcome {
-        let root = tempfile::tempdir().expect("tmp");
-        let dir = root.path().join("w");
-        std::fs::create_dir(&dir).expect("mkdir");
-        std::fs::write(
-            dir.join("worker.toml"),
-            "entrypoint = \"m:f\"\nmemory_mb = 64\n",
-        )
-        .expect("toml");
-        std::fs::write(dir.join("requirements.txt"), "").expect("reqs");
-        let worker = Worker::load(&dir).expect("worker");
-        let input = Value::Null;
-        let request = RunRequest {
-            worker: &worker,
-            python: PathBuf::from("/venv/bin/python"),
-            job_id: "j",
-            attempt: 1,
-            correlation_id: None,
-            input: &input,
-            timeout: Duration::from_secs(1),
-            extra_env: Vec::new(),
-        };
-        // SIGKILL well under the memory limit: without the cgroup's word, a crash.
-        let exit = ExitInfo {
-            code: None,
-            signal: Some(libc::SIGKILL),
-            cpu_ms: 5,
-            max_rss_kb: 1024,
-        };
-        classify(
-            &request,
-            killed,
-            Some(exit),
-            channel,
-            &Captured::default(),
-            oom_killed,
-        )
-    }
-
-    fn kind(outcome: RunOutcome) -> ErrorKind {
-        match outcome {
-            RunOutcome::Failed(e) => e.kind,
-            other => panic!("not a failure: {other:?}"),
-        }
-    }
-
-    #[test]
-    fn an_oom_kill_in_the_job_cgroup_is_memory_limit_not_a_crash() {
-        let oom = outcome_of(None, ChannelEnd::Nothing, true);
-        match &oom {
-            RunOutcome::Failed(e) => assert!(
-                e.kind == ErrorKind::MemoryLimit
-                    && e.message.contains("cgroup memory limit of 64 MiB"),
-                "{e:?}"
-            ),
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(
-            kind(outcome_of(None, ChannelEnd::Nothing, false)),
-            ErrorKind::Crashed
-        );
-        // A result reported before the kill, and the runner's own deadline, still come first.
-        assert_eq!(
-            outcome_of(
-                None,
-                ChannelEnd::Report(Report::Output(serde_json::json!(1))),
-                true
-            ),
-            RunOutcome::Succeeded(serde_json::json!(1))
-        );
-        assert_eq!(
-            kind(outcome_of(
-                Some(KillReason::Timeout),
-                ChannelEnd::Nothing,
-                true
-            )),
-            ErrorKind::Timeout
-        );
     }
 }
