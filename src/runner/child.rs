@@ -7,7 +7,7 @@
 //! process group while the group id is still reserved by the unreaped leader.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use crate::sandbox::Prepared;
+use crate::sandbox::{Prepared, above_job_descriptors};
 
 /// The job's end of the job pipe, as the runtime reads it.
 pub const JOB_FD: RawFd = 3;
@@ -181,18 +181,10 @@ impl ChildHandle {
 /// can never overwrite one with the other.
 fn high_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    Ok((lift(r)?, lift(w)?))
-}
-
-fn lift(fd: OwnedFd) -> std::io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own; the result is a new descriptor
-    // that we take ownership of exactly once.
-    let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh, valid descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    Ok((
+        above_job_descriptors(r.as_fd())?,
+        above_job_descriptors(w.as_fd())?,
+    ))
 }
 
 /// Starts the job process inside `sandbox`. The returned pipes are the parent's ends; the
@@ -325,7 +317,7 @@ pub fn spawn_in_cgroup(
     let envp = pointers(&envp_owned);
     let cwd = cstring(spec.cwd.as_os_str().as_bytes())?;
 
-    let null = lift(OwnedFd::from(std::fs::File::open("/dev/null")?))?;
+    let null = above_job_descriptors(std::fs::File::open("/dev/null")?.as_fd())?;
     let (job_read, job_write) = high_pipe()?;
     let (chan_read, chan_write) = high_pipe()?;
     let (out_read, out_write) = high_pipe()?;

@@ -43,20 +43,30 @@ pub struct Prepared {
     pub(super) cgroup: Option<OwnedFd>,
 }
 
+/// The first descriptor number a child's own descriptors never reach: it puts stdin, stdout,
+/// stderr, the job and the channel on 0 to 4.
+const ABOVE_JOB_DESCRIPTORS: libc::c_int = 10;
+
+/// A close-on-exec copy of `fd` at 10 or above, so that a child moving its pipes onto 0 to 4
+/// can never overwrite it (the only copy of this logic: pipes, the Landlock ruleset, a job
+/// cgroup's `cgroup.procs` and a warm parent's control socket all use it).
+pub fn above_job_descriptors(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor the caller holds into a new one.
+    let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, ABOVE_JOB_DESCRIPTORS) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
 impl Prepared {
     /// Makes the child enter the job cgroup whose `cgroup.procs` is `procs` (a descriptor the
     /// daemon opened) before anything else, so that nothing it starts is outside it.
     pub fn enter_cgroup(&mut self, procs: BorrowedFd<'_>) -> std::io::Result<()> {
         // A copy at 10 or above: the child moves its pipes to 0-4 before this is written to,
         // and must not overwrite it.
-        // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor the caller holds into a new one that
-        // is owned here alone.
-        let raw = unsafe { libc::fcntl(procs.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        self.cgroup = Some(unsafe { OwnedFd::from_raw_fd(raw) });
+        self.cgroup = Some(above_job_descriptors(procs)?);
         Ok(())
     }
 

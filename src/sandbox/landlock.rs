@@ -5,7 +5,7 @@
 //! for every path; the child only calls `landlock_restrict_self` on the finished ruleset's
 //! descriptor, which allocates nothing.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 
 use landlock::{
@@ -62,22 +62,9 @@ pub fn build(rules: &FsRules, network: NetworkPolicy) -> Result<Option<OwnedFd>,
         .add_rules(path_beneath_rules(existing(&rules.read_write), write))
         .map_err(err)?;
     Option::<OwnedFd>::from(created)
-        .map(above_job_fds)
+        .map(|fd| super::above_job_descriptors(fd.as_fd()))
         .transpose()
         .map_err(|e| LandlockError(format!("cannot move the ruleset descriptor: {e}")))
-}
-
-/// Moves the ruleset's descriptor to 10 or above: the child puts the job's pipes on 3 and 4
-/// before it restricts itself, and must not overwrite the ruleset there.
-fn above_job_fds(fd: OwnedFd) -> std::io::Result<OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own into a new one we then own.
-    let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 /// Restricts the calling thread (and what it executes) to the ruleset. Called between fork and

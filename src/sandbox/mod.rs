@@ -21,7 +21,7 @@ mod settings;
 mod users;
 
 use apply::{ChildUser, last_capability};
-pub use apply::{Prepared, harden_daemon};
+pub use apply::{Prepared, above_job_descriptors, harden_daemon};
 pub use report::Enforced;
 pub use settings::{MECHANISMS, SandboxSettings, is_required, unmet};
 use users::UidPool;

@@ -40,7 +40,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, IoSlice};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -331,7 +331,8 @@ impl WarmPool {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(|e| start_err("its control socket", &e))?;
-        let theirs = lift(theirs).map_err(|e| start_err("its control socket", &e))?;
+        let theirs = crate::sandbox::above_job_descriptors(theirs.as_fd())
+            .map_err(|e| start_err("its control socket", &e))?;
         let theirs_fd = theirs.as_raw_fd();
         let (log_read, log_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| start_err("its output pipe", &e))?;
@@ -651,15 +652,4 @@ fn read_replies(fd: OwnedFd, shared: &Shared, ready: oneshot::Sender<ReadyReport
             }
         }
     }
-}
-
-/// Moves a descriptor to 10 or above, so that putting it on 3 in the child cannot clash.
-fn lift(fd: OwnedFd) -> std::io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we own into a new one we then own.
-    let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
