@@ -323,16 +323,7 @@ impl SandboxPolicy {
     /// `None` when Landlock is off here.
     pub fn prepare_fork_child(&self, workdir: &Path) -> Result<Option<OwnedFd>, SandboxError> {
         if let (JobUser::Drop { uid, gid }, true) = (&self.user, self.mechanisms.user) {
-            nix::unistd::chown(
-                workdir,
-                Some(nix::unistd::Uid::from_raw(*uid)),
-                Some(nix::unistd::Gid::from_raw(*gid)),
-            )
-            .map_err(|e| SandboxError::Chown {
-                path: workdir.to_path_buf(),
-                uid: *uid,
-                source: e.into(),
-            })?;
+            hand_to(workdir, *uid, *gid)?;
         }
         match (self.mechanisms.landlock, &self.support.landlock_abi) {
             (true, Ok(_)) => {
@@ -372,16 +363,7 @@ impl SandboxPolicy {
         }
         let user = match (&self.user, m.user) {
             (JobUser::Drop { uid, gid }, true) => {
-                nix::unistd::chown(
-                    workdir,
-                    Some(nix::unistd::Uid::from_raw(*uid)),
-                    Some(nix::unistd::Gid::from_raw(*gid)),
-                )
-                .map_err(|e| SandboxError::Chown {
-                    path: workdir.to_path_buf(),
-                    uid: *uid,
-                    source: e.into(),
-                })?;
+                hand_to(workdir, *uid, *gid)?;
                 ChildUser::Drop {
                     uid: *uid,
                     gid: *gid,
@@ -415,6 +397,20 @@ impl SandboxPolicy {
             cgroup: None,
         })
     }
+}
+
+/// Gives the job's folder to the job's user, so that the job may write it and nothing else.
+fn hand_to(workdir: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
+    nix::unistd::chown(
+        workdir,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .map_err(|e| SandboxError::Chown {
+        path: workdir.to_path_buf(),
+        uid,
+        source: e.into(),
+    })
 }
 
 /// The interpreter's installation folders: where `python` really lives (its prefix, one level
