@@ -8,13 +8,12 @@ use std::process::ExitCode;
 use serde_json::Value;
 use tracing::Instrument;
 
-use super::{UsageError, install_runtime, ready_python, scan, workers_dir};
+use super::{UsageError, ready_python, scan, workers_dir};
 use crate::cli::ExecArgs;
 use crate::config::Settings;
 use crate::engine::executor::{ProcessExecutor, ReadyWorker};
 use crate::job::{Envelope, ErrorKind, Job, JobError, JobResult, MessageProperties};
-use crate::runner::{JobFiles, RunOutcome, Runner};
-use crate::sandbox::Sandbox;
+use crate::runner::{JobFiles, RunOutcome};
 use crate::storage::reference::safe_file_name;
 use crate::storage::results::list_outputs;
 
@@ -31,18 +30,11 @@ pub async fn run(settings: &Settings, args: &ExecArgs) -> anyhow::Result<ExitCod
     let worker = catalog.get(&args.worker)?.clone();
     let interpreter = super::interpreter(settings)?;
     let python = ready_python(&worker, &interpreter, settings, &dir)?;
-    crate::sandbox::harden_daemon();
-    let sandbox = Sandbox::new(settings.sandbox.clone()).map_err(|e| UsageError(e.to_string()))?;
-    let runner = Runner::with_sandbox(
-        install_runtime(settings)?,
-        settings.engine.temp_dir(),
-        sandbox,
-    );
     let ready = vec![ReadyWorker {
         worker: worker.clone(),
         python,
     }];
-    super::check_required_sandbox(settings, &runner, &ready)?;
+    let runner = super::runner_for(settings, &ready)?;
     let executor = ProcessExecutor::new(ready, &catalog, runner);
     let envelope = Envelope::from_properties(&MessageProperties {
         message_id: Some(format!("exec-{}", uuid::Uuid::new_v4())),

@@ -142,6 +142,26 @@ pub fn interpreter(settings: &Settings) -> anyhow::Result<Interpreter> {
     )?)
 }
 
+/// The runner of `run` and `exec`, set up the same way: the daemon hardened (non-dumpable),
+/// the sandbox as configured (job cgroups set up, which may move the daemon into its leaf),
+/// the runtime installed, and the sandbox checked against `ready` (see
+/// [`check_required_sandbox`]).
+pub fn runner_for(
+    settings: &Settings,
+    ready: &[crate::engine::executor::ReadyWorker],
+) -> anyhow::Result<crate::runner::Runner> {
+    crate::sandbox::harden_daemon();
+    let sandbox = crate::sandbox::Sandbox::new(settings.sandbox.clone())
+        .map_err(|e| UsageError(e.to_string()))?;
+    let runner = crate::runner::Runner::with_sandbox(
+        install_runtime(settings)?,
+        settings.engine.temp_dir(),
+        sandbox,
+    );
+    check_required_sandbox(settings, &runner, ready)?;
+    Ok(runner)
+}
+
 /// Refuses to start (exit 2) when a root daemon's jobs would stay root (their user cannot
 /// reach what they need), or when a mechanism `sandbox.require` names is off for a worker,
 /// naming each one and why.

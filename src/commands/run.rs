@@ -9,13 +9,12 @@ use std::sync::atomic::Ordering;
 use tokio_util::sync::CancellationToken;
 
 use super::connect::{Target, client, start_emulator};
-use super::{UsageError, build_command, install_runtime, scan};
+use super::{UsageError, build_command, scan};
 use crate::broker::BrokerError;
 use crate::config::Settings;
 use crate::engine::executor::{ProcessExecutor, ReadyWorker};
 use crate::engine::settle::Queues;
 use crate::engine::{Engine, EngineOptions};
-use crate::runner::Runner;
 use crate::servicebus::connection_string::ConnectionString;
 use crate::worker::Catalog;
 use crate::worker::venv::{VenvPlan, VenvState};
@@ -52,17 +51,9 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     tracing::info!(workers = ?names, "Workers verified.");
     let ready_state = crate::telemetry::http::readiness();
     ready_state.workers_verified.store(true, Ordering::SeqCst);
-    crate::sandbox::harden_daemon();
     // Before any job, warm parent or emulator thread: the daemon may move itself into a leaf
     // cgroup, and removes the job cgroups a crashed daemon left.
-    let sandbox = crate::sandbox::Sandbox::new(settings.sandbox.clone())
-        .map_err(|e| UsageError(e.to_string()))?;
-    let runner = Runner::with_sandbox(
-        install_runtime(settings)?,
-        settings.engine.temp_dir(),
-        sandbox,
-    );
-    super::check_required_sandbox(settings, &runner, &ready)?;
+    let runner = super::runner_for(settings, &ready)?;
     let storage = super::storage(settings)?;
     if let Some(storage) = &storage {
         // Results have somewhere to go from the first job (a no-op when it exists).
