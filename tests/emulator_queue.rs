@@ -1,4 +1,5 @@
-//! Queue semantics at the broker level (§4, §5.2, §7), without the wire in between.
+//! Queue semantics at the broker level (`docs/servicebus-protocol.md` §4, §5.2, §7), without the
+//! wire in between.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,5 +1,6 @@
-//! The settlement replies of §5.1 checked on the wire, with a raw AMQP client: the SDKs check
-//! lock expiry on their side, so only a raw client reaches the broker's lock-lost path.
+//! The settlement replies of `docs/servicebus-protocol.md` §5.1 checked on the wire, with a raw
+//! AMQP client: the SDKs check lock expiry on their side, so only a raw client reaches the
+//! broker's lock-lost path.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -75,7 +75,7 @@ impl QueueConfig {
     }
 
     /// The default entities of the embedded emulator: `jobs` and session-enabled `results`
-    /// (design.md, "Stable names"). Their messages never expire, as in the cloud, because a
+    /// (`docs/contracts.md` §6). Their messages never expire, as in the cloud, because a
     /// job waiting an hour for a free worker must not vanish.
     pub fn defaults() -> Vec<QueueConfig> {
         let mut jobs = QueueConfig::new("jobs");

@@ -1,6 +1,7 @@
 #![warn(missing_docs)]
 //! The embedded Service Bus emulator: an AMQP 1.0 server that speaks the Service Bus subset
-//! the daemon and Microsoft's SDKs use (design.md, "The embedded default").
+//! the daemon and Microsoft's SDKs use. A "§N" in this module's comments is a section of
+//! `docs/servicebus-protocol.md`, the protocol facts the emulator implements.
 //!
 //! The life of a message, file by file:
 //! 1. [`connection`] accepts a socket; [`sasl`] runs the preamble; [`frame`] and [`codec`]
