@@ -154,13 +154,8 @@ pub struct LogSettings {
     pub level: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EmulatorSettings {
-    pub listen: String,
-    pub data_dir: PathBuf,
-    pub entities: PathBuf,
-}
+/// The `[emulator]` section belongs to the emulator's crate, which reads it.
+pub use servicebus_emulator::cli::EmulatorSettings;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

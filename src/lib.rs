@@ -27,7 +27,6 @@ pub mod broker;
 pub mod cli;
 pub mod commands;
 pub mod config;
-pub mod emulator;
 pub mod engine;
 pub mod job;
 pub mod runner;
@@ -37,3 +36,7 @@ pub mod servicebus;
 pub mod shutdown;
 pub mod telemetry;
 pub mod worker;
+
+/// The embedded Service Bus emulator (`run`'s local default, `hybrid-worker emulator`): its own
+/// crate, `crates/servicebus-emulator`, re-exported under the name the daemon's modules use.
+pub use servicebus_emulator as emulator;

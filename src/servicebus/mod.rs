@@ -7,5 +7,4 @@ pub mod connection_string;
 pub mod credential;
 pub mod management;
 pub mod message;
-pub mod sas;
 pub mod tcp;

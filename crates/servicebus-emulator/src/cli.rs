@@ -1,18 +1,44 @@
-//! `hybrid-worker emulator`: runs the emulator in the foreground and prints the connection
-//! string clients should use.
+//! The emulator as a command (`servicebus-emulator`, and `hybrid-worker emulator`): runs it in
+//! the foreground and prints the connection string clients should use.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{Emulator, EmulatorConfig};
-use crate::config::EmulatorSettings;
 
-/// Command-line options of `hybrid-worker emulator`; each defaults to the configuration's
-/// `[emulator]` section (`HYBRID__EMULATOR__LISTEN`, `…__ENTITIES`, `…__DATA_DIR`).
+/// Where the emulator listens, keeps its data and finds its entities: the `[emulator]` section
+/// of the daemon's configuration, or [`EmulatorSettings::default`] for the standalone binary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmulatorSettings {
+    /// `host:port` to listen on; port 0 picks a free port.
+    pub listen: String,
+    /// Directory of the SQLite store.
+    pub data_dir: PathBuf,
+    /// A `Config.json` in the official emulator's shape; empty means queues `jobs` and
+    /// session-enabled `results`.
+    pub entities: PathBuf,
+}
+
+impl Default for EmulatorSettings {
+    /// The official emulator's AMQP port on the loopback interface, a store under
+    /// `data/emulator`, the default entities.
+    fn default() -> Self {
+        EmulatorSettings {
+            listen: "127.0.0.1:5672".to_owned(),
+            data_dir: PathBuf::from("data/emulator"),
+            entities: PathBuf::new(),
+        }
+    }
+}
+
+/// Command-line options of the emulator; each defaults to its [`EmulatorSettings`] (for
+/// `hybrid-worker emulator`, the configuration's `[emulator]` section).
 #[derive(Debug, Clone, clap::Args)]
 pub struct EmulatorArgs {
     /// Address to listen on; port 0 picks a free port (the real one is printed).

@@ -1,4 +1,4 @@
-//! `hybrid-worker emulator` as a process: prints the connection string first, keeps data in
+//! `servicebus-emulator` as a process: prints the connection string first, keeps data in
 //! `--data`, and exits 0 on SIGTERM after closing connections.
 
 use std::io::{BufRead, BufReader};
@@ -9,8 +9,8 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 #[test]
 fn prints_connection_string_and_stops_on_sigterm() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hybrid-worker"))
-        .args(["emulator", "--listen", "127.0.0.1:0", "--data"])
+    let mut child = Command::new(env!("CARGO_BIN_EXE_servicebus-emulator"))
+        .args(["--listen", "127.0.0.1:0", "--data"])
         .arg(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

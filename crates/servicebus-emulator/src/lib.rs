@@ -1,6 +1,6 @@
 #![warn(missing_docs)]
 //! The embedded Service Bus emulator: an AMQP 1.0 server that speaks the Service Bus subset
-//! the daemon and Microsoft's SDKs use. A "§N" in this module's comments is a section of
+//! the daemon and Microsoft's SDKs use. A "§N" in this crate's comments is a section of
 //! `docs/servicebus-protocol.md`, the protocol facts the emulator implements.
 //!
 //! The life of a message, file by file:
@@ -38,6 +38,7 @@ pub mod request;
 pub mod sas;
 pub mod sasl;
 pub mod session;
+pub mod signing;
 pub mod store;
 
 use std::net::SocketAddr;
