@@ -16,14 +16,14 @@ export HYBRID_TEST_VENV_ROOT="${HYBRID_TEST_VENV_ROOT:-$PWD/target/test-venvs}"
 export HYBRID_TEST_REQUIRE_CGROUP="${HYBRID_TEST_REQUIRE_CGROUP:-1}"
 
 echo "== build"
-cargo build --locked --all-targets
+cargo build --locked --workspace --all-targets
 
 echo "== worker venvs (in $HYBRID_TEST_VENV_ROOT)"
 HYBRID__WORKERS__VENV_ROOT="$HYBRID_TEST_VENV_ROOT" HYBRID__LOG__FORMAT=text \
   target/debug/hybrid-worker workers build
 
 echo "== cargo test"
-cargo test --locked --all-targets
+cargo test --locked --workspace --all-targets
 
 echo "== Service Bus SDK suite (azure-servicebus, pinned) against the emulator and the daemon"
 SDK_VENV="$PWD/target/sdk-venv"

@@ -73,7 +73,10 @@ pub fn config(settings: &EmulatorSettings, args: &EmulatorArgs) -> anyhow::Resul
             .clone()
             .unwrap_or_else(|| settings.data_dir.clone())
     });
-    Ok(EmulatorConfig::load(listen, entities.as_deref(), data_dir)?)
+    EmulatorConfig::load(listen, entities.as_deref(), data_dir).with_context(|| match &entities {
+        Some(path) => format!("entities file {}", path.display()),
+        None => "the default entities".to_owned(),
+    })
 }
 
 /// Runs until SIGINT or SIGTERM, then closes connections cleanly.

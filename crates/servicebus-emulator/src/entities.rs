@@ -20,7 +20,7 @@ pub enum EntitiesError {
         source: std::io::Error,
     },
     /// The JSON does not have the Config.json shape.
-    #[error("invalid entities file: {0}")]
+    #[error("not in the Config.json shape")]
     Json(#[from] serde_json::Error),
     /// A property is out of range or malformed.
     #[error("queue {queue}: {reason}")]
