@@ -213,6 +213,7 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("workers.allow")
+                .with_list_parse_key("sandbox.require")
                 .try_parsing(true)
                 .source(Some(env_map)),
         );
@@ -298,6 +299,18 @@ impl Settings {
                 sb.users,
                 "must be at least 1, and user + users - 1 a valid uid",
             ));
+        }
+        for name in &sb.require {
+            if name != "all" && !crate::sandbox::MECHANISMS.contains(&name.as_str()) {
+                return Err(invalid(
+                    "sandbox.require",
+                    name,
+                    format!(
+                        "each entry must be `all` or one of: {}",
+                        crate::sandbox::MECHANISMS.join(", ")
+                    ),
+                ));
+            }
         }
         if self.workers.python.trim().is_empty() {
             return Err(invalid("workers.python", "", "must name an interpreter"));

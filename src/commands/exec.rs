@@ -36,14 +36,12 @@ pub async fn run(settings: &Settings, args: &ExecArgs) -> anyhow::Result<ExitCod
         settings.engine.temp_dir(),
         sandbox,
     );
-    let executor = ProcessExecutor::new(
-        vec![ReadyWorker {
-            worker: worker.clone(),
-            python,
-        }],
-        &catalog,
-        runner,
-    );
+    let ready = vec![ReadyWorker {
+        worker: worker.clone(),
+        python,
+    }];
+    super::check_required_sandbox(settings, &runner, &ready)?;
+    let executor = ProcessExecutor::new(ready, &catalog, runner);
     let envelope = Envelope::from_properties(&MessageProperties {
         message_id: Some(format!("exec-{}", uuid::Uuid::new_v4())),
         ..Default::default()
@@ -80,6 +78,11 @@ pub async fn run(settings: &Settings, args: &ExecArgs) -> anyhow::Result<ExitCod
             &JobError::new(ErrorKind::Crashed, "stopped by a signal before it finished"),
             millis,
             report.resources,
+        ),
+        // Not the job's result: the job never ran.
+        RunOutcome::DaemonFault(fault) => anyhow::bail!(
+            "the daemon could not start the job ({}): {fault}",
+            fault.stage.as_str()
         ),
     };
     println!("{}", serde_json::to_string_pretty(&result)?);

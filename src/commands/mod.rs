@@ -106,3 +106,29 @@ pub fn scan(dir: &std::path::Path) -> anyhow::Result<Catalog> {
     }
     Ok(catalog)
 }
+
+/// Refuses to start (exit 2) when a mechanism `sandbox.require` names is off for a worker,
+/// naming each one and why.
+pub fn check_required_sandbox(
+    settings: &Settings,
+    runner: &crate::runner::Runner,
+    ready: &[crate::engine::executor::ReadyWorker],
+) -> Result<(), UsageError> {
+    let required = &settings.sandbox.require;
+    if required.is_empty() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    for r in ready {
+        for why in crate::sandbox::unmet(required, &runner.enforcement(&r.worker, &r.python)) {
+            missing.push(format!("worker {:?}: {why}", r.worker.name));
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(UsageError(format!(
+        "sandbox.require names mechanisms that are off here:\n  {}",
+        missing.join("\n  ")
+    )))
+}

@@ -57,6 +57,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
         settings.engine.temp_dir(),
         sandbox,
     );
+    super::check_required_sandbox(settings, &runner, &ready)?;
     let executor = Arc::new(ProcessExecutor::new(ready, &catalog, runner));
 
     let target = Target::of(settings)?;

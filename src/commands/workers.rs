@@ -147,7 +147,8 @@ fn print_sandbox(
     python: &Path,
     runtime_dir: &Path,
     temp_base: &Path,
-) {
+    required: &[String],
+) -> usize {
     let policy = sandbox.policy(worker, python, runtime_dir, temp_base);
     match worker.isolation() {
         crate::worker::Isolation::Spawn => println!(
@@ -164,13 +165,21 @@ fn print_sandbox(
             }
         ),
     }
+    let mut unmet = 0;
     for e in policy.enforcement() {
         let state = if e.on { "on" } else { "OFF" };
+        let mark = if !e.on && crate::sandbox::is_required(required, e.mechanism) {
+            unmet += 1;
+            " (required by sandbox.require)"
+        } else {
+            ""
+        };
         println!(
-            "        sandbox {:<14} {state:<3} {}",
+            "        sandbox {:<14} {state:<3} {}{mark}",
             e.mechanism, e.detail
         );
     }
+    unmet
 }
 
 fn verify(settings: &Settings, dir: &Path) -> anyhow::Result<ExitCode> {
@@ -189,7 +198,14 @@ fn verify(settings: &Settings, dir: &Path) -> anyhow::Result<ExitCode> {
                 python: venv_python,
             }) => {
                 println!("ok      {:<20} {}", worker.name, dir.display());
-                print_sandbox(&sandbox, worker, &venv_python, &runtime_dir, &temp_base);
+                bad += print_sandbox(
+                    &sandbox,
+                    worker,
+                    &venv_python,
+                    &runtime_dir,
+                    &temp_base,
+                    &settings.sandbox.require,
+                );
             }
             Ok(VenvState::Missing { expected, stale }) => {
                 bad += 1;

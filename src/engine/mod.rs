@@ -3,6 +3,7 @@
 //! and abandon it.
 
 pub mod executor;
+pub mod faults;
 pub mod lock;
 pub mod retry;
 pub mod settle;
@@ -23,6 +24,7 @@ use crate::runner::RunOutcome;
 use crate::telemetry::http::readiness;
 use crate::telemetry::metrics::{ReasonLabel, WorkerLabel, metrics};
 use executor::Executor;
+use faults::Faults;
 use lock::{LockEnd, keep_lock};
 use settle::{Outcome, Queues, Settled, settle};
 
@@ -49,6 +51,8 @@ pub struct Engine {
     broker: Arc<dyn Broker>,
     executor: Arc<dyn Executor>,
     options: EngineOptions,
+    /// The daemon's own faults, which pause receiving while they go on.
+    faults: Arc<Faults>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -69,6 +73,7 @@ impl Engine {
             broker,
             executor,
             options,
+            faults: Arc::default(),
         }
     }
 
@@ -93,6 +98,14 @@ impl Engine {
                     Err(_) => break,
                 },
             };
+            // While the daemon cannot start jobs, each message taken would only be abandoned
+            // (and its delivery count raised): wait, leaving them to other replicas.
+            if let Some(pause) = self.faults.pause() {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
             let mut permits = vec![first];
             while let Ok(p) = slots.clone().try_acquire_owned() {
                 permits.push(p);
@@ -120,6 +133,7 @@ impl Engine {
                             executor: self.executor.clone(),
                             options: self.options.clone(),
                             hard_stop: hard_stop.clone(),
+                            faults: self.faults.clone(),
                         };
                         tracker.spawn(job.handle(delivery, permit));
                     }
@@ -169,6 +183,7 @@ struct JobTask {
     executor: Arc<dyn Executor>,
     options: EngineOptions,
     hard_stop: CancellationToken,
+    faults: Arc<Faults>,
 }
 
 impl JobTask {
@@ -202,7 +217,7 @@ impl JobTask {
             // Only workers this daemon knows become label values: a body naming random workers
             // must not grow the metrics without bound.
             let label = match &outcome {
-                Outcome::Succeeded { worker, .. } => worker.clone(),
+                Outcome::Succeeded { worker, .. } | Outcome::DaemonFault { worker } => worker.clone(),
                 Outcome::Failed { worker: Some(worker), policy: Some(_), .. } => worker.clone(),
                 _ => "unknown".to_owned(),
             };
@@ -222,6 +237,7 @@ impl JobTask {
                 Ok(Settled::RetryScheduled { attempt, delay }) => tracing::info!(next_attempt = attempt, delay_ms = delay.as_millis() as u64, "The job failed and will be retried."),
                 Ok(Settled::DeadLettered { reason }) => tracing::warn!(reason = %reason, "The job failed; reply sent and message dead-lettered."),
                 Ok(Settled::Abandoned) => tracing::info!("The job was interrupted; its message was abandoned for redelivery."),
+                Ok(Settled::AbandonedAfterDaemonFault) => tracing::warn!("The daemon could not start the job (its own fault, not the job's); the message was abandoned to run again."),
                 Ok(Settled::LeftToExpire) => tracing::warn!("The job's lock was lost; it was stopped and will be delivered again."),
                 Err(e) => tracing::warn!(error = %e, "Settling the job failed; the message will be delivered again."),
             }
@@ -236,6 +252,7 @@ impl JobTask {
                     "dead_lettered"
                 }
                 Ok(Settled::Abandoned) => "abandoned",
+                Ok(Settled::AbandonedAfterDaemonFault) => "daemon_fault",
                 Ok(Settled::LeftToExpire) => "lock_lost",
                 Err(_) => "settle_failed",
             };
@@ -322,8 +339,14 @@ impl JobTask {
             // Another delivery will run the job; nothing may be settled from this one.
             return Outcome::LockLost;
         }
+        if let RunOutcome::DaemonFault(fault) = &execution.outcome {
+            tracing::error!(stage = fault.stage.as_str(), error = %fault, "The daemon could not start the job.");
+            self.faults.record(fault.stage);
+            return Outcome::DaemonFault { worker: job.worker };
+        }
+        self.faults.clear();
         match execution.outcome {
-            RunOutcome::Stopped => Outcome::Interrupted,
+            RunOutcome::DaemonFault(_) | RunOutcome::Stopped => Outcome::Interrupted,
             RunOutcome::Succeeded(output) => Outcome::Succeeded {
                 worker: job.worker,
                 output,

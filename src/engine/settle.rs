@@ -8,6 +8,7 @@
 //! | permanent failure                    | reply (its kind) → dead-letter (its kind)          |
 //! | lock lost                            | nothing: the broker redelivers                     |
 //! | interrupted by shutdown              | abandon: redelivered at once                       |
+//! | the daemon could not start it        | abandon: run again (here or by another replica)    |
 //!
 //! Every send comes before the settlement it protects, so a crash between the two leaves the
 //! message to be redelivered (a resent reply carries the same MessageId, which duplicate
@@ -50,15 +51,27 @@ pub enum Outcome {
     },
     LockLost,
     Interrupted,
+    /// The daemon failed to start the job (`crate::runner::DaemonFault`): the job is not to
+    /// blame, so nothing is replied and no attempt is counted.
+    DaemonFault {
+        worker: String,
+    },
 }
 
 /// What settlement did, for logs and metrics.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Settled {
     Replied,
-    RetryScheduled { attempt: u32, delay: Duration },
-    DeadLettered { reason: ErrorKind },
+    RetryScheduled {
+        attempt: u32,
+        delay: Duration,
+    },
+    DeadLettered {
+        reason: ErrorKind,
+    },
     Abandoned,
+    /// Abandoned because of a fault of the daemon's own.
+    AbandonedAfterDaemonFault,
     LeftToExpire,
 }
 
@@ -82,6 +95,10 @@ pub async fn settle(
     match outcome {
         Outcome::LockLost => Ok(Settled::LeftToExpire),
         Outcome::Interrupted => broker.abandon(token).await.map(|()| Settled::Abandoned),
+        Outcome::DaemonFault { .. } => broker
+            .abandon(token)
+            .await
+            .map(|()| Settled::AbandonedAfterDaemonFault),
         Outcome::Succeeded {
             worker,
             output,

@@ -108,6 +108,7 @@ impl ChildHandle {
             // SAFETY: pid is our child, status and usage point to live locals.
             let rc = unsafe { libc::wait4(self.pid, &mut status, 0, &mut usage) };
             if rc == self.pid {
+                super::reaper::unregister_own(self.pid);
                 break;
             }
             let err = std::io::Error::last_os_error();
@@ -175,7 +176,12 @@ pub fn spawn(spec: &ChildSpec, sandbox: Prepared) -> std::io::Result<(ChildHandl
             sandbox.apply_in_child()
         });
     }
+    // Registered before any reaper scan can see it: its status is `wait_blocking`'s.
+    let spawning = super::reaper::spawning();
     let mut child = command.spawn()?;
+    super::reaper::register_own(child.id() as i32);
+    super::reaper::job_group(child.id() as i32);
+    drop(spawning);
     drop(job_read);
     drop(chan_write);
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
@@ -290,6 +296,8 @@ pub fn spawn_in_cgroup(
         cgroup: cgroup_dir.as_raw_fd() as u64,
         ..CloneArgs::default()
     };
+    // Registered before any reaper scan can see it: its status is `wait_blocking`'s.
+    let spawning = super::reaper::spawning();
     // SAFETY: clone3 without CLONE_VM is a fork: the child gets a copy of this address space
     // and runs on with the same stack. `args` lives for the call.
     let pid = unsafe {
@@ -312,6 +320,9 @@ pub fn spawn_in_cgroup(
         };
     }
     let pid = pid as i32;
+    super::reaper::register_own(pid);
+    super::reaper::job_group(pid);
+    drop(spawning);
     drop((
         null,
         job_read,
@@ -344,6 +355,7 @@ pub fn spawn_in_cgroup(
     if got > 0 {
         // SAFETY: reaps our own child, which has exited or is about to.
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        super::reaper::unregister_own(pid);
         let errno = i32::from_ne_bytes([report[1], report[2], report[3], report[4]]);
         let err = std::io::Error::from_raw_os_error(errno);
         return Err(if report[0] == FAILED_EXEC {

@@ -11,6 +11,7 @@
 
 pub mod child;
 pub mod output;
+pub mod reaper;
 pub mod warm;
 
 use std::future::Future;
@@ -75,6 +76,53 @@ pub enum RunOutcome {
     Failed(JobError),
     /// Stopped at the caller's request; the job must not be settled as a result.
     Stopped,
+    /// The daemon could not start the job (its cgroup, temp folder, sandbox, process or warm
+    /// parent failed): the job never ran and is not to blame. It is run again, not counted.
+    DaemonFault(DaemonFault),
+}
+
+/// Where the daemon failed to start a job; the label of `hybrid_daemon_faults_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultStage {
+    /// Making or opening the job's cgroup.
+    Cgroup,
+    /// Making the job's private temp folder.
+    TempFolder,
+    /// Preparing the sandbox (seccomp program, Landlock ruleset, the folder's owner).
+    Sandbox,
+    /// Starting the job's process (fork, exec, descriptors, the process limit).
+    Start,
+    /// The warm parent of a fork-mode worker could not be started or could not fork.
+    WarmParent,
+}
+
+impl FaultStage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultStage::Cgroup => "cgroup",
+            FaultStage::TempFolder => "temp_folder",
+            FaultStage::Sandbox => "sandbox",
+            FaultStage::Start => "start",
+            FaultStage::WarmParent => "warm_parent",
+        }
+    }
+}
+
+/// A fault of the daemon that kept a job from starting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DaemonFault {
+    pub stage: FaultStage,
+    pub message: String,
+}
+
+impl DaemonFault {
+    fn new(stage: FaultStage, message: impl Into<String>) -> Self {
+        Self {
+            stage,
+            message: message.into(),
+        }
+    }
 }
 
 /// Everything the runner learned about one run.
@@ -96,8 +144,17 @@ pub struct RunReport {
 impl RunReport {
     /// The report of a job that never got a process.
     pub fn failed_to_start(error: JobError) -> Self {
+        Self::not_started(RunOutcome::Failed(error))
+    }
+
+    /// The report of a job the daemon could not start.
+    pub fn daemon_fault(fault: DaemonFault) -> Self {
+        Self::not_started(RunOutcome::DaemonFault(fault))
+    }
+
+    fn not_started(outcome: RunOutcome) -> Self {
         Self {
-            outcome: RunOutcome::Failed(error),
+            outcome,
             duration: Duration::ZERO,
             resources: Resources::default(),
             stdout: Captured::default(),
@@ -161,6 +218,11 @@ impl Runner {
     /// A runner with the given sandbox (the configured settings, or fewer mechanisms for the
     /// benchmark).
     pub fn with_sandbox(runtime: Runtime, temp_base: PathBuf, sandbox: Sandbox) -> Self {
+        // Orphans of jobs come to this process rather than to PID 1, whose reaping may be slow
+        // or absent, and are reaped here.
+        if let Err(why) = reaper::install() {
+            tracing::warn!(reason = %why, "This process cannot be a child subreaper; orphans of jobs go to PID 1.");
+        }
         let warm = Arc::new(warm::WarmPool::new(
             runtime.dir.clone(),
             temp_base.clone(),
@@ -205,9 +267,9 @@ impl Runner {
         on_log: &(dyn Fn(LogRecord) + Send + Sync),
     ) -> RunReport {
         let started = tokio::time::Instant::now();
-        let failed = |kind, message: String| RunReport {
+        let failed = |fault: DaemonFault| RunReport {
             duration: started.elapsed(),
-            ..RunReport::failed_to_start(JobError::new(kind, message))
+            ..RunReport::daemon_fault(fault)
         };
         let limits = request.worker.limits();
         // Made before the process, which enters it before it runs anything (in fork mode the
@@ -216,7 +278,7 @@ impl Runner {
             Isolation::Spawn => {
                 let cgroup = match self.sandbox.job_cgroup(limits) {
                     Ok(cgroup) => cgroup,
-                    Err(e) => return failed(ErrorKind::Crashed, e.to_string()),
+                    Err(e) => return failed(DaemonFault::new(FaultStage::Cgroup, e.to_string())),
                 };
                 let started_job = self.spawn(&request, cgroup.as_ref());
                 (cgroup, started_job)
@@ -233,7 +295,7 @@ impl Runner {
             exit,
         } = match started_job {
             Ok(started_job) => started_job,
-            Err((kind, message)) => return failed(kind, message),
+            Err(fault) => return failed(fault),
         };
         let deadline = SystemTime::now() + request.timeout;
         let job_doc = json!({
@@ -362,13 +424,13 @@ impl Runner {
         &self,
         request: &RunRequest<'_>,
         cgroup: Option<&JobCgroup>,
-    ) -> Result<Started, (ErrorKind, String)> {
+    ) -> Result<Started, DaemonFault> {
         let workdir = tempfile::Builder::new()
             .prefix("hybrid-job-")
             .tempdir_in(&self.temp_base)
             .map_err(|e| {
-                (
-                    ErrorKind::Crashed,
+                DaemonFault::new(
+                    FaultStage::TempFolder,
                     format!(
                         "cannot create the job's temp folder under {}: {e}",
                         self.temp_base.display()
@@ -384,15 +446,15 @@ impl Runner {
             &self.temp_base,
         );
         let mut prepared = policy.prepare(workdir.path()).map_err(|e| {
-            (
-                ErrorKind::Crashed,
+            DaemonFault::new(
+                FaultStage::Sandbox,
                 format!("cannot prepare the job's sandbox: {e}"),
             )
         })?;
         let spawning = std::time::Instant::now();
         let cannot_start = |e: std::io::Error| {
-            (
-                ErrorKind::Crashed,
+            DaemonFault::new(
+                FaultStage::Start,
                 format!("cannot start {}: {e}", spec.program.display()),
             )
         };
@@ -401,8 +463,8 @@ impl Runner {
         let started = match cgroup {
             Some(cgroup) => {
                 let dir = std::fs::File::open(cgroup.dir()).map_err(|e| {
-                    (
-                        ErrorKind::Crashed,
+                    DaemonFault::new(
+                        FaultStage::Cgroup,
                         format!(
                             "cannot open the job's cgroup {}: {e}",
                             cgroup.dir().display()
@@ -415,8 +477,8 @@ impl Runner {
                     Some(started) => started,
                     None => {
                         prepared.enter_cgroup(cgroup.procs()).map_err(|e| {
-                            (
-                                ErrorKind::Crashed,
+                            DaemonFault::new(
+                                FaultStage::Cgroup,
                                 format!("cannot hand the job its cgroup: {e}"),
                             )
                         })?;
@@ -430,7 +492,14 @@ impl Runner {
         metrics().observe_process_start("spawn", spawning.elapsed());
         let waiter = handle.clone();
         let exit: ExitFuture = Box::pin(async move {
-            let waited = tokio::task::spawn_blocking(move || waiter.wait_blocking()).await;
+            let waited = tokio::task::spawn_blocking(move || {
+                let exit = waiter.wait_blocking();
+                // Helpers the job left behind were handed to this subreaper: they die and are
+                // reaped now, before the next job of this uid needs the process count.
+                reaper::end_job_group(waiter.pid());
+                exit
+            })
+            .await;
             drop(uid);
             waited.ok().and_then(Result::ok)
         });
@@ -446,14 +515,16 @@ impl Runner {
     async fn fork(
         &self,
         request: &RunRequest<'_>,
-    ) -> Result<(Started, Option<JobCgroup>), (ErrorKind, String)> {
+    ) -> Result<(Started, Option<JobCgroup>), DaemonFault> {
         let env = |workdir: &Path| self.child_spec(request, workdir).env;
         let forking = std::time::Instant::now();
         let (job, pipes, workdir, exited, cgroup) = self
             .warm
             .fork_job(request.worker, &request.python, &env)
             .await
-            .map_err(|e| (ErrorKind::Crashed, format!("cannot start the job: {e}")))?;
+            .map_err(|e| {
+                DaemonFault::new(FaultStage::WarmParent, format!("cannot start the job: {e}"))
+            })?;
         metrics().observe_process_start("fork", forking.elapsed());
         // A dropped sender means the warm parent died: how the job ended is unknown.
         let exit: ExitFuture = Box::pin(async move { exited.await.ok() });

@@ -387,9 +387,13 @@ impl WarmPool {
                 prepared.apply_in_child()
             });
         }
+        // Its exit status is the reader thread's: registered before a reaper scan can see it.
+        let spawning = super::reaper::spawning();
         let mut child = command
             .spawn()
             .map_err(|e| start_err(&format!("{}", python.display()), &e))?;
+        super::reaper::register_own(child.id() as i32);
+        drop(spawning);
         drop(command);
         drop(theirs);
         let pid = child.id() as i32;
@@ -424,6 +428,7 @@ impl WarmPool {
                 );
                 drop(waiters); // every waiting job sees its parent gone
                 let status = child.wait();
+                super::reaper::unregister_own(pid);
                 tracing::debug!(worker = %name, pid, status = ?status, "The warm parent ended.");
             })
             .map_err(|e| start_err("its reader thread", &e))?;

@@ -1,6 +1,6 @@
 //! One small HTTP port for the platform: `/metrics` (Prometheus text), `/healthz` (the process
 //! answers) and `/readyz` (it can take jobs: broker link up, every worker's venv verified, not
-//! draining). Kubernetes probes and scrapers are its only clients.
+//! draining, no daemon fault since the last job that started). Kubernetes probes and scrapers are its only clients.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,6 +22,8 @@ pub struct Readiness {
     pub workers_verified: AtomicBool,
     pub broker_up: AtomicBool,
     pub draining: AtomicBool,
+    /// The daemon's last attempt to start a job failed through its own fault.
+    pub daemon_faults: AtomicBool,
 }
 
 impl Readiness {
@@ -29,14 +31,16 @@ impl Readiness {
         self.workers_verified.load(Ordering::SeqCst)
             && self.broker_up.load(Ordering::SeqCst)
             && !self.draining.load(Ordering::SeqCst)
+            && !self.daemon_faults.load(Ordering::SeqCst)
     }
 
     fn explain(&self) -> String {
         format!(
-            "workers_verified={} broker_up={} draining={}\n",
+            "workers_verified={} broker_up={} draining={} daemon_faults={}\n",
             self.workers_verified.load(Ordering::SeqCst),
             self.broker_up.load(Ordering::SeqCst),
-            self.draining.load(Ordering::SeqCst)
+            self.draining.load(Ordering::SeqCst),
+            self.daemon_faults.load(Ordering::SeqCst)
         )
     }
 }

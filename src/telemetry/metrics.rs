@@ -31,6 +31,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    pub stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModeLabel {
     pub mode: String,
 }
@@ -67,6 +72,9 @@ pub struct Metrics {
     pub broker_connects: Counter,
     /// Time to start a job's process (fork + exec, or a fork from a warm parent).
     pub process_start: HistogramFamily<ModeLabel>,
+    /// Jobs the daemon could not start through its own fault, by stage (cgroup, temp_folder,
+    /// sandbox, start, warm_parent); each such job was abandoned, not blamed.
+    pub daemon_faults: Family<StageLabel, Counter>,
 }
 
 impl Metrics {
@@ -84,6 +92,7 @@ impl Metrics {
             dead_letters: Family::default(),
             broker_connects: Counter::default(),
             process_start: Family::new_with_constructor(start_histogram),
+            daemon_faults: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -137,7 +146,21 @@ impl Metrics {
             "Time to start a job's process, by isolation mode",
             m.process_start.clone(),
         );
+        registry.register(
+            "daemon_faults",
+            "Jobs the daemon could not start through its own fault, by stage",
+            m.daemon_faults.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// A job could not be started through the daemon's own fault at `stage`.
+    pub fn daemon_fault(&self, stage: &str) {
+        self.daemon_faults
+            .get_or_create(&StageLabel {
+                stage: stage.to_owned(),
+            })
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

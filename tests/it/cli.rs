@@ -293,3 +293,53 @@ fn a_non_root_daemon_runs_jobs() {
     );
     assert_eq!(result_of(&out)["status"], "succeeded");
 }
+
+#[test]
+fn sandbox_require_refuses_to_start_when_a_required_mechanism_is_off() {
+    ready_worker("diagnostics");
+    let echo = example("diagnostics", "echo.json");
+    // Job cgroups turned off, and required: nothing runs, and the message says which and why.
+    let out = hybrid(
+        &["exec", "diagnostics", "--input", &echo],
+        &[
+            ("HYBRID__SANDBOX__CGROUP", "off"),
+            ("HYBRID__SANDBOX__REQUIRE", "seccomp,cgroup"),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("sandbox.require") && stderr.contains("worker \"diagnostics\": cgroup:"),
+        "{stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "a job ran: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // What is on everywhere may be required: the job runs.
+    let out = hybrid(
+        &["exec", "diagnostics", "--input", &echo],
+        &[(
+            "HYBRID__SANDBOX__REQUIRE",
+            "rlimits,oom_score_adj,no_new_privs",
+        )],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An unknown name is a configuration error.
+    let out = hybrid(
+        &["config", "show"],
+        &[("HYBRID__SANDBOX__REQUIRE", "seccomp,firewall")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("sandbox.require") && stderr.contains("firewall"),
+        "{stderr}"
+    );
+}

@@ -392,3 +392,64 @@ async fn a_failed_reply_send_abandons_instead_of_completing() {
     run.stop().await;
     assert!(!b.events().iter().any(|e| matches!(e, Event::Completed(_))));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_daemon_fault_abandons_the_job_without_blaming_it() {
+    let b = broker(30);
+    let exec = Arc::new(ScriptedExecutor::default());
+    b.push(job_message(
+        "j-fault",
+        &json!({"worker": "scripted", "input": {"daemon_faults": 2}}),
+    ));
+    let before = hybrid_worker::telemetry::metrics::metrics().encode();
+    let run = start(b.clone(), exec.clone(), options(4));
+    wait_for(Duration::from_secs(600), "a reply", || {
+        !b.messages(RESULTS).is_empty()
+    })
+    .await;
+    wait_for(Duration::from_secs(60), "completion", || {
+        b.locked_count() == 0
+    })
+    .await;
+    run.stop().await;
+
+    // Twice abandoned (not retried, not dead-lettered), then run: one reply, still attempt 1.
+    let events = b.events();
+    let abandoned = events
+        .iter()
+        .filter(|e| matches!(e, Event::Abandoned(_)))
+        .count();
+    assert_eq!(abandoned, 2, "{events:?}");
+    assert!(
+        !events.iter().any(|e| matches!(e, Event::Scheduled { .. })),
+        "a daemon fault was retried as the job's failure: {events:?}"
+    );
+    assert!(b.dead_letters().is_empty());
+    let replies = replies(&b, RESULTS);
+    assert_eq!(replies.len(), 1);
+    let (_, body) = &replies["j-fault"];
+    assert_eq!(body["status"], "succeeded");
+    assert_eq!(body["attempt"], 1);
+    assert_eq!(
+        exec.started(),
+        vec![
+            ("j-fault".into(), 1),
+            ("j-fault".into(), 1),
+            ("j-fault".into(), 1)
+        ]
+    );
+    let after = hybrid_worker::telemetry::metrics::metrics().encode();
+    let faults = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("hybrid_daemon_faults_total{stage=\"start\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(faults(&after) - faults(&before), 2, "{after}");
+    // The job that started cleared the fault: the daemon is ready again as far as faults go.
+    assert!(
+        !hybrid_worker::telemetry::http::readiness()
+            .daemon_faults
+            .load(Ordering::SeqCst)
+    );
+}

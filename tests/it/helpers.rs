@@ -14,7 +14,7 @@ use hybrid_worker::engine::executor::{Executor, ProcessExecutor, ReadyWorker, Wo
 use hybrid_worker::engine::settle::Queues;
 use hybrid_worker::engine::{Engine, EngineOptions, EngineStats};
 use hybrid_worker::job::{ErrorKind, Job, JobError};
-use hybrid_worker::runner::{RunOutcome, RunReport, Runner};
+use hybrid_worker::runner::{DaemonFault, FaultStage, RunOutcome, RunReport, Runner};
 use hybrid_worker::runtime::Runtime;
 use hybrid_worker::worker::python::Interpreter;
 use hybrid_worker::worker::venv::{VenvPlan, VenvState};
@@ -90,7 +90,8 @@ pub async fn wait_for(limit: Duration, what: &str, mut done: impl FnMut() -> boo
 }
 
 /// An executor whose jobs do what their input says, on tokio's clock:
-/// `{"ms": run time, "result": "ok" | "fail" | "invalid" | "crash", "ok_from_attempt": n}`.
+/// `{"ms": run time, "result": "ok" | "fail" | "invalid" | "crash", "ok_from_attempt": n,
+/// "daemon_faults": n}` (the first n runs of the job fail to start through the daemon's fault).
 #[derive(Default)]
 pub struct ScriptedExecutor {
     pub started: Mutex<Vec<(String, u32)>>,
@@ -127,10 +128,20 @@ impl Executor for ScriptedExecutor {
     }
 
     async fn execute(&self, job: &Job, stop: CancellationToken) -> RunReport {
-        self.started
-            .lock()
-            .expect("lock")
-            .push((job.envelope.job_id.clone(), job.envelope.attempt));
+        let runs = {
+            let mut started = self.started.lock().expect("lock");
+            started.push((job.envelope.job_id.clone(), job.envelope.attempt));
+            started
+                .iter()
+                .filter(|(id, _)| *id == job.envelope.job_id)
+                .count() as u64
+        };
+        if runs <= job.input["daemon_faults"].as_u64().unwrap_or(0) {
+            return RunReport::daemon_fault(DaemonFault {
+                stage: FaultStage::Start,
+                message: "cannot start the job: Too many open files (os error 24)".into(),
+            });
+        }
         let ms = job.input["ms"].as_u64().unwrap_or(10);
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(ms)) => {}

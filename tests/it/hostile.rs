@@ -293,6 +293,23 @@ fn processes_of(uid: u32) -> usize {
         .count()
 }
 
+/// Processes of `uid` whose parent is PID 1: orphans left for init to reap (on some hosts it
+/// never does, and their zombies keep counting against the uid's process limit).
+fn handed_to_init(uid: u32) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter(|e| e.metadata().is_ok_and(|m| m.uid() == uid))
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            stat.rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().nth(1).map(str::to_owned))
+                .is_some_and(|ppid| ppid == "1")
+        })
+        .count()
+}
+
 async fn a_fork_bomb_is_contained_and_killed(mode: Isolation) {
     let _serial = SERIAL.lock().await;
     let daemon = Daemon::new(mode);
@@ -313,6 +330,20 @@ async fn a_fork_bomb_is_contained_and_killed(mode: Isolation) {
         made < 16,
         "the handler made {made} children with max_processes = 16"
     );
+    // The bomb's orphans came to the daemon (a subreaper), never to PID 1; in spawn mode they
+    // are reaped before the job's report is returned.
+    assert_eq!(
+        handed_to_init(HOSTILE_UID),
+        0,
+        "orphans of the bomb were left to PID 1"
+    );
+    if mode == Isolation::Spawn {
+        assert_eq!(
+            processes_of(HOSTILE_UID),
+            before,
+            "the bomb's processes were not all reaped when the job ended"
+        );
+    }
     // In fork mode the fork-bomb worker's own warm parent (HOSTILE_UID) and its spare child (forked
     // ahead for the next job) stay, and are no bomb.
     let warm_parent = 2 * usize::from(

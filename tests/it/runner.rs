@@ -309,7 +309,39 @@ async fn a_dead_warm_parent_is_restarted() {
     assert_eq!(second["ppid"], new_parent);
 }
 
+/// A job the daemon cannot start (here: its temp folder's base is gone) is the daemon's fault,
+/// never the job's `Crashed`.
+async fn a_job_the_daemon_cannot_start_is_a_daemon_fault(mode: Isolation) {
+    let temp = tempfile::tempdir().expect("tmp");
+    let ready = in_mode(ready_worker("diagnostics"), mode);
+    let runtime = hybrid_worker::runtime::Runtime::install(temp.path()).expect("runtime");
+    let gone = temp.path().join("no-such-folder");
+    let runner = hybrid_worker::runner::Runner::new(runtime, gone).expect("runner");
+    let input = json!({"action": "echo", "value": 1});
+    let request = RunRequest {
+        worker: &ready.worker,
+        python: ready.python.clone(),
+        job_id: "job-fault",
+        attempt: 1,
+        correlation_id: None,
+        input: &input,
+        timeout: T,
+        extra_env: vec![],
+    };
+    let report = runner.run(request, CancellationToken::new(), &|_| {}).await;
+    let RunOutcome::DaemonFault(fault) = &report.outcome else {
+        panic!("expected a daemon fault, got {:?}", report.outcome);
+    };
+    let expected = match mode {
+        Isolation::Spawn => "temp_folder",
+        Isolation::Fork => "warm_parent",
+    };
+    assert_eq!(fault.stage.as_str(), expected, "{fault}");
+    assert!(fault.message.contains("no-such-folder"), "{fault}");
+}
+
 crate::in_both_modes!(
+    a_job_the_daemon_cannot_start_is_a_daemon_fault,
     each_job_is_a_fresh_process,
     no_daemon_environment_reaches_a_job,
     context_and_logs_reach_the_handler_and_the_daemon,
