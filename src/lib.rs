@@ -21,7 +21,9 @@
 //!    scheduled retry ([`engine::retry`]) + complete, reply + dead-letter, or abandon.
 //!
 //! Around it: [`cli`] (the commands), [`commands`] (what each does), [`shutdown`] (signals),
-//! [`telemetry`] (logs).
+//! [`telemetry`] (logs), [`servicebus`] (the [`broker`] interface over Azure Service Bus:
+//! receiving, lock renewal, replies and settlement) and [`emulator`] (the local Service Bus
+//! that `run` starts when none is configured).
 
 pub mod broker;
 pub mod cli;
