@@ -61,17 +61,25 @@ pub struct WorkersSettings {
     pub dir: PathBuf,
     /// Empty means the user's cache folder; see [`WorkersSettings::venv_root`].
     pub venv_root: PathBuf,
+    /// Where a root daemon keeps what its unprivileged jobs must read: venvs (by default),
+    /// copies of an interpreter or worker folder they could not reach.
+    pub system_dir: PathBuf,
     pub python: String,
     /// Workers allowed to run; empty allows every worker found.
     pub allow: Vec<String>,
 }
 
 impl WorkersSettings {
-    /// The folder venvs live in: the configured one, else `$XDG_CACHE_HOME/hybrid-worker/venvs`
-    /// (or `~/.cache/…`), else a folder under the system temp folder.
+    /// The folder venvs live in: the configured one, else, for a root daemon,
+    /// `<system_dir>/venvs`, else `$XDG_CACHE_HOME/hybrid-worker/venvs` (or `~/.cache/…`), else
+    /// a folder under the system temp folder.
     pub fn venv_root(&self) -> PathBuf {
         if !self.venv_root.as_os_str().is_empty() {
             return self.venv_root.clone();
+        }
+        // Root's own cache (`/root`, mode 700) is closed to the users jobs run as.
+        if nix::unistd::geteuid().is_root() {
+            return self.system_dir.join("venvs");
         }
         let cache = std::env::var_os("XDG_CACHE_HOME")
             .filter(|v| !v.is_empty())

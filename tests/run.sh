@@ -10,7 +10,15 @@ if sys.version_info < (3, 9):
     sys.exit(f"tests need Python 3.9 or newer, found {sys.version.split()[0]}")
 PY
 
-export HYBRID_TEST_VENV_ROOT="${HYBRID_TEST_VENV_ROOT:-$PWD/target/test-venvs}"
+# As root, jobs run as uid 65534, which must reach the venvs: inside the checkout when it can
+# (a checkout under /root, mode 700, it cannot), else in the daemon's own system folder.
+if [ -z "${HYBRID_TEST_VENV_ROOT:-}" ]; then
+  HYBRID_TEST_VENV_ROOT="$PWD/target/test-venvs"
+  if [ "$(id -u)" = 0 ] && ! setpriv --reuid=65534 --regid=65534 --clear-groups -- test -x "$PWD" 2>/dev/null; then
+    HYBRID_TEST_VENV_ROOT=/var/lib/hybrid-worker/test-venvs
+  fi
+fi
+export HYBRID_TEST_VENV_ROOT
 # The job-cgroup tests need root and a writable cgroup v2 folder. CI has both, so there a test
 # that cannot run fails rather than skips; set HYBRID_TEST_REQUIRE_CGROUP=0 where they are missing.
 export HYBRID_TEST_REQUIRE_CGROUP="${HYBRID_TEST_REQUIRE_CGROUP:-1}"

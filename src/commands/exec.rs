@@ -14,7 +14,6 @@ use crate::engine::executor::{Executor, ProcessExecutor, ReadyWorker};
 use crate::job::{Envelope, ErrorKind, Job, JobError, JobResult, MessageProperties};
 use crate::runner::{RunOutcome, Runner};
 use crate::sandbox::Sandbox;
-use crate::worker::python::Interpreter;
 
 pub async fn run(settings: &Settings, args: &ExecArgs) -> anyhow::Result<ExitCode> {
     let input = read_input(args.input.as_deref())?;
@@ -25,9 +24,9 @@ pub async fn run(settings: &Settings, args: &ExecArgs) -> anyhow::Result<ExitCod
         .into());
     }
     let dir = workers_dir(settings, &args.dir.workers_dir);
-    let catalog = scan(&dir)?;
+    let catalog = scan(settings, &dir)?;
     let worker = catalog.get(&args.worker)?.clone();
-    let interpreter = Interpreter::resolve(&settings.workers.python)?;
+    let interpreter = super::interpreter(settings)?;
     let python = ready_python(&worker, &interpreter, settings, &dir)?;
     crate::sandbox::harden_daemon();
     let sandbox = Sandbox::new(settings.sandbox.clone()).map_err(|e| UsageError(e.to_string()))?;

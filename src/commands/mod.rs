@@ -98,29 +98,54 @@ pub fn install_runtime(settings: &Settings) -> anyhow::Result<Runtime> {
     })
 }
 
-/// Scans the workers folder, refusing broken workers loudly.
-pub fn scan(dir: &std::path::Path) -> anyhow::Result<Catalog> {
-    let catalog = Catalog::scan(dir)?;
+/// Scans the workers folder, refusing broken workers loudly. For a root daemon, a worker whose
+/// folder the job user cannot reach is loaded from a copy it can read ([`Worker::for_jobs`]).
+pub fn scan(settings: &Settings, dir: &std::path::Path) -> anyhow::Result<Catalog> {
+    let mut catalog = Catalog::scan(dir)?;
     for broken in &catalog.broken {
         tracing::warn!(error = %broken, "A worker cannot be loaded.");
     }
+    let sb = &settings.sandbox;
+    let mut readable = std::collections::BTreeMap::new();
+    for (name, worker) in std::mem::take(&mut catalog.workers) {
+        let worker = worker.for_jobs(sb.user, sb.group, &settings.workers.system_dir)?;
+        readable.insert(name, worker);
+    }
+    catalog.workers = readable;
     Ok(catalog)
 }
 
-/// Refuses to start (exit 2) when a mechanism `sandbox.require` names is off for a worker,
+/// The configured interpreter, resolved once; for a root daemon whose job user cannot reach
+/// it, a copy it can read ([`Interpreter::for_jobs`]).
+pub fn interpreter(settings: &Settings) -> anyhow::Result<Interpreter> {
+    let sb = &settings.sandbox;
+    Ok(Interpreter::resolve(&settings.workers.python)?.for_jobs(
+        sb.user,
+        sb.group,
+        &settings.workers.system_dir,
+    )?)
+}
+
+/// Refuses to start (exit 2) when a root daemon's jobs would stay root (their user cannot
+/// reach what they need), or when a mechanism `sandbox.require` names is off for a worker,
 /// naming each one and why.
 pub fn check_required_sandbox(
     settings: &Settings,
     runner: &crate::runner::Runner,
     ready: &[crate::engine::executor::ReadyWorker],
 ) -> Result<(), UsageError> {
+    let root = nix::unistd::geteuid().is_root();
     let required = &settings.sandbox.require;
-    if required.is_empty() {
-        return Ok(());
-    }
     let mut missing = Vec::new();
     for r in ready {
-        for why in crate::sandbox::unmet(required, &runner.enforcement(&r.worker, &r.python)) {
+        let enforcement = runner.enforcement(&r.worker, &r.python);
+        if root && let Some(user) = enforcement.iter().find(|e| e.mechanism == "user" && !e.on) {
+            return Err(UsageError(format!(
+                "jobs of worker {:?} would run as root: {}; make it readable by uid {} (sandbox.user), or let venvs live under workers.system_dir",
+                r.worker.name, user.detail, settings.sandbox.user
+            )));
+        }
+        for why in crate::sandbox::unmet(required, &enforcement) {
             missing.push(format!("worker {:?}: {why}", r.worker.name));
         }
     }

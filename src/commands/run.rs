@@ -18,7 +18,6 @@ use crate::engine::{Engine, EngineOptions};
 use crate::runner::Runner;
 use crate::servicebus::connection_string::ConnectionString;
 use crate::worker::Catalog;
-use crate::worker::python::Interpreter;
 use crate::worker::venv::{VenvPlan, VenvState};
 
 pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
@@ -35,7 +34,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
         })?;
     tracing::info!(addr = %http_addr, "Serving /metrics, /healthz and /readyz.");
     let dir = settings.workers.dir.clone();
-    let catalog = scan(&dir)?;
+    let catalog = scan(settings, &dir)?;
     if let Some(broken) = catalog.broken.first() {
         return Err(UsageError(format!("a worker cannot be loaded: {broken}")).into());
     }
@@ -125,7 +124,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
 /// `engine.build_venvs_on_start` is on; otherwise the daemon refuses to start and names the
 /// command that builds them.
 fn ready_workers(settings: &Settings, catalog: &Catalog) -> anyhow::Result<Vec<ReadyWorker>> {
-    let python = Interpreter::resolve(&settings.workers.python)?;
+    let python = super::interpreter(settings)?;
     let allow = &settings.workers.allow;
     for name in allow {
         if !catalog.workers.contains_key(name) {

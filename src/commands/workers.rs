@@ -47,8 +47,8 @@ fn state_word(plan: &Result<VenvPlan, anyhow::Error>) -> String {
 }
 
 fn list(settings: &Settings, dir: &Path) -> anyhow::Result<ExitCode> {
-    let catalog = scan(dir)?;
-    let python = Interpreter::resolve(&settings.workers.python)?;
+    let catalog = scan(settings, dir)?;
+    let python = super::interpreter(settings)?;
     println!(
         "{:<20} {:<28} {:<8} {:>8} {:>8} {:>8} {:<7} DESCRIPTION",
         "NAME", "ENTRYPOINT", "VENV", "TIMEOUT", "MEMORY", "ATTEMPTS", "NETWORK"
@@ -92,11 +92,11 @@ fn build(
     name: Option<&str>,
     force: bool,
 ) -> anyhow::Result<ExitCode> {
-    let catalog = scan(dir)?;
+    let catalog = scan(settings, dir)?;
     if catalog.workers.is_empty() {
         return Err(UsageError(format!("no workers in {}", dir.display())).into());
     }
-    let python = Interpreter::resolve(&settings.workers.python)?;
+    let python = super::interpreter(settings)?;
     let mut failed = 0;
     for worker in selected(&catalog, name)? {
         let plan = plan(settings, worker, &python)?;
@@ -183,8 +183,8 @@ fn print_sandbox(
 }
 
 fn verify(settings: &Settings, dir: &Path) -> anyhow::Result<ExitCode> {
-    let catalog = scan(dir)?;
-    let python = Interpreter::resolve(&settings.workers.python)?;
+    let catalog = scan(settings, dir)?;
+    let python = super::interpreter(settings)?;
     // The same set-up as `run`'s, so that what is printed is what a daemon here enforces.
     let sandbox = Sandbox::new(settings.sandbox.clone()).map_err(|e| UsageError(e.to_string()))?;
     let temp_base = settings.engine.temp_dir();

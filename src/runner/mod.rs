@@ -10,6 +10,7 @@
 //! say whether the OOM killer ended the job, and it is removed.
 
 pub mod child;
+mod env;
 pub mod output;
 pub mod reaper;
 pub mod warm;
@@ -39,8 +40,6 @@ pub const KILL_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for output pipes after the process group is dead (a stray that escaped
 /// the group could hold them open).
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
-/// Environment variables a job sees besides the worker's own `env` and the job's ids.
-pub(crate) const BASE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// Why the runner ended a job itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +78,15 @@ pub enum RunOutcome {
     /// The daemon could not start the job (its cgroup, temp folder, sandbox, process or warm
     /// parent failed): the job never ran and is not to blame. It is run again, not counted.
     DaemonFault(DaemonFault),
+}
+
+/// A root daemon never runs a job as root: when the job user cannot reach what the job needs,
+/// the job is not started (the daemon refuses to start in that state; this guards the rest).
+fn refuse_root(policy: &crate::sandbox::SandboxPolicy) -> Result<(), DaemonFault> {
+    match policy.would_stay_root() {
+        Some(why) => Err(DaemonFault::new(FaultStage::Sandbox, why)),
+        None => Ok(()),
+    }
 }
 
 /// Where the daemon failed to start a job; the label of `hybrid_daemon_faults_total`.
@@ -445,6 +453,7 @@ impl Runner {
             &self.runtime.dir,
             &self.temp_base,
         );
+        refuse_root(&policy)?;
         let mut prepared = policy.prepare(workdir.path()).map_err(|e| {
             DaemonFault::new(
                 FaultStage::Sandbox,
@@ -540,38 +549,15 @@ impl Runner {
     }
 
     fn child_spec(&self, request: &RunRequest<'_>, workdir: &Path) -> ChildSpec {
-        let limits = request.worker.limits();
-        let workdir_s = workdir.to_string_lossy().into_owned();
-        let venv_bin = request
-            .python
-            .parent()
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut env = vec![
-            ("PATH".to_owned(), format!("{venv_bin}:{BASE_PATH}")),
-            ("HOME".to_owned(), workdir_s.clone()),
-            ("TMPDIR".to_owned(), workdir_s),
-            ("LANG".to_owned(), "C.UTF-8".to_owned()),
+        let ids = [
             ("HYBRID_JOB_ID".to_owned(), request.job_id.to_owned()),
             ("HYBRID_ATTEMPT".to_owned(), request.attempt.to_string()),
-            ("HYBRID_WORKER".to_owned(), request.worker.name.clone()),
         ];
-        env.extend(request.extra_env.iter().cloned());
-        env.extend(limits.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let job_env = ids.into_iter().chain(request.extra_env.iter().cloned());
         ChildSpec {
             program: request.python.clone(),
-            args: vec![
-                // Isolated mode; no bytecode written into the (read-only) worker folder.
-                "-I".to_owned(),
-                "-B".to_owned(),
-                "-c".to_owned(),
-                STUB.to_owned(),
-                self.runtime.dir.to_string_lossy().into_owned(),
-                request.worker.dir.to_string_lossy().into_owned(),
-                request.worker.module.clone(),
-                request.worker.function.clone(),
-            ],
-            env,
+            args: env::arguments(STUB, &self.runtime.dir, request.worker),
+            env: env::environment(request.worker, &request.python, workdir, job_env),
             cwd: workdir.to_path_buf(),
         }
     }

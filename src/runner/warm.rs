@@ -317,6 +317,9 @@ impl WarmPool {
         let policy = self
             .sandbox
             .policy(worker, python, &self.runtime_dir, &self.temp_base);
+        if let Some(why) = policy.would_stay_root() {
+            return Err(WarmError::Start(why));
+        }
         let prepared = policy
             .prepare_warm_parent(dir.path())
             .map_err(|e| start_err("its sandbox", &e))?;
@@ -335,41 +338,15 @@ impl WarmPool {
             .try_clone()
             .map_err(|e| start_err("its output pipe", &e))?;
 
-        let dir_s = dir.path().to_string_lossy().into_owned();
-        let venv_bin = python
-            .parent()
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut env = vec![
-            (
-                "PATH".to_owned(),
-                format!("{venv_bin}:{}", super::BASE_PATH),
-            ),
-            ("HOME".to_owned(), dir_s.clone()),
-            ("TMPDIR".to_owned(), dir_s),
-            ("LANG".to_owned(), "C.UTF-8".to_owned()),
-            ("HYBRID_WORKER".to_owned(), worker.name.clone()),
-        ];
-        env.extend(
-            worker
-                .limits()
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone())),
-        );
+        let env = super::env::environment(worker, python, dir.path(), []);
         let mut command = Command::new(python);
         command
-            .args([
-                "-I",
-                "-B",
-                "-c",
+            .args(super::env::arguments(
                 ZYGOTE_STUB,
-                &self.runtime_dir.to_string_lossy(),
-                &worker.dir.to_string_lossy(),
-                &worker.module,
-                &worker.function,
-                &serde_json::to_string(&worker.spec.preload).unwrap_or_else(|_| "[]".into()),
-            ])
+                &self.runtime_dir,
+                worker,
+            ))
+            .arg(serde_json::to_string(&worker.spec.preload).unwrap_or_else(|_| "[]".into()))
             .env_clear()
             .envs(env)
             .current_dir(dir.path())

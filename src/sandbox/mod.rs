@@ -386,6 +386,20 @@ pub enum SandboxError {
 }
 
 impl SandboxPolicy {
+    /// Why a job of this policy would keep uid 0 (a root daemon whose job user cannot reach
+    /// what the job needs); the runner then refuses to start it. `None` otherwise.
+    pub fn would_stay_root(&self) -> Option<String> {
+        match &self.user {
+            JobUser::RootWithoutCapabilities { uid, blocked } if self.mechanisms.user => {
+                Some(format!(
+                    "the job would run as root: uid {uid} cannot reach {}",
+                    blocked.display()
+                ))
+            }
+            _ => None,
+        }
+    }
+
     /// True when the job runs as a dedicated user, so `RLIMIT_NPROC` counts only jobs.
     fn dedicated_user(&self) -> bool {
         self.mechanisms.user && matches!(self.user, JobUser::Drop { .. })
@@ -674,7 +688,7 @@ fn interpreter_prefixes(python: &Path, venv: &Path) -> Vec<PathBuf> {
 
 /// The first part of `path` (after resolving links) that `uid`/`gid` (with no supplementary
 /// groups) cannot search, or read at the end; `None` when it can.
-fn unreachable_part(path: &Path, uid: u32, gid: u32) -> Option<PathBuf> {
+pub fn unreachable_part(path: &Path, uid: u32, gid: u32) -> Option<PathBuf> {
     let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let allowed = |meta: &std::fs::Metadata, bit: u32| {
         let mode = meta.mode();

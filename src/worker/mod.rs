@@ -6,6 +6,7 @@
 //! limit never silently leaves the default in place.
 
 pub mod python;
+pub mod relocate;
 pub mod venv;
 
 use std::collections::BTreeMap;
@@ -33,6 +34,15 @@ pub enum WorkerError {
         name: String,
         dir: PathBuf,
         known: String,
+    },
+    #[error(
+        "jobs run as uid {uid}, which cannot reach the worker folder {dir} ({blocked} is closed to it), and a copy it can read could not be made: {source}"
+    )]
+    Copy {
+        uid: u32,
+        dir: PathBuf,
+        blocked: PathBuf,
+        source: relocate::RelocateError,
     },
 }
 
@@ -160,6 +170,35 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// This worker, or, when this process is root and the job user `uid`:`gid` cannot reach
+    /// its folder (a checkout under `/root`), the same worker from a copy of its folder under
+    /// `system_dir` ([`relocate::copy_worker`]). The copy is made at load: an edit to the
+    /// original is seen at the daemon's next start.
+    pub fn for_jobs(self, uid: u32, gid: u32, system_dir: &Path) -> Result<Worker, WorkerError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(self);
+        }
+        let Some(blocked) = crate::sandbox::unreachable_part(&self.dir, uid, gid) else {
+            return Ok(self);
+        };
+        let copy = relocate::copy_worker(&self.name, &self.dir, system_dir).map_err(|source| {
+            WorkerError::Copy {
+                uid,
+                dir: self.dir.clone(),
+                blocked,
+                source,
+            }
+        })?;
+        tracing::info!(
+            worker = %self.name,
+            folder = %self.dir.display(),
+            copy = %copy.display(),
+            uid,
+            "Jobs run as an unprivileged user that cannot reach the worker's folder; using a copy it can read."
+        );
+        Ok(Worker { dir: copy, ..self })
+    }
+
     /// Loads `dir/worker.toml` and checks it.
     pub fn load(dir: &Path) -> Result<Worker, WorkerError> {
         // Jobs run in their own temp folder, so the worker's folder must be absolute.

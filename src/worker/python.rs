@@ -4,7 +4,7 @@
 //! The daemon asks the configured command for `sys.executable` once, builds venvs from that
 //! binary, and starts each job's venv interpreter by absolute path.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// A resolved interpreter: where it really is and its version (part of every venv key).
@@ -13,6 +13,8 @@ pub struct Interpreter {
     pub path: PathBuf,
     /// `major.minor.micro`.
     pub version: String,
+    /// Its installation prefix (`sys.base_prefix`): the standard library and shared libraries.
+    pub prefix: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -26,10 +28,21 @@ pub enum PythonError {
     },
     #[error("the Python interpreter {command:?} failed to report its version: {detail}")]
     Probe { command: String, detail: String },
+    #[error(
+        "jobs run as uid {uid}, which cannot reach the interpreter {path} ({blocked} is closed to it), and a copy it can read could not be made under workers.system_dir: {source}"
+    )]
+    Copy {
+        uid: u32,
+        path: PathBuf,
+        blocked: PathBuf,
+        source: super::relocate::RelocateError,
+    },
 }
 
-/// Kept to `sys` alone: importing `platform` would add ~40 ms to every resolution.
-const PROBE: &str = "import sys; print(sys.executable); print('%d.%d.%d' % sys.version_info[:3])";
+/// Kept to modules loaded at start anyway: importing `platform` would add ~40 ms to every
+/// resolution. The executable's links are resolved: a venv's `python` is a link to its base.
+const PROBE: &str = "import os, sys; print(os.path.realpath(sys.executable)); \
+                     print('%d.%d.%d' % sys.version_info[:3]); print(sys.base_prefix)";
 
 impl Interpreter {
     /// Runs `command` once to learn the real executable and version.
@@ -54,7 +67,8 @@ impl Interpreter {
         }
         let text = String::from_utf8_lossy(&out.stdout);
         let mut lines = text.lines();
-        let (Some(path), Some(version)) = (lines.next(), lines.next()) else {
+        let (Some(path), Some(version), Some(prefix)) = (lines.next(), lines.next(), lines.next())
+        else {
             return Err(probe_error(format!("unexpected output {text:?}")));
         };
         if path.is_empty() || !version.starts_with('3') {
@@ -65,6 +79,46 @@ impl Interpreter {
         Ok(Interpreter {
             path: PathBuf::from(path),
             version: version.to_owned(),
+            prefix: PathBuf::from(prefix),
+        })
+    }
+
+    /// This interpreter, or, when this process is root and the job user `uid`:`gid` cannot
+    /// reach it (a pyenv build under `/root`), a copy of its prefix under `system_dir` that it
+    /// can ([`super::relocate`]). Jobs of a root daemon then run as that user, never as root.
+    pub fn for_jobs(self, uid: u32, gid: u32, system_dir: &Path) -> Result<Self, PythonError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(self);
+        }
+        let blocked = [&self.path, &self.prefix]
+            .into_iter()
+            .find_map(|p| crate::sandbox::unreachable_part(p, uid, gid));
+        let Some(blocked) = blocked else {
+            return Ok(self);
+        };
+        let copy =
+            super::relocate::copy_interpreter(&self.prefix, &self.path, &self.version, system_dir)
+                .map_err(|source| PythonError::Copy {
+                    uid,
+                    path: self.path.clone(),
+                    blocked: blocked.clone(),
+                    source,
+                })?;
+        let prefix = copy
+            .ancestors()
+            .find(|a| a.join(".hybrid-worker-copy").is_file())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| system_dir.to_path_buf());
+        tracing::info!(
+            interpreter = %self.path.display(),
+            copy = %copy.display(),
+            uid,
+            "Jobs run as an unprivileged user that cannot reach the interpreter; using a copy it can read."
+        );
+        Ok(Interpreter {
+            path: copy,
+            version: self.version,
+            prefix,
         })
     }
 }

@@ -91,6 +91,10 @@ impl VenvPlan {
         hasher.update(requirements_sha256.as_bytes());
         hasher.update(b"\0");
         hasher.update(python.version.as_bytes());
+        // A venv's interpreter is a link to its base: another base (a copy, another install of
+        // the same version) is another venv.
+        hasher.update(b"\0");
+        hasher.update(python.path.as_os_str().as_encoded_bytes());
         let key = hex::encode(hasher.finalize())[..16].to_owned();
         Ok(VenvPlan {
             worker: worker.name.clone(),

@@ -187,10 +187,24 @@ pub fn venv_root() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venvs"))
 }
 
-/// The interpreter, resolved once.
+/// Where a root test run keeps copies of what jobs must read (the daemon's
+/// `workers.system_dir`).
+pub fn system_dir() -> PathBuf {
+    std::env::var_os("HYBRID_TEST_SYSTEM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/hybrid-worker"))
+}
+
+/// The interpreter, resolved once, as the daemon resolves it: run as root, a copy that the job
+/// user (65534) can reach when it cannot reach `python3` itself.
 pub fn interpreter() -> &'static Interpreter {
     static PYTHON: OnceLock<Interpreter> = OnceLock::new();
-    PYTHON.get_or_init(|| Interpreter::resolve("python3").expect("python3 is needed by the tests"))
+    PYTHON.get_or_init(|| {
+        Interpreter::resolve("python3")
+            .expect("python3 is needed by the tests")
+            .for_jobs(65534, 65534, &system_dir())
+            .expect("a copy of python3 that jobs can read")
+    })
 }
 
 /// The venv python of a repository worker, building the venv on first use (from PyPI, hash
@@ -199,7 +213,12 @@ pub fn ready_worker(name: &str) -> ReadyWorker {
     static BUILD: Mutex<()> = Mutex::new(());
     let _guard = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let catalog = Catalog::scan(&workers_dir()).expect("workers folder");
-    let worker = catalog.get(name).expect("worker").clone();
+    let worker = catalog
+        .get(name)
+        .expect("worker")
+        .clone()
+        .for_jobs(65534, 65534, &system_dir())
+        .expect("a copy of the worker that jobs can read");
     let plan = VenvPlan::new(&worker, interpreter(), &venv_root()).expect("plan");
     if !plan.state().is_ready() {
         plan.build(interpreter(), &|_| {}).expect("venv build");
@@ -212,6 +231,9 @@ pub fn ready_worker(name: &str) -> ReadyWorker {
 
 /// A runner with the runtime installed in a temp folder of the test.
 pub fn runner(temp: &Path) -> Runner {
+    // A test's temp folder is private (0700); the job user must enter it to reach its own.
+    std::fs::set_permissions(temp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod the test's temp folder");
     let runtime = Runtime::install(temp).expect("runtime");
     Runner::new(runtime, temp.to_path_buf()).expect("job cgroups `auto` never fail")
 }

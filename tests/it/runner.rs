@@ -340,7 +340,21 @@ async fn a_job_the_daemon_cannot_start_is_a_daemon_fault(mode: Isolation) {
     assert!(fault.message.contains("no-such-folder"), "{fault}");
 }
 
+/// A root daemon's job runs as the job user even with the default `python3` (on this kind of
+/// machine a pyenv build under `/root`, which the job user cannot enter: the daemon uses a copy
+/// under its system folder).
+async fn a_root_daemons_job_never_runs_as_root(mode: Isolation) {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let (report, _) = diagnostics(mode, json!({"action": "process"}), T).await;
+    let out = output(&report);
+    assert_eq!(out["uid"], 65534, "{out}");
+    assert_eq!(out["euid"], 65534, "{out}");
+}
+
 crate::in_both_modes!(
+    a_root_daemons_job_never_runs_as_root,
     a_job_the_daemon_cannot_start_is_a_daemon_fault,
     each_job_is_a_fresh_process,
     no_daemon_environment_reaches_a_job,

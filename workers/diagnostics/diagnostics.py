@@ -168,7 +168,7 @@ def _process(params: Params, ctx: Any) -> Any:
     earlier = list(_SERVED)
     _SERVED.append(ctx.job_id)
     return {"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgid(0),
-            "earlier_jobs": earlier}
+            "uid": os.getuid(), "euid": os.geteuid(), "earlier_jobs": earlier}
 
 
 def _spin(params: Params, ctx: Any) -> Any:
