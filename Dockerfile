@@ -11,14 +11,21 @@
 # image build time. The image runs with a read-only root file system: the only writable path it
 # needs is /tmp (the pod mounts an emptyDir there; `engine.temp_dir` = /tmp/jobs).
 # deploy/operator-guide.md explains every setting below; deploy/validate.sh lints this file and
-# checks that every COPY source exists and is not excluded by .dockerignore.
+# checks that every COPY source exists and is not excluded by .dockerignore, and
+# deploy/image-smoke.sh runs the runtime stage's own steps in a Debian file system (no Docker).
 
 # 1.90 is the oldest toolchain the locked dependencies accept (ordered-float's rust-version);
 # this is the toolchain the project is developed and tested with.
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
+# Base image digests ("@sha256:<64 hex>"), so that a rebuild gets the same bases. Empty means
+# the tag's current image. deploy/operator-guide.md ("Pinning the base images") gives the
+# commands that resolve and commit them; deploy/validate.sh checks their form, and refuses
+# empty ones when REQUIRE_PINNED_BASES=1 (release builds).
+ARG RUST_DIGEST=
+ARG DEBIAN_DIGEST=
 
-FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS build
+FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE}${RUST_DIGEST} AS build
 # aws-lc-sys (rustls' crypto) and the bundled SQLite are C code: the slim image has gcc;
 # cmake (with make) is aws-lc-sys's fallback build system.
 RUN apt-get update \
@@ -36,8 +43,16 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin hybrid-worker \
     && install -D -m 0755 target/release/hybrid-worker /out/hybrid-worker
+# The image gets the binary without debug info (the release profile keeps line tables for
+# backtraces); the debug info goes to its own file, linked by a .gnu_debuglink section, that
+# the `debug` stage exports: docker build --target debug --output type=local,dest=out .
+RUN objcopy --only-keep-debug /out/hybrid-worker /out/hybrid-worker.debug \
+    && objcopy --strip-debug --add-gnu-debuglink=/out/hybrid-worker.debug /out/hybrid-worker
 
-FROM debian:${DEBIAN_RELEASE}-slim AS runtime
+FROM scratch AS debug
+COPY --from=build /out/hybrid-worker.debug /
+
+FROM debian:${DEBIAN_RELEASE}-slim${DEBIAN_DIGEST} AS runtime
 # python3 + python3-venv: the interpreter every worker venv is built from (/usr/bin/python3).
 # ca-certificates: TLS to Service Bus (AMQP on 5671) and to Entra ID.
 RUN apt-get update \
@@ -58,6 +73,7 @@ ENV HYBRID__WORKERS__DIR=/opt/hybrid-worker/workers \
     HYBRID__EMULATOR__DATA_DIR=/tmp/emulator \
     HYBRID__HTTP__LISTEN=0.0.0.0:9090 \
     HYBRID__LOG__FORMAT=json \
+    HYBRID__SERVICEBUS__EMBEDDED=never \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -73,6 +89,12 @@ RUN HYBRID__LOG__FORMAT=text hybrid-worker workers build \
 # The venvs are built ahead, so the daemon must never try to build them on a read-only file
 # system: with a missing or stale venv it refuses to start and names `workers build`.
 ENV HYBRID__ENGINE__BUILD_VENVS_ON_START=false
+# Fail closed on a weakened sandbox: every mechanism an AKS node gives a non-root pod must be
+# on, or the daemon refuses to start (exit 2) naming what is off and why. (A non-root pod has
+# no uid of its own per job and no delegated cgroup: `user`, `processes` and `cgroup*` are
+# required by the user-namespace overlay instead, where the node gives them.) A node pool
+# whose kernel lacks Landlock, or whose seccomp profile blocks it, is refused, not used weakly.
+ENV HYBRID__SANDBOX__REQUIRE=rlimits,oom_score_adj,no_new_privs,seccomp,landlock
 
 WORKDIR /opt/hybrid-worker
 USER 10001:10001

@@ -9,8 +9,13 @@
 #      check_manifests.py validates them against Kubernetes' schemas (kubernetes-validate,
 #      for each version in K8S_VERSIONS) and KEDA's (deploy/schemas/keda-v1alpha1.json), and
 #      checks the project's rules (drain, memory, security context, references).
-#   3. deploy/azure: check_terraform.py, a structural check of the Terraform; `terraform fmt
-#      -check` too where a terraform CLI happens to be installed.
+#      The memory, /tmp and PID budgets come from deploy/validate/budgets.py.
+#   3. deploy/azure: check_terraform.py, a structural check of the Terraform (provider settings,
+#      lock file, node pool budgets, monitoring); check_rules.py, the alert rules
+#      (deploy/monitoring) against the metrics the daemon exports; selftest_terraform.py, broken
+#      copies of both refused; `terraform fmt -check` too where a terraform CLI is installed.
+#   (deploy/image-smoke.sh, which builds and runs the image's file system, is separate: it
+#   needs root and the network.)
 #
 # Tools install once into target/deploy-venv from deploy/validate/requirements.txt (pinned);
 # after that the script runs offline in a few seconds.
@@ -50,10 +55,12 @@ for dir in deploy/aks/base deploy/aks/overlays/*/; do
   "$PY" deploy/validate/check_manifests.py "${final[@]}" "${k_args[@]}" "$OUT/$name.yaml" || failed=1
 done
 
-"$PY" deploy/validate/selftest.py "$OUT/overlays-example.yaml" || failed=1
+"$PY" deploy/validate/selftest.py "$OUT/overlays-example.yaml" "$OUT/overlays-userns.yaml" || failed=1
 
-echo "== deploy: Terraform (deploy/azure)"
+echo "== deploy: Terraform (deploy/azure) and alert rules (deploy/monitoring)"
 "$PY" deploy/validate/check_terraform.py deploy/azure || failed=1
+"$PY" deploy/validate/check_rules.py || failed=1
+"$PY" deploy/validate/selftest_terraform.py deploy/azure || failed=1
 # The terraform CLI is not installable from the registries, but this machine kind's image has
 # one: use it for formatting where it is there. `terraform validate` would need the azurerm
 # provider, which cannot be downloaded here.

@@ -102,6 +102,19 @@ pub struct ServiceBusSettings {
     pub namespace: String,
     pub credential: crate::servicebus::credential::EntraSource,
     pub token_lifetime_s: u64,
+    /// Whether the embedded emulator may stand in when no Service Bus is configured.
+    pub embedded: EmbeddedEmulator,
+}
+
+/// `servicebus.embedded`: may a command fall back to the embedded emulator when neither
+/// `servicebus.connection_string` nor `servicebus.namespace` is set?
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddedEmulator {
+    /// Yes: the local default, so `run` works on a fresh clone.
+    Auto,
+    /// No: nothing configured is an error (deployments, where it means a lost setting).
+    Never,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

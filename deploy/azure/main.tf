@@ -1,19 +1,22 @@
 # hybrid-worker's Azure side: the Service Bus namespace, the jobs and results queues, the
 # daemon's workload identity (Data Receiver + Data Sender), and KEDA's (Data Owner on the jobs
-# queue, to read its message count). README.md beside this file, and ../operator-guide.md
+# queue, to read its message count). nodepool.tf adds the workers' node pool, monitoring.tf
+# the diagnostic settings and alerts. README.md beside this file, and ../operator-guide.md
 # (section 2), explain each choice.
 
 data "azurerm_resource_group" "this" {
   name = var.resource_group_name
 }
 
-data "azurerm_kubernetes_cluster" "aks" {
-  name                = var.aks_cluster_name
-  resource_group_name = var.aks_resource_group_name
-}
+# The subscription and tenant Terraform runs in (no credentials are read or stored).
+data "azurerm_client_config" "current" {}
 
+# The AKS cluster is not read: azurerm's only data source for it (azurerm_kubernetes_cluster)
+# stores the cluster's admin kubeconfig in the state. Its id is composed, and its OIDC issuer
+# URL is a variable (deploy/azure/README.md prints both with one `az aks show`).
 locals {
-  location = coalesce(var.location, data.azurerm_resource_group.this.location)
+  location       = coalesce(var.location, data.azurerm_resource_group.this.location)
+  aks_cluster_id = "/subscriptions/${data.azurerm_client_config.current.subscription_id}/resourceGroups/${var.aks_resource_group_name}/providers/Microsoft.ContainerService/managedClusters/${var.aks_cluster_name}"
 }
 
 resource "azurerm_servicebus_namespace" "this" {
@@ -77,7 +80,7 @@ resource "azurerm_federated_identity_credential" "worker" {
   resource_group_name = data.azurerm_resource_group.this.name
   parent_id           = azurerm_user_assigned_identity.worker.id
   audience            = ["api://AzureADTokenExchange"]
-  issuer              = data.azurerm_kubernetes_cluster.aks.oidc_issuer_url
+  issuer              = var.aks_oidc_issuer_url
   subject             = "system:serviceaccount:${var.k8s_namespace}:${var.k8s_service_account}"
 }
 
@@ -111,7 +114,7 @@ resource "azurerm_federated_identity_credential" "keda" {
   resource_group_name = data.azurerm_resource_group.this.name
   parent_id           = azurerm_user_assigned_identity.keda.id
   audience            = ["api://AzureADTokenExchange"]
-  issuer              = data.azurerm_kubernetes_cluster.aks.oidc_issuer_url
+  issuer              = var.aks_oidc_issuer_url
   subject             = "system:serviceaccount:${var.keda_namespace}:${var.keda_service_account}"
 }
 

@@ -8,12 +8,18 @@
   workspace members' and path dependencies' manifests and targets, and every
   include_str!/include_bytes! in the copied Rust sources;
 - the contract the deployment relies on: cargo builds with --locked, a numeric non-root USER,
-  ENTRYPOINT ["hybrid-worker"] and CMD ["run"], venvs built and `build_venvs_on_start` off.
+  ENTRYPOINT ["hybrid-worker"] and CMD ["run"], venvs built and `build_venvs_on_start` off,
+  `servicebus.embedded` = never (a missing Service Bus setting fails the pod, not silently
+  serves an empty emulator), the binary stripped with its debug info kept apart;
+- base images: every FROM of a registry image ends in a digest ARG (RUST_DIGEST,
+  DEBIAN_DIGEST) whose default is empty or "@sha256:<64 hex>"; with REQUIRE_PINNED_BASES=1 (a
+  release build) an empty one is refused.
 
 Usage: check_dockerfile.py  (from anywhere; paths are the repository's)
 """
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -110,9 +116,30 @@ def main() -> int:
     rules = dockerignore()
     files = tracked_files()
     stages, stage, copied = [], None, {}
+    global_args = {}
     for line, word, rest in steps:
         where = f"Dockerfile:{line}"
+        if word == "ARG" and not stages:
+            name, _, default = rest.partition("=")
+            global_args[name.strip()] = default.strip()
         if word == "FROM":
+            image = rest.split()[0]
+            if image != "scratch" and image not in stages:
+                m = re.search(r"\$\{([A-Z_]+_DIGEST)\}$", image)
+                if not m:
+                    fail(f"{where}: FROM {image} is not pinned: end it with a digest ARG (${{..._DIGEST}})")
+                elif m.group(1) not in global_args:
+                    fail(f"{where}: FROM {image}: ARG {m.group(1)} is not declared before the first FROM")
+                else:
+                    digest = global_args[m.group(1)]
+                    if digest and not re.fullmatch(r"@sha256:[0-9a-f]{64}", digest):
+                        fail(f"{where}: ARG {m.group(1)}={digest!r} is not @sha256:<64 hex digits>")
+                    elif not digest and os.environ.get("REQUIRE_PINNED_BASES") == "1":
+                        fail(f"{where}: ARG {m.group(1)} is empty: a release build pins every base image "
+                             "(deploy/operator-guide.md, \"Pinning the base images\")")
+                    elif not digest:
+                        print(f"  note: {image} is not pinned (ARG {m.group(1)} is empty); "
+                              "release builds set REQUIRE_PINNED_BASES=1")
             m = re.search(r"\bAS\s+(\S+)", rest, re.I)
             stage = m.group(1) if m else str(len(stages))
             stages.append(stage)
@@ -204,6 +231,12 @@ def main() -> int:
         fail("the final stage must set HYBRID__ENGINE__BUILD_VENVS_ON_START=false (the root file system is read-only)")
     if not any(w == "RUN" and "workers build" in r for w, r in final):
         fail("the final stage must build the worker venvs (hybrid-worker workers build)")
+    if "HYBRID__SERVICEBUS__EMBEDDED=never" not in env:
+        fail("the final stage must set HYBRID__SERVICEBUS__EMBEDDED=never: a pod without Service Bus "
+             "settings must fail, not run on an empty embedded emulator")
+    if not any(w == "RUN" and "--strip-debug" in r and "--only-keep-debug" in r for _, w, r in steps):
+        fail("the build stage must strip the binary (objcopy --strip-debug) and keep its debug info "
+             "(objcopy --only-keep-debug)")
 
     for e in errors:
         print(f"  FAIL {e}")

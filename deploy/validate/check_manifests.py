@@ -7,7 +7,10 @@
 3. This project's rules, which tie the manifests to the code: the securityContext the
    sandbox is built for, probes on the `http` port the image listens on, the drain rule
    (terminationGracePeriodSeconds >= engine.drain_timeout_s + the longest worker timeout_s),
-   memory for engine.concurrency jobs, every reference (ServiceAccount, ConfigMap, KEDA
+   the memory and ephemeral-storage budgets of budgets.py (request = limit >= concurrency x
+   memory_mb + the daemon's; the /tmp emptyDir >= concurrency x the per-file limit + the
+   daemon's; the pod's ephemeral storage >= that + the container logs), DNS egress that works
+   with node-local resolvers, every reference (ServiceAccount, ConfigMap, KEDA
    target and authentication, selectors) resolving, the config file's keys existing in
    config/default.toml, and (with --final) no placeholder left.
 
@@ -25,6 +28,8 @@ from pathlib import Path
 import jsonschema
 import kubernetes_validate
 import yaml
+
+from budgets import CONTAINER_LOGS_MIB, budget, workers_limits
 
 REPO = Path(__file__).resolve().parents[2]
 PLACEHOLDER_UUID = "00000000-0000-0000-0000-000000000000"
@@ -59,13 +64,9 @@ def dockerfile_facts() -> dict:
     return facts
 
 
-def workers_facts() -> dict:
-    timeouts, memories = {}, {}
-    for toml in sorted((REPO / "workers").glob("*/worker.toml")):
-        data = tomllib.loads(toml.read_text())
-        timeouts[toml.parent.name] = data.get("timeout_s", 60)
-        memories[toml.parent.name] = data.get("memory_mb", 512)
-    return {"timeouts": timeouts, "memories": memories}
+# Where pods send DNS besides the kube-dns pods: AKS LocalDNS's two listeners and NodeLocal
+# DNSCache's default address. They run on the node, so a pod selector never matches them.
+NODE_LOCAL_DNS = ("169.254.10.10/32", "169.254.10.11/32", "169.254.20.10/32")
 
 
 def check_kubernetes_schema(obj: dict, versions: list) -> None:
@@ -118,14 +119,54 @@ def check_config_keys(config: dict, where: str) -> None:
                 fail(where, f"config.toml: unknown key {section}.{key}")
 
 
+# What the daemon needs, as root of a pod's user namespace, to run each job as its own uid:
+# SETUID/SETGID to switch, CHOWN to hand it its temp folder, KILL to stop it at its deadline,
+# DAC_OVERRIDE/FOWNER to remove what it left (deploy/validate/image_smoke_userns.py).
+USERNS_CAPABILITIES = {"CHOWN", "DAC_OVERRIDE", "FOWNER", "KILL", "SETGID", "SETUID"}
+# A pod user namespace maps uids 0-65535.
+USERNS_IDS = 65536
+
+
+def check_userns(where: str, main: dict, by_kind: dict) -> None:
+    """A hostUsers: false pod: the guard against a runtime that ignores it, job uids inside the
+    namespace's range and one per concurrent job, a Pod Security level that admits it."""
+    command = " ".join(main.get("command", []))
+    if "/proc/self/uid_map" not in command or "4294967295" not in command:
+        fail(where, "with hostUsers: false the container's command must refuse to start when /proc/self/uid_map "
+                    "maps the whole uid range (a runtime that ignored hostUsers would run the daemon as the node's root)")
+    env = {e["name"]: e.get("value") for e in main.get("env", [])}
+    defaults = tomllib.loads((REPO / "config/default.toml").read_text())["sandbox"]
+    try:
+        user = int(env.get("HYBRID__SANDBOX__USER") or defaults["user"])
+        users = int(env.get("HYBRID__SANDBOX__USERS") or defaults["users"])
+    except ValueError:
+        fail(where, "HYBRID__SANDBOX__USER and HYBRID__SANDBOX__USERS must be numbers")
+        return
+    concurrency = None
+    for cm in by_kind.get("ConfigMap", {}).values():
+        for text in cm.get("data", {}).values():
+            try:
+                concurrency = tomllib.loads(text).get("engine", {}).get("concurrency", concurrency)
+            except tomllib.TOMLDecodeError:
+                pass
+    concurrency = concurrency or tomllib.loads((REPO / "config/default.toml").read_text())["engine"]["concurrency"]
+    if user < 1 or user + users - 1 >= USERNS_IDS:
+        fail(where, f"sandbox uids {user}-{user + users - 1} are outside the user namespace's 1-{USERNS_IDS - 1}")
+    if users < concurrency:
+        fail(where, f"HYBRID__SANDBOX__USERS {users} < engine.concurrency {concurrency}: running jobs would share uids")
+    for ns in by_kind.get("Namespace", {}).values():
+        level = ns["metadata"].get("labels", {}).get("pod-security.kubernetes.io/enforce")
+        if level == "restricted":
+            fail(f"Namespace/{ns['metadata']['name']}", "enforces the restricted Pod Security Standard, which refuses "
+                 "the added capabilities: use baseline for a hostUsers: false pod")
+
+
 def check_project_rules(objects: list, final: bool) -> None:
     by_kind = {}
     for obj in objects:
         by_kind.setdefault(obj["kind"], {})[obj["metadata"]["name"]] = obj
     docker = dockerfile_facts()
-    workers = workers_facts()
-    longest = max(workers["timeouts"].values())
-    biggest = max(workers["memories"].values())
+    longest = max(w["timeout_s"] for w in workers_limits().values())
 
     deployments = by_kind.get("Deployment", {})
     if len(deployments) != 1:
@@ -141,14 +182,20 @@ def check_project_rules(objects: list, final: bool) -> None:
     if not labels_match(spec["selector"], pod_labels):
         fail(where, "the selector does not match the pod template's labels")
 
-    # Security context: what the sandbox and the image are built for.
+    # Security context: what the sandbox and the image are built for. With a user namespace
+    # (hostUsers: false, overlays/userns) the daemon is root of that namespace instead.
     psc = pod.get("securityContext", {})
-    if psc.get("runAsNonRoot") is not True:
-        fail(where, "pod securityContext.runAsNonRoot must be true")
+    userns = pod.get("hostUsers") is False
     if psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
         fail(where, "pod securityContext.seccompProfile.type must be RuntimeDefault")
-    if docker["uid"] is not None and psc.get("runAsUser") != docker["uid"]:
-        fail(where, f"pod runAsUser {psc.get('runAsUser')} differs from the Dockerfile's USER {docker['uid']}")
+    if userns:
+        if psc.get("runAsUser") != 0:
+            fail(where, "with hostUsers: false the daemon runs as uid 0 of the pod's user namespace (runAsUser: 0)")
+    else:
+        if psc.get("runAsNonRoot") is not True:
+            fail(where, "pod securityContext.runAsNonRoot must be true")
+        if docker["uid"] is not None and psc.get("runAsUser") != docker["uid"]:
+            fail(where, f"pod runAsUser {psc.get('runAsUser')} differs from the Dockerfile's USER {docker['uid']}")
     if pod.get("automountServiceAccountToken") is not False:
         fail(where, "automountServiceAccountToken must be false: the daemon never calls the Kubernetes API")
 
@@ -162,10 +209,18 @@ def check_project_rules(objects: list, final: bool) -> None:
         fail(where, "container readOnlyRootFilesystem must be true")
     if csc.get("allowPrivilegeEscalation") is not False:
         fail(where, "container allowPrivilegeEscalation must be false")
-    if "ALL" not in csc.get("capabilities", {}).get("drop", []) or csc.get("capabilities", {}).get("add"):
-        fail(where, "container capabilities must drop ALL and add none")
+    added = set(csc.get("capabilities", {}).get("add") or [])
+    if "ALL" not in csc.get("capabilities", {}).get("drop", []):
+        fail(where, "container capabilities must drop ALL")
+    if userns and not added <= USERNS_CAPABILITIES:
+        fail(where, f"with hostUsers: false the container may add only {sorted(USERNS_CAPABILITIES)}, "
+                    f"not {sorted(added - USERNS_CAPABILITIES)}")
+    elif not userns and added:
+        fail(where, "container capabilities must add none (only a user-namespace pod may add the job-switching ones)")
     if csc.get("privileged"):
         fail(where, "container must not be privileged")
+    if userns:
+        check_userns(where, main, by_kind)
 
     ports = {p.get("name"): p["containerPort"] for p in main.get("ports", [])}
     if ports.get("http") != docker["http_port"]:
@@ -213,11 +268,28 @@ def check_project_rules(objects: list, final: bool) -> None:
     if drain < longest:
         fail(config_where, f"engine.drain_timeout_s {drain} < the longest worker timeout_s {longest}: a scale-in would cut that job short")
 
-    limit = main.get("resources", {}).get("limits", {}).get("memory")
-    if not limit or not main.get("resources", {}).get("requests"):
-        fail(where, "container needs resource requests and a memory limit")
-    elif memory_mib(limit) < engine["concurrency"] * biggest:
-        fail(where, f"memory limit {limit} < engine.concurrency {engine['concurrency']} x the largest worker memory_mb {biggest} MiB")
+    # Budgets (budgets.py): a container OOM kills the daemon and every job together
+    # (memory.oom.group), and a full emptyDir evicts the pod.
+    plan = budget(config)
+    resources = main.get("resources", {})
+    limits, requests = resources.get("limits", {}), resources.get("requests", {})
+    quantities = {}
+    for kind, table in (("limits", limits), ("requests", requests)):
+        for key in ("memory", "ephemeral-storage"):
+            if key not in table:
+                fail(where, f"container resources.{kind}.{key} is not set")
+                continue
+            try:
+                quantities[(kind, key)] = memory_mib(table[key])
+            except ValueError as e:
+                fail(where, f"resources.{kind}.{key}: {e}")
+    if ("limits", "memory") in quantities:
+        if quantities[("limits", "memory")] < plan.memory_mib:
+            fail(where, f"memory limit {limits['memory']} < {plan.explain_memory()}")
+        if quantities.get(("requests", "memory")) != quantities[("limits", "memory")]:
+            fail(where, f"memory request {requests.get('memory')} != limit {limits['memory']}: "
+                        "the scheduler must reserve the whole budget, or node memory pressure evicts "
+                        "this pod before others")
 
     temp = docker["temp_dir"] or "/tmp"
     writable = [m for m in mounts.values() if not m.get("readOnly")
@@ -225,6 +297,29 @@ def check_project_rules(objects: list, final: bool) -> None:
                 and (temp + "/").startswith(m["mountPath"].rstrip("/") + "/")]
     if not writable:
         fail(where, f"engine.temp_dir {temp} is not on a mounted emptyDir (the root file system is read-only)")
+    for mount in writable:
+        empty_dir = volumes[mount["name"]]["emptyDir"] or {}
+        size = empty_dir.get("sizeLimit")
+        if empty_dir.get("medium") == "Memory":
+            fail(where, f"emptyDir {mount['name']} is in memory: job files would count against the memory budget")
+        if size is None:
+            fail(where, f"emptyDir {mount['name']} has no sizeLimit ({plan.explain_tmp()})")
+            continue
+        try:
+            size_mib = memory_mib(size)
+        except ValueError as e:
+            fail(where, f"emptyDir {mount['name']} sizeLimit: {e}")
+            continue
+        if size_mib < plan.tmp_mib:
+            fail(where, f"emptyDir {mount['name']} sizeLimit {size} < {plan.explain_tmp()}")
+        storage = quantities.get(("limits", "ephemeral-storage"))
+        if storage is not None and storage < size_mib + CONTAINER_LOGS_MIB:
+            fail(where, f"ephemeral-storage limit {limits['ephemeral-storage']} < the emptyDir's {size} "
+                        f"+ the container logs' {CONTAINER_LOGS_MIB}Mi: the kubelet would evict the pod "
+                        "before the emptyDir is full")
+        if storage is not None and quantities.get(("requests", "ephemeral-storage")) != storage:
+            fail(where, f"ephemeral-storage request {requests.get('ephemeral-storage')} != limit "
+                        f"{limits['ephemeral-storage']}: the scheduler must reserve the whole budget")
 
     # Service Bus and workload identity.
     sb = {**defaults["servicebus"], **config.get("servicebus", {})}
@@ -302,6 +397,17 @@ def check_project_rules(objects: list, final: bool) -> None:
             fail(nw, f"egress allows more than DNS, Service Bus and Entra ID: {sorted(extra)}")
         if any(not rule.get("ports") for rule in np["spec"].get("egress", [])):
             fail(nw, "an egress rule without ports allows every port")
+        dns_peers = [peer for rule in np["spec"].get("egress", [])
+                     if {(p.get("protocol", "TCP"), p.get("port")) for p in rule.get("ports", [])} & {("UDP", 53)}
+                     for peer in rule.get("to", [])]
+        dns_blocks = {peer["ipBlock"]["cidr"] for peer in dns_peers if "ipBlock" in peer}
+        if not any(peer.get("podSelector", {}).get("matchLabels", {}).get("k8s-app") == "kube-dns"
+                   for peer in dns_peers):
+            fail(nw, "DNS egress does not reach the kube-dns pods")
+        for cidr in NODE_LOCAL_DNS:
+            if cidr not in dns_blocks:
+                fail(nw, f"DNS egress does not allow the node-local resolver {cidr} (AKS LocalDNS / "
+                         "NodeLocal DNSCache): every lookup would fail on such a cluster")
 
 
 def main() -> int:

@@ -1,10 +1,11 @@
 //! Which Service Bus a command talks to: the connection string, else the namespace with an
-//! Entra ID credential, else the embedded emulator on `emulator.listen`.
+//! Entra ID credential, else the embedded emulator on `emulator.listen` (unless
+//! `servicebus.embedded` = "never", where nothing configured is refused).
 
 use std::time::Duration;
 
 use super::UsageError;
-use crate::config::Settings;
+use crate::config::{EmbeddedEmulator, Settings};
 use crate::emulator::EmulatorHandle;
 use crate::servicebus::client::{ServiceBusBroker, ServiceBusConfig};
 use crate::servicebus::connection_string::ConnectionString;
@@ -37,6 +38,16 @@ impl Target {
         }
         if !sb.namespace.is_empty() {
             return Ok(Target::Namespace(sb.namespace.clone()));
+        }
+        if sb.embedded == EmbeddedEmulator::Never {
+            return Err(UsageError(
+                "no Service Bus is configured and servicebus.embedded = \"never\" forbids the \
+                 embedded emulator: set servicebus.connection_string \
+                 (HYBRID__SERVICEBUS__CONNECTION_STRING) or servicebus.namespace \
+                 (HYBRID__SERVICEBUS__NAMESPACE)"
+                    .into(),
+            )
+            .into());
         }
         Ok(Target::Embedded)
     }

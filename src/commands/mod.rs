@@ -141,7 +141,7 @@ pub fn check_required_sandbox(
         let enforcement = runner.enforcement(&r.worker, &r.python);
         if root && let Some(user) = enforcement.iter().find(|e| e.mechanism == "user" && !e.on) {
             return Err(UsageError(format!(
-                "jobs of worker {:?} would run as root: {}; make it readable by uid {} (sandbox.user), or let venvs live under workers.system_dir",
+                "a root daemon runs jobs as another user, and for worker {:?} it cannot: {} (a job never runs as uid 0; make what it reads readable by uid {} (sandbox.user), grant the capabilities, or run the daemon as a non-root user)",
                 r.worker.name, user.detail, settings.sandbox.user
             )));
         }

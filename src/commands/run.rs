@@ -1,6 +1,6 @@
 //! `hybrid-worker run`: the daemon. Checks (or builds) every worker's venv, connects to
-//! Service Bus — or starts the embedded emulator when none is configured — and runs the engine
-//! until SIGTERM/SIGINT, then drains.
+//! Service Bus — or starts the embedded emulator when none is configured and
+//! `servicebus.embedded` allows it — and runs the engine until SIGTERM/SIGINT, then drains.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -21,6 +21,9 @@ use crate::worker::Catalog;
 use crate::worker::venv::{VenvPlan, VenvState};
 
 pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
+    // First: where jobs come from. A deployment with `servicebus.embedded = "never"` and no
+    // Service Bus configured stops here (exit 2), before it could report ready.
+    let target = Target::of(settings)?;
     let shutdown = crate::shutdown::on_signals()?;
     // Probes and metrics answer from the start: not ready until workers and broker are.
     let http_stop = CancellationToken::new();
@@ -59,7 +62,6 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     super::check_required_sandbox(settings, &runner, &ready)?;
     let executor = Arc::new(ProcessExecutor::new(ready, &catalog, runner));
 
-    let target = Target::of(settings)?;
     let mut embedded = None;
     let broker = match &target {
         Target::Embedded => {

@@ -69,8 +69,11 @@ impl ChildHandle {
     pub fn signal_group(&self, signal: Signal) {
         let reaped = self.reaped.lock().unwrap_or_else(|e| e.into_inner());
         if !*reaped {
-            // ESRCH (nobody left in the group) is the only expected error and means done.
-            let _ = killpg(Pid::from_raw(self.pid), signal);
+            // ESRCH (nobody left in the group) is the expected error and means done; EPERM means
+            // this daemon may not signal its own job, which the start-up checks rule out.
+            if let Err(nix::errno::Errno::EPERM) = killpg(Pid::from_raw(self.pid), signal) {
+                tracing::error!(pid = self.pid, signal = %signal, "The daemon may not signal its job's process group (EPERM).");
+            }
         }
     }
 

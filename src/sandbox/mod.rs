@@ -11,21 +11,29 @@
 //! Nothing is skipped silently: [`SandboxPolicy::enforcement`] says for each mechanism whether
 //! it is enforced here and how, and the daemon logs it at start and `workers verify` prints it.
 
+mod apply;
 pub mod cgroup;
 pub mod landlock;
 pub mod probe;
+mod report;
 pub mod seccomp;
+mod settings;
+mod users;
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
+use apply::{ChildUser, last_capability};
+pub use apply::{Prepared, harden_daemon};
+pub use report::Enforced;
+pub use settings::{MECHANISMS, SandboxSettings, is_required, unmet};
+use users::UidPool;
+pub use users::{JobUser, UidLease, unreachable_part};
+
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use nix::sys::resource::Resource;
-use serde::{Deserialize, Serialize};
 
-use crate::worker::{Limits, NetworkPolicy, Worker};
-use cgroup::{CgroupError, CgroupSetting, Cgroups, JobCgroup};
+use crate::worker::{Limits, Worker};
+use cgroup::{CgroupError, Cgroups, JobCgroup};
 use landlock::FsRules;
 use probe::KernelSupport;
 
@@ -69,114 +77,6 @@ const ETC_READ: &[&str] = &[
 const DEVICES_READ: &[&str] = &["/dev/urandom", "/dev/random", "/sys/devices/system/cpu"];
 /// Devices a job may write.
 const DEVICES_WRITE: &[&str] = &["/dev/null"];
-
-/// The daemon-wide part of the sandbox, from the `[sandbox]` configuration section.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct SandboxSettings {
-    /// The uid jobs run as when the daemon runs as root (65534, `nobody`, by default).
-    pub user: u32,
-    /// The gid jobs run as when the daemon runs as root.
-    pub group: u32,
-    /// How many uids, from `user` up, running jobs take turns with: with one per running job,
-    /// `RLIMIT_NPROC` (which counts per uid) is each job's own, and jobs cannot signal each
-    /// other. More running jobs than uids share the first one.
-    pub users: u32,
-    /// Where job cgroups are made: `auto` (the daemon's own cgroup v2 folder, when writable),
-    /// `off`, or a cgroup v2 folder's path (the daemon refuses to start if it cannot use it).
-    pub cgroup: CgroupSetting,
-    /// Mechanisms ([`MECHANISMS`], or `all`) that must be on for every worker: `run` and
-    /// `exec` refuse to start (exit 2) naming each one that is off here and why, so that a
-    /// weakened sandbox is never silent in production.
-    #[serde(default)]
-    pub require: Vec<String>,
-}
-
-/// The mechanisms `sandbox.require` may name, as [`Enforced::mechanism`] spells them with `_`
-/// for spaces.
-pub const MECHANISMS: &[&str] = &[
-    "user",
-    "rlimits",
-    "processes",
-    "oom_score_adj",
-    "no_new_privs",
-    "seccomp",
-    "landlock",
-    "cgroup",
-    "cgroup_memory",
-    "cgroup_pids",
-];
-
-/// Whether `sandbox.require` (`required`) names `mechanism` (as [`Enforced`] spells it).
-pub fn is_required(required: &[String], mechanism: &str) -> bool {
-    let name = mechanism.replace(' ', "_");
-    required.iter().any(|r| r == "all" || *r == name)
-}
-
-/// The required mechanisms that `enforcement` reports off, each as `name: why`.
-pub fn unmet(required: &[String], enforcement: &[Enforced]) -> Vec<String> {
-    enforcement
-        .iter()
-        .filter(|e| !e.on && is_required(required, e.mechanism))
-        .map(|e| format!("{}: {}", e.mechanism.replace(' ', "_"), e.detail))
-        .collect()
-}
-
-impl Default for SandboxSettings {
-    fn default() -> Self {
-        Self {
-            user: 65534,
-            group: 65534,
-            users: 1,
-            cgroup: CgroupSetting::Auto,
-            require: Vec::new(),
-        }
-    }
-}
-
-/// The uids running jobs hold, so that no two running jobs share one while there are enough.
-#[derive(Debug, Clone, Default)]
-struct UidPool {
-    free: Arc<Mutex<Vec<u32>>>,
-}
-
-impl UidPool {
-    fn new(settings: &SandboxSettings) -> Self {
-        // Reversed so that `pop` hands out the lowest uid first.
-        let free = (0..settings.users)
-            .rev()
-            .filter_map(|i| settings.user.checked_add(i))
-            .collect();
-        Self {
-            free: Arc::new(Mutex::new(free)),
-        }
-    }
-
-    /// A uid of its own for one job, or `None` when every uid is taken.
-    fn lease(&self) -> Option<UidLease> {
-        let uid = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
-        Some(UidLease {
-            uid,
-            pool: self.free.clone(),
-        })
-    }
-}
-
-/// A uid held by one running job; it goes back to the pool when the job's run ends.
-#[derive(Debug)]
-pub struct UidLease {
-    uid: u32,
-    pool: Arc<Mutex<Vec<u32>>>,
-}
-
-impl Drop for UidLease {
-    fn drop(&mut self) {
-        self.pool
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(self.uid);
-    }
-}
 
 /// Which mechanisms are applied. All of them, always, in the daemon; the benchmark turns them
 /// off one by one to measure what each costs. Not configurable on purpose.
@@ -336,27 +236,6 @@ impl Sandbox {
     }
 }
 
-/// Whom the job runs as.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JobUser {
-    /// The daemon is not root: the job keeps the daemon's uid (the container's user).
-    Same { uid: u32 },
-    /// The daemon is root: the job runs as this unprivileged user.
-    Drop { uid: u32, gid: u32 },
-    /// The daemon is root but `uid` cannot reach `blocked`, which the job needs: the job stays
-    /// uid 0 with every capability dropped. Reported at start; weaker (see `enforcement`).
-    RootWithoutCapabilities { uid: u32, blocked: PathBuf },
-}
-
-/// One mechanism's state on this daemon, for start-up logs and `workers verify`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Enforced {
-    pub mechanism: &'static str,
-    /// False when the mechanism is not enforced here; `detail` then says why.
-    pub on: bool,
-    pub detail: String,
-}
-
 /// What the sandbox does to one worker's jobs.
 #[derive(Debug, Clone)]
 pub struct SandboxPolicy {
@@ -389,7 +268,12 @@ impl SandboxPolicy {
     /// Why a job of this policy would keep uid 0 (a root daemon whose job user cannot reach
     /// what the job needs); the runner then refuses to start it. `None` otherwise.
     pub fn would_stay_root(&self) -> Option<String> {
+        let missing = &self.support.missing_root_capabilities;
         match &self.user {
+            JobUser::Drop { .. } if self.mechanisms.user && !missing.is_empty() => Some(format!(
+                "the daemon is uid 0 without {}: it can neither start the job as another uid nor stop it",
+                missing.join(", ")
+            )),
             JobUser::RootWithoutCapabilities { uid, blocked } if self.mechanisms.user => {
                 Some(format!(
                     "the job would run as root: uid {uid} cannot reach {}",
@@ -398,134 +282,6 @@ impl SandboxPolicy {
             }
             _ => None,
         }
-    }
-
-    /// True when the job runs as a dedicated user, so `RLIMIT_NPROC` counts only jobs.
-    fn dedicated_user(&self) -> bool {
-        self.mechanisms.user && matches!(self.user, JobUser::Drop { .. })
-    }
-
-    /// Each mechanism, and whether and how it is enforced for this worker on this kernel.
-    pub fn enforcement(&self) -> Vec<Enforced> {
-        let on = |mechanism, detail: String| Enforced {
-            mechanism,
-            on: true,
-            detail,
-        };
-        let off = |mechanism, detail: String| Enforced {
-            mechanism,
-            on: false,
-            detail,
-        };
-        let l = &self.limits;
-        let m = &self.mechanisms;
-        let mut out = Vec::new();
-        out.push(if m.user {
-            match &self.user {
-                JobUser::Same { uid } => on(
-                    "user",
-                    format!("the daemon's own uid {uid} (not root: nothing to drop)"),
-                ),
-                JobUser::Drop { uid, gid } if self.users > 1 => on(
-                    "user",
-                    format!(
-                        "uids {uid}-{} (one per running job) gid {gid}",
-                        uid.saturating_add(self.users - 1)
-                    ),
-                ),
-                JobUser::Drop { uid, gid } => on("user", format!("uid {uid} gid {gid}")),
-                JobUser::RootWithoutCapabilities { uid, blocked } => off(
-                    "user",
-                    format!(
-                        "uid 0 with no capabilities: uid {uid} cannot reach {} (build venvs from an interpreter outside root-only folders)",
-                        blocked.display()
-                    ),
-                ),
-            }
-        } else {
-            off("user", "turned off".into())
-        });
-        out.push(if m.rlimits {
-            on(
-                "rlimits",
-                format!(
-                    "address space {} MiB, CPU {} s, open files {MAX_OPEN_FILES}, file size {} MiB, no core dumps",
-                    l.memory_mb,
-                    l.cpu_s,
-                    MAX_FILE_BYTES >> 20
-                ),
-            )
-        } else {
-            off("rlimits", "turned off".into())
-        });
-        out.push(if m.rlimits && self.dedicated_user() {
-            on(
-                "processes",
-                if self.users > 1 {
-                    format!(
-                        "RLIMIT_NPROC {} for the job's own uid (shared only past {} running jobs)",
-                        l.max_processes, self.users
-                    )
-                } else {
-                    format!(
-                        "RLIMIT_NPROC {} for the job user (shared by its concurrent jobs; see sandbox.users)",
-                        l.max_processes
-                    )
-                },
-            )
-        } else {
-            let pids_max = matches!(&self.cgroups, Cgroups::On(root) if root.pids.is_ok())
-                && m.cgroup;
-            let instead = if pids_max {
-                "; the job cgroup's pids.max bounds them instead"
-            } else {
-                ""
-            };
-            off(
-                "processes",
-                match self.user {
-                    JobUser::Same { .. } if pids_max => format!(
-                        "jobs share the daemon's uid, whose threads RLIMIT_NPROC would count{instead}"
-                    ),
-                    JobUser::Same { .. } => "jobs share the daemon's uid, whose threads RLIMIT_NPROC would count; set a pids limit on the pod".into(),
-                    _ => format!("jobs run as uid 0, which RLIMIT_NPROC does not limit{instead}"),
-                },
-            )
-        });
-        out.push(on(
-            "oom_score_adj",
-            "1000: the OOM killer picks the job, never the daemon".into(),
-        ));
-        out.push(if !m.no_new_privs {
-            off("no_new_privs", "turned off".into())
-        } else {
-            on("no_new_privs", "on".into())
-        });
-        out.push(match (m.seccomp, self.support.seccomp) {
-            (false, _) => off("seccomp", "turned off".into()),
-            (true, false) => off("seccomp", "the kernel has no seccomp".into()),
-            (true, true) => on(
-                "seccomp",
-                format!(
-                    "EPERM for {} calls (ptrace, mount, bpf, unshare, keyctl, setsid, io_uring…); sockets: {}",
-                    seccomp::denied_names().count(),
-                    match l.network {
-                        NetworkPolicy::Deny => "AF_UNIX only",
-                        NetworkPolicy::Allow => "all but AF_PACKET",
-                    }
-                ),
-            ),
-        });
-        out.push(match (m.landlock, &self.support.landlock_abi) {
-            (false, _) => off("landlock", "turned off".into()),
-            (true, Err(why)) => off(
-                "landlock",
-                format!("{why}: the job can read and write whatever its uid can"),
-            ),
-            (true, Ok(abi)) => on("landlock", landlock::features(*abi)),
-        });
-        out.extend(cgroup::enforcement(&self.cgroups, l, m.cgroup));
-        out
     }
 
     /// Does, before the fork, everything that allocates or opens files: the rlimit values,
@@ -686,240 +442,10 @@ fn interpreter_prefixes(python: &Path, venv: &Path) -> Vec<PathBuf> {
     found
 }
 
-/// The first part of `path` (after resolving links) that `uid`/`gid` (with no supplementary
-/// groups) cannot search, or read at the end; `None` when it can.
-pub fn unreachable_part(path: &Path, uid: u32, gid: u32) -> Option<PathBuf> {
-    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let allowed = |meta: &std::fs::Metadata, bit: u32| {
-        let mode = meta.mode();
-        let shift = if meta.uid() == uid {
-            6
-        } else if meta.gid() == gid {
-            3
-        } else {
-            0
-        };
-        mode & (bit << shift) != 0
-    };
-    let ancestors: Vec<&Path> = real.ancestors().collect();
-    for dir in ancestors.iter().rev() {
-        let Ok(meta) = std::fs::metadata(dir) else {
-            return Some(dir.to_path_buf());
-        };
-        let last = *dir == real.as_path();
-        let ok = if last {
-            allowed(&meta, 0o4) && (!meta.is_dir() || allowed(&meta, 0o1))
-        } else {
-            allowed(&meta, 0o1)
-        };
-        if !ok {
-            return Some(dir.to_path_buf());
-        }
-    }
-    None
-}
-
-fn last_capability() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(63)
-}
-
-/// What the child does about its user.
-#[derive(Debug)]
-enum ChildUser {
-    Keep,
-    Drop {
-        uid: u32,
-        gid: u32,
-    },
-    /// Stay uid 0 but drop the capability bounding set and every capability.
-    DropCapabilities {
-        last_cap: u32,
-    },
-}
-
-/// A job's sandbox, ready to apply between fork and exec.
-#[derive(Debug)]
-pub struct Prepared {
-    rlimits: Vec<(Resource, u64, u64)>,
-    user: ChildUser,
-    no_new_privs: bool,
-    landlock: Option<OwnedFd>,
-    seccomp: Vec<seccompiler::BpfProgram>,
-    /// The daemon, which the child checks is still its parent after the uid change.
-    daemon_pid: i32,
-    /// The job cgroup's `cgroup.procs`, which the child enters first of all.
-    cgroup: Option<OwnedFd>,
-}
-
-impl Prepared {
-    /// Makes the child enter the job cgroup whose `cgroup.procs` is `procs` (a descriptor the
-    /// daemon opened) before anything else, so that nothing it starts is outside it.
-    pub fn enter_cgroup(&mut self, procs: BorrowedFd<'_>) -> std::io::Result<()> {
-        // A copy at 10 or above: the child moves its pipes to 0-4 before this is written to,
-        // and must not overwrite it.
-        // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor the caller holds into a new one that
-        // is owned here alone.
-        let raw = unsafe { libc::fcntl(procs.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        self.cgroup = Some(unsafe { OwnedFd::from_raw_fd(raw) });
-        Ok(())
-    }
-
-    /// Applies the sandbox to the calling (child) process. Only system calls on values made
-    /// before the fork: no allocation, no lock, so it is safe in `pre_exec`.
-    pub fn apply_in_child(&self) -> std::io::Result<()> {
-        let os_err = std::io::Error::last_os_error;
-        // First: the job cgroup, still with the daemon's credentials, before the child (or the
-        // program it becomes) can start anything.
-        if let Some(procs) = &self.cgroup {
-            cgroup::enter(procs.as_fd())?;
-        }
-        // The daemon is not dumpable (so same-uid jobs cannot read its /proc files), and a
-        // forked child inherits that until exec: its own /proc/self files then belong to root
-        // and a non-root daemon's child could not write its oom_score_adj. The child becomes
-        // dumpable again here, as exec would make it anyway; the daemon stays as it is.
-        // SAFETY: prctl with integer arguments, on this process only.
-        if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) } < 0 {
-            return Err(os_err());
-        }
-        for (resource, soft, hard) in &self.rlimits {
-            nix::sys::resource::setrlimit(*resource, *soft, *hard)?;
-        }
-        write_oom_score_adj()?;
-        match self.user {
-            ChildUser::Keep => {}
-            ChildUser::Drop { uid, gid } => {
-                // SAFETY: plain system calls with integer arguments; a null list with length
-                // 0 clears the supplementary groups. Raw calls, not glibc's wrappers: these
-                // would signal every thread glibc believes the process has (its set-id
-                // broadcast), which is wrong in a child started by a raw `clone3`, whose only
-                // thread is this one (`runner::child`).
-                unsafe {
-                    if libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) < 0
-                        || libc::syscall(libc::SYS_setresgid, gid, gid, gid) < 0
-                        || libc::syscall(libc::SYS_setresuid, uid, uid, uid) < 0
-                    {
-                        return Err(os_err());
-                    }
-                }
-            }
-            ChildUser::DropCapabilities { last_cap } => drop_capabilities(last_cap)?,
-        }
-        // A uid change clears the parent-death signal, so it is set after it; if the daemon
-        // died before this point, the job must not start at all.
-        // SAFETY: prctl and getppid take and return integers only.
-        unsafe {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
-                return Err(os_err());
-            }
-            if libc::getppid() != self.daemon_pid {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-        }
-        if self.no_new_privs {
-            // SAFETY: integer arguments only.
-            if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
-                return Err(os_err());
-            }
-        }
-        if let Some(ruleset) = &self.landlock {
-            landlock::restrict_self(ruleset)?;
-        }
-        // Last: the filter denies calls the steps above make.
-        seccomp::install(&self.seccomp)
-    }
-}
-
-/// `echo 1000 > /proc/self/oom_score_adj` with raw calls. Raising the score needs no privilege.
-fn write_oom_score_adj() -> std::io::Result<()> {
-    const PATH: &[u8] = b"/proc/self/oom_score_adj\0";
-    // SAFETY: PATH is NUL-terminated; the descriptor is closed before returning.
-    unsafe {
-        let fd = libc::open(PATH.as_ptr().cast(), libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let written = libc::write(fd, OOM_SCORE_ADJ.as_ptr().cast(), OOM_SCORE_ADJ.len());
-        let err = std::io::Error::last_os_error();
-        libc::close(fd);
-        if written < 0 {
-            return Err(err);
-        }
-    }
-    Ok(())
-}
-
-/// Drops every capability of a uid-0 child for good: the bounding set (so `exec` cannot give
-/// them back), the ambient set, then the effective, permitted and inheritable sets.
-fn drop_capabilities(last_cap: u32) -> std::io::Result<()> {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: libc::c_int,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    let header = Header {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let data = [Data {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
-    // SAFETY: integer prctls; capset reads a header and two data structs that live on the
-    // stack for the duration of the call.
-    unsafe {
-        for cap in 0..=last_cap {
-            // EINVAL for a capability this kernel does not know is harmless.
-            libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
-        }
-        if libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0,
-            0,
-            0,
-        ) < 0
-            || libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) < 0
-            || libc::syscall(libc::SYS_capset, &header, data.as_ptr()) < 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-/// Makes the daemon's own `/proc/<pid>` files (environ, mem, maps) readable only with
-/// CAP_SYS_PTRACE, even by processes of the same uid: a job running as the daemon's user
-/// (a non-root container) on a kernel without Landlock cannot read its secrets there.
-pub fn harden_daemon() {
-    // SAFETY: integer arguments only; affects this process's dumpable flag.
-    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
-    if rc < 0 {
-        tracing::warn!(
-            error = %std::io::Error::last_os_error(),
-            "Could not make the daemon non-dumpable; same-uid jobs may read its /proc files where Landlock is missing."
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::worker::NetworkPolicy;
     use std::os::unix::fs::PermissionsExt;
 
     fn chmod(path: &Path, mode: u32) {

@@ -17,6 +17,40 @@ pub struct KernelSupport {
     pub seccomp: bool,
     /// The daemon runs as root, so it can (and must) start jobs as another user.
     pub is_root: bool,
+    /// Capabilities a root daemon needs to start, stop and clean up jobs of another uid that
+    /// its effective set lacks (a container or user namespace may grant uid 0 without them);
+    /// empty when it has them all, or is not root.
+    pub missing_root_capabilities: Vec<&'static str>,
+}
+
+/// What a root daemon does to jobs of another uid, and the capability each needs: hand the
+/// job its temp folder, remove what the job left there, change uid and gid, signal the job.
+const ROOT_CAPABILITIES: &[(u32, &str)] = &[
+    (0, "CAP_CHOWN"),
+    (1, "CAP_DAC_OVERRIDE"),
+    (3, "CAP_FOWNER"),
+    (5, "CAP_KILL"),
+    (6, "CAP_SETGID"),
+    (7, "CAP_SETUID"),
+];
+
+/// The root capabilities missing from this process's effective set (`CapEff` in
+/// `/proc/self/status`); all of them when it cannot be read.
+fn missing_root_capabilities() -> Vec<&'static str> {
+    let effective = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    ROOT_CAPABILITIES
+        .iter()
+        .filter(|(bit, _)| effective & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect()
 }
 
 impl KernelSupport {
@@ -27,10 +61,16 @@ impl KernelSupport {
     }
 
     fn probe() -> KernelSupport {
+        let is_root = nix::unistd::geteuid().is_root();
         KernelSupport {
             landlock_abi: landlock_abi(),
             seccomp: seccomp_available(),
-            is_root: nix::unistd::geteuid().is_root(),
+            is_root,
+            missing_root_capabilities: if is_root {
+                missing_root_capabilities()
+            } else {
+                Vec::new()
+            },
         }
     }
 }

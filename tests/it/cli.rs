@@ -130,6 +130,59 @@ fn usage_and_configuration_errors_exit_2_with_a_reason() {
 }
 
 #[test]
+fn run_with_nothing_configured_and_embedded_never_exits_2_naming_the_settings() {
+    // Ports 0: were the refusal missing, `run` would start (emulator and HTTP on free ports)
+    // instead of exiting, and the timeout below would report it.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hybrid-worker"))
+        .arg("run")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("HYBRID__WORKERS__VENV_ROOT", venv_root())
+        .env("HYBRID__LOG__FORMAT", "text")
+        .env_remove("HYBRID_CONFIG")
+        .env_remove("HYBRID__SERVICEBUS__CONNECTION_STRING")
+        .env_remove("HYBRID__SERVICEBUS__NAMESPACE")
+        .env("HYBRID__SERVICEBUS__EMBEDDED", "never")
+        .env("HYBRID__EMULATOR__LISTEN", "127.0.0.1:0")
+        .env("HYBRID__HTTP__LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start hybrid-worker run");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "`run` kept running with nothing configured and embedded = never: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for name in [
+        "servicebus.embedded",
+        "servicebus.connection_string",
+        "servicebus.namespace",
+    ] {
+        assert!(stderr.contains(name), "names {name}: {stderr}");
+    }
+
+    let out = hybrid(
+        &["config", "show"],
+        &[("HYBRID__SERVICEBUS__EMBEDDED", "sometimes")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("embedded"),
+        "a bad value names the key"
+    );
+}
+
+#[test]
 fn a_missing_venv_is_refused_with_the_command_that_builds_it() {
     let empty = tempfile::tempdir().expect("tmp");
     let root = empty.path().display().to_string();
@@ -342,4 +395,31 @@ fn sandbox_require_refuses_to_start_when_a_required_mechanism_is_off() {
         stderr.contains("sandbox.require") && stderr.contains("firewall"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_root_daemon_without_the_capabilities_to_drop_and_stop_jobs_refuses_to_start() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    ready_worker("diagnostics");
+    let echo = example("diagnostics", "echo.json");
+    // uid 0 without CAP_KILL (as in a container or user namespace that grants uid 0 but not
+    // every capability): jobs of another uid could not be stopped at their deadline.
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--bounding-set=-kill", "--"])
+        .arg(env!("CARGO_BIN_EXE_hybrid-worker"))
+        .args(["exec", "diagnostics", "--input", &echo])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("HYBRID__WORKERS__VENV_ROOT", venv_root())
+        .env("HYBRID__LOG__FORMAT", "text")
+        .env_remove("HYBRID_CONFIG");
+    let out = cmd.output().expect("setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("CAP_KILL") && stderr.contains("never runs as uid 0"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "a job ran");
 }

@@ -1,0 +1,153 @@
+//! What the sandbox enforces for a worker's jobs on this kernel, one line per mechanism, for the
+//! start-up log, `workers verify` and `sandbox.require`. Nothing is skipped silently.
+
+use super::cgroup::{self, Cgroups};
+use super::{JobUser, MAX_FILE_BYTES, MAX_OPEN_FILES, SandboxPolicy, landlock, seccomp};
+use crate::worker::NetworkPolicy;
+
+/// One mechanism's state on this daemon, for start-up logs and `workers verify`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enforced {
+    pub mechanism: &'static str,
+    /// False when the mechanism is not enforced here; `detail` then says why.
+    pub on: bool,
+    pub detail: String,
+}
+
+impl SandboxPolicy {
+    /// True when the job runs as a dedicated user, so `RLIMIT_NPROC` counts only jobs.
+    pub(super) fn dedicated_user(&self) -> bool {
+        self.mechanisms.user && matches!(self.user, JobUser::Drop { .. })
+    }
+
+    /// Each mechanism, and whether and how it is enforced for this worker on this kernel.
+    pub fn enforcement(&self) -> Vec<Enforced> {
+        let on = |mechanism, detail: String| Enforced {
+            mechanism,
+            on: true,
+            detail,
+        };
+        let off = |mechanism, detail: String| Enforced {
+            mechanism,
+            on: false,
+            detail,
+        };
+        let l = &self.limits;
+        let m = &self.mechanisms;
+        let mut out = Vec::new();
+        let missing = &self.support.missing_root_capabilities;
+        out.push(if m.user {
+            match &self.user {
+                JobUser::Drop { .. } if !missing.is_empty() => off(
+                    "user",
+                    format!(
+                        "uid 0 without {}: jobs could neither be started as another uid nor stopped",
+                        missing.join(", ")
+                    ),
+                ),
+                JobUser::Same { uid } => on(
+                    "user",
+                    format!("the daemon's own uid {uid} (not root: nothing to drop)"),
+                ),
+                JobUser::Drop { uid, gid } if self.users > 1 => on(
+                    "user",
+                    format!(
+                        "uids {uid}-{} (one per running job) gid {gid}",
+                        uid.saturating_add(self.users - 1)
+                    ),
+                ),
+                JobUser::Drop { uid, gid } => on("user", format!("uid {uid} gid {gid}")),
+                JobUser::RootWithoutCapabilities { uid, blocked } => off(
+                    "user",
+                    format!(
+                        "uid 0 with no capabilities: uid {uid} cannot reach {} (build venvs from an interpreter outside root-only folders)",
+                        blocked.display()
+                    ),
+                ),
+            }
+        } else {
+            off("user", "turned off".into())
+        });
+        out.push(if m.rlimits {
+            on(
+                "rlimits",
+                format!(
+                    "address space {} MiB, CPU {} s, open files {MAX_OPEN_FILES}, file size {} MiB, no core dumps",
+                    l.memory_mb,
+                    l.cpu_s,
+                    MAX_FILE_BYTES >> 20
+                ),
+            )
+        } else {
+            off("rlimits", "turned off".into())
+        });
+        out.push(if m.rlimits && self.dedicated_user() {
+            on(
+                "processes",
+                if self.users > 1 {
+                    format!(
+                        "RLIMIT_NPROC {} for the job's own uid (shared only past {} running jobs)",
+                        l.max_processes, self.users
+                    )
+                } else {
+                    format!(
+                        "RLIMIT_NPROC {} for the job user (shared by its concurrent jobs; see sandbox.users)",
+                        l.max_processes
+                    )
+                },
+            )
+        } else {
+            let pids_max = matches!(&self.cgroups, Cgroups::On(root) if root.pids.is_ok())
+                && m.cgroup;
+            let instead = if pids_max {
+                "; the job cgroup's pids.max bounds them instead"
+            } else {
+                ""
+            };
+            off(
+                "processes",
+                match self.user {
+                    JobUser::Same { .. } if pids_max => format!(
+                        "jobs share the daemon's uid, whose threads RLIMIT_NPROC would count{instead}"
+                    ),
+                    JobUser::Same { .. } => "jobs share the daemon's uid, whose threads RLIMIT_NPROC would count; set a pids limit on the pod".into(),
+                    _ => format!("jobs run as uid 0, which RLIMIT_NPROC does not limit{instead}"),
+                },
+            )
+        });
+        out.push(on(
+            "oom_score_adj",
+            "1000: the OOM killer picks the job, never the daemon".into(),
+        ));
+        out.push(if !m.no_new_privs {
+            off("no_new_privs", "turned off".into())
+        } else {
+            on("no_new_privs", "on".into())
+        });
+        out.push(match (m.seccomp, self.support.seccomp) {
+            (false, _) => off("seccomp", "turned off".into()),
+            (true, false) => off("seccomp", "the kernel has no seccomp".into()),
+            (true, true) => on(
+                "seccomp",
+                format!(
+                    "EPERM for {} calls (ptrace, mount, bpf, unshare, keyctl, setsid, io_uring…); sockets: {}",
+                    seccomp::denied_names().count(),
+                    match l.network {
+                        NetworkPolicy::Deny => "AF_UNIX only",
+                        NetworkPolicy::Allow => "all but AF_PACKET",
+                    }
+                ),
+            ),
+        });
+        out.push(match (m.landlock, &self.support.landlock_abi) {
+            (false, _) => off("landlock", "turned off".into()),
+            (true, Err(why)) => off(
+                "landlock",
+                format!("{why}: the job can read and write whatever its uid can"),
+            ),
+            (true, Ok(abi)) => on("landlock", landlock::features(*abi)),
+        });
+        out.extend(cgroup::enforcement(&self.cgroups, l, m.cgroup));
+        out
+    }
+}
