@@ -64,6 +64,13 @@ pub struct ExecArgs {
     /// Seconds before the job is stopped (capped by the worker's timeout_s).
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<f64>,
+    /// A local file the handler gets as `ctx.input_path`, as a job's `input_blob` would be.
+    #[arg(long, value_name = "FILE")]
+    pub input_file: Option<std::path::PathBuf>,
+    /// Where to copy the files the handler writes into `ctx.output_dir` (the artifacts a
+    /// daemon with storage would upload); without it they are listed and discarded.
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub dir: WorkersDir,
 }
@@ -72,9 +79,16 @@ pub struct ExecArgs {
 pub struct SubmitArgs {
     /// The worker to run.
     pub worker: String,
-    /// The job's input as JSON: a file, or `-` for standard input.
+    /// The job's input as JSON: a file, or `-` for standard input (default: `null`).
     #[arg(long, value_name = "FILE|-")]
-    pub input: String,
+    pub input: Option<String>,
+    /// A blob the daemon fetches for the job (`<container>/<blob name>`): its `input_blob`.
+    #[arg(long, value_name = "PATH", conflicts_with = "upload")]
+    pub input_blob: Option<String>,
+    /// Uploads a local file into the first of `storage.input_containers` and names it as the
+    /// job's `input_blob` (needs `[storage]` configured here too).
+    #[arg(long, value_name = "FILE")]
+    pub upload: Option<std::path::PathBuf>,
     /// Wait for the reply on the job's reply session and print it (exit 1 if the job failed).
     #[arg(long)]
     pub wait: bool,

@@ -53,6 +53,8 @@ pub struct Settings {
     pub http: HttpSettings,
     /// Who jobs run as when the daemon is root; see [`crate::sandbox`].
     pub sandbox: crate::sandbox::SandboxSettings,
+    /// Claim-check Blob Storage for large inputs and results; see [`crate::storage`].
+    pub storage: crate::storage::StorageSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -235,6 +237,7 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("workers.allow")
                 .with_list_parse_key("sandbox.require")
+                .with_list_parse_key("storage.input_containers")
                 .try_parsing(true)
                 .source(Some(env_map)),
         );
@@ -371,6 +374,11 @@ impl Settings {
                 "must be a host name like contoso.servicebus.windows.net, without a scheme",
             ));
         }
+        self.storage.validate().map_err(|e| ConfigError::Invalid {
+            key: e.key,
+            value: e.value,
+            reason: e.reason,
+        })?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
                 "log.level",
@@ -386,6 +394,8 @@ impl Settings {
         let mut shown = self.clone();
         shown.servicebus.connection_string =
             redact_connection_string(&shown.servicebus.connection_string);
+        shown.storage.connection_string =
+            redact_connection_string(&shown.storage.connection_string);
         toml::to_string_pretty(&shown).map_err(|e| ConfigError::Load(e.to_string()))
     }
 }
@@ -398,7 +408,8 @@ pub fn redact_connection_string(cs: &str) -> String {
         .map(|part| match part.split_once('=') {
             Some((k, _))
                 if k.eq_ignore_ascii_case("SharedAccessKey")
-                    || k.eq_ignore_ascii_case("SharedAccessSignature") =>
+                    || k.eq_ignore_ascii_case("SharedAccessSignature")
+                    || k.eq_ignore_ascii_case("AccountKey") =>
             {
                 format!("{k}=<redacted>")
             }
@@ -460,6 +471,26 @@ mod tests {
         assert_eq!(s.engine.concurrency, 9);
         assert_eq!(s.queues.jobs, "work");
         assert_eq!(s.workers.allow, vec!["a".to_string(), "b-c".to_string()]);
+    }
+
+    #[test]
+    fn storage_loads_from_the_environment_and_its_key_is_redacted() {
+        let s = load_env(&[
+            ("HYBRID__STORAGE__INPUT_CONTAINERS", "uploads,exports"),
+            (
+                "HYBRID__STORAGE__CONNECTION_STRING",
+                "AccountName=x;AccountKey=c2VjcmV0",
+            ),
+        ])
+        .expect("valid");
+        assert_eq!(s.storage.input_containers, ["uploads", "exports"]);
+        let shown = s.redacted_toml().expect("toml");
+        assert!(shown.contains("AccountKey=<redacted>") && !shown.contains("c2VjcmV0"));
+        let err = load_env(&[("HYBRID__STORAGE__RESULTS_CONTAINER", "Results")]).expect_err("name");
+        assert!(
+            err.to_string().contains("storage.results_container"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -10,6 +10,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::storage::results::{Artifact, StoredBlob};
+
 /// Application property carrying the attempt number on a scheduled retry copy.
 pub const ATTEMPT_PROPERTY: &str = "attempt";
 /// Application property carrying the original job id on a scheduled retry copy, whose own
@@ -234,6 +236,9 @@ pub struct Job {
     pub input: Value,
     /// The job's own timeout, to be capped by the worker's limit.
     pub timeout_s: Option<f64>,
+    /// A blob the daemon fetches into the job's folder before it starts (`ctx.input_path`):
+    /// `<container>/<blob name>` or a URL of the configured account (`docs/storage.md`).
+    pub input_blob: Option<String>,
 }
 
 /// The body fields of the contract; anything else is ignored.
@@ -243,6 +248,7 @@ struct Body {
     #[serde(default)]
     input: Value,
     timeout_s: Option<Value>,
+    input_blob: Option<Value>,
 }
 
 impl Job {
@@ -313,11 +319,27 @@ impl Job {
                 )));
             }
         };
+        let input_blob = match body.input_blob {
+            None | Some(Value::Null) => None,
+            Some(Value::String(reference)) if !reference.trim().is_empty() => Some(reference),
+            Some(Value::String(_)) => {
+                return Err(JobError::malformed(
+                    "\"input_blob\" must name a blob as \"<container>/<blob name>\"",
+                ));
+            }
+            Some(other) => {
+                return Err(JobError::malformed(format!(
+                    "\"input_blob\" must be a string, not {}",
+                    json_type(&other)
+                )));
+            }
+        };
         Ok(Job {
             envelope,
             worker,
             input: body.input,
             timeout_s,
+            input_blob,
         })
     }
 }
@@ -396,6 +418,12 @@ pub struct JobResult {
     pub attempt: u32,
     pub duration_ms: u64,
     pub resources: Resources,
+    /// Where the output went when it was too large for the reply (`output` is then `null`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_blob: Option<StoredBlob>,
+    /// The files the handler wrote into `ctx.output_dir`, stored as blobs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<Artifact>,
 }
 
 impl JobResult {
@@ -416,6 +444,8 @@ impl JobResult {
             attempt: envelope.attempt,
             duration_ms,
             resources,
+            output_blob: None,
+            artifacts: Vec::new(),
         }
     }
 
@@ -441,6 +471,8 @@ impl JobResult {
             attempt: envelope.attempt,
             duration_ms,
             resources,
+            output_blob: None,
+            artifacts: Vec::new(),
         }
     }
 }
@@ -485,6 +517,9 @@ mod tests {
         assert_eq!(job.worker, "csv-normalize");
         assert_eq!(job.input, serde_json::json!({"a":1}));
         assert_eq!(job.timeout_s, None);
+        assert_eq!(job.input_blob, None);
+        let job = parse(r#"{"worker":"w","input_blob":"inputs/a.csv"}"#).expect("with a blob");
+        assert_eq!(job.input_blob.as_deref(), Some("inputs/a.csv"));
     }
 
     #[test]
@@ -497,6 +532,11 @@ mod tests {
             (r#"{"worker":"../etc"}"#, "1-64 characters"),
             (r#"{"worker":"w","timeout_s":"x"}"#, "must be a number"),
             (r#"{"worker":"w","timeout_s":-1}"#, "positive number"),
+            (
+                r#"{"worker":"w","input_blob":7}"#,
+                "\"input_blob\" must be a string",
+            ),
+            (r#"{"worker":"w","input_blob":" "}"#, "must name a blob"),
             ("{\"worker\":", "ends too early"),
         ];
         for (body, expected) in cases {

@@ -36,6 +36,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod servicebus;
 pub mod shutdown;
+pub mod storage;
 pub mod telemetry;
 pub mod worker;
 

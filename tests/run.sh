@@ -30,6 +30,11 @@ echo "== worker venvs (in $HYBRID_TEST_VENV_ROOT)"
 HYBRID__WORKERS__VENV_ROOT="$HYBRID_TEST_VENV_ROOT" HYBRID__LOG__FORMAT=text \
   target/debug/hybrid-worker workers build
 
+echo "== Azurite (npm azurite, pinned in tests/azurite/package-lock.json) for the claim-check tests"
+# tests/it/storage.rs, tests/sdk/test_storage.py and bench/storage start it on free ports; without
+# it they fail (HYBRID_TEST_REQUIRE_AZURITE=0 makes the Rust ones skip instead).
+(cd tests/azurite && npm ci --silent --no-audit --no-fund)
+
 echo "== cargo test"
 cargo test --locked --workspace --all-targets
 

@@ -2,6 +2,7 @@
 //! daemon uses, without a broker. The worker author's inner loop.
 
 use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use serde_json::Value;
@@ -10,10 +11,12 @@ use tracing::Instrument;
 use super::{UsageError, install_runtime, ready_python, scan, workers_dir};
 use crate::cli::ExecArgs;
 use crate::config::Settings;
-use crate::engine::executor::{Executor, ProcessExecutor, ReadyWorker};
+use crate::engine::executor::{ProcessExecutor, ReadyWorker};
 use crate::job::{Envelope, ErrorKind, Job, JobError, JobResult, MessageProperties};
-use crate::runner::{RunOutcome, Runner};
+use crate::runner::{JobFiles, RunOutcome, Runner};
 use crate::sandbox::Sandbox;
+use crate::storage::reference::safe_file_name;
+use crate::storage::results::list_outputs;
 
 pub async fn run(settings: &Settings, args: &ExecArgs) -> anyhow::Result<ExitCode> {
     let input = read_input(args.input.as_deref())?;
@@ -50,10 +53,18 @@ pub async fn run(settings: &Settings, args: &ExecArgs) -> anyhow::Result<ExitCod
         worker: worker.name.clone(),
         input,
         timeout_s: args.timeout,
+        input_blob: None,
     };
+    let staging = LocalFiles::prepare(&settings.engine.temp_dir(), args.input_file.as_deref())?;
     let stop = crate::shutdown::on_signals()?;
     let span = tracing::info_span!("job", job_id = %job.envelope.job_id, worker = %job.worker, attempt = 1);
-    let report = executor.execute(&job, stop).instrument(span).await;
+    let report = executor
+        .execute_with_files(&job, staging.files(), stop)
+        .instrument(span)
+        .await;
+    if matches!(report.outcome, RunOutcome::Succeeded(_)) {
+        staging.deliver(args.output_dir.as_deref())?;
+    }
     for (name, captured) in [("stdout", &report.stdout), ("stderr", &report.stderr)] {
         if captured.total > 0 {
             eprintln!("--- handler {name} ---\n{}", captured.text().trim_end());
@@ -89,6 +100,78 @@ pub async fn run(settings: &Settings, args: &ExecArgs) -> anyhow::Result<ExitCod
         None => ExitCode::SUCCESS,
         Some(_) => ExitCode::from(super::EXIT_FAILED),
     })
+}
+
+/// The job's files when run locally: `--input-file` copied into a staging folder (the runner
+/// moves what it hands the job), and the output folder kept there until it is delivered.
+struct LocalFiles {
+    /// Removed when dropped.
+    _staging: tempfile::TempDir,
+    input: Option<PathBuf>,
+    outputs: PathBuf,
+}
+
+impl LocalFiles {
+    fn prepare(temp_base: &Path, input_file: Option<&Path>) -> anyhow::Result<LocalFiles> {
+        let staging = tempfile::Builder::new()
+            .prefix("hybrid-exec-")
+            .tempdir_in(temp_base)
+            .map_err(|e| {
+                UsageError(format!(
+                    "cannot create a folder under {}: {e}",
+                    temp_base.display()
+                ))
+            })?;
+        let input = match input_file {
+            None => None,
+            Some(file) => {
+                let name = file
+                    .file_name()
+                    .map(|n| safe_file_name(&n.to_string_lossy()))
+                    .unwrap_or_else(|| "input".to_owned());
+                let dest = staging.path().join(name);
+                std::fs::copy(file, &dest).map_err(|e| {
+                    UsageError(format!("cannot read --input-file {}: {e}", file.display()))
+                })?;
+                Some(dest)
+            }
+        };
+        let outputs = staging.path().join("output");
+        Ok(LocalFiles {
+            _staging: staging,
+            input,
+            outputs,
+        })
+    }
+
+    fn files(&self) -> JobFiles<'_> {
+        JobFiles {
+            input: self.input.as_deref(),
+            keep_outputs: Some(&self.outputs),
+            max_result_bytes: None,
+        }
+    }
+
+    /// Copies the handler's output files to `dir` (or lists them when there is none), on
+    /// standard error so that standard output stays the result.
+    fn deliver(&self, dir: Option<&Path>) -> anyhow::Result<()> {
+        let outputs = list_outputs(&self.outputs).map_err(|e| UsageError(e.message))?;
+        for (name, path) in &outputs {
+            match dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        UsageError(format!("cannot create --output-dir {}: {e}", dir.display()))
+                    })?;
+                    let dest = dir.join(name);
+                    std::fs::copy(path, &dest)
+                        .map_err(|e| UsageError(format!("cannot write {}: {e}", dest.display())))?;
+                    eprintln!("artifact: {}", dest.display());
+                }
+                None => eprintln!("artifact: {name} (not kept; pass --output-dir DIR)"),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The input document: a file, standard input (`-`), or `null` when none is given.

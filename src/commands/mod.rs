@@ -98,6 +98,22 @@ pub fn install_runtime(settings: &Settings) -> anyhow::Result<Runtime> {
     })
 }
 
+/// The configured claim-check storage, or `None` without `[storage]`. The Entra ID credential
+/// (for `storage.account_url`) is the daemon's, as chosen by `servicebus.credential`.
+pub fn storage(
+    settings: &Settings,
+) -> anyhow::Result<Option<std::sync::Arc<crate::storage::Storage>>> {
+    let source = settings.servicebus.credential;
+    let storage = crate::storage::Storage::from_settings(&settings.storage, || {
+        crate::servicebus::credential::entra_credential(source).map_err(|e| e.0)
+    })
+    .map_err(|e| UsageError(e.to_string()))?;
+    if let Some(storage) = &storage {
+        tracing::info!(storage = ?storage, "Claim-check Blob Storage is configured.");
+    }
+    Ok(storage.map(std::sync::Arc::new))
+}
+
 /// Scans the workers folder, refusing broken workers loudly. For a root daemon, a worker whose
 /// folder the job user cannot reach is loaded from a copy it can read ([`Worker::for_jobs`]).
 pub fn scan(settings: &Settings, dir: &std::path::Path) -> anyhow::Result<Catalog> {

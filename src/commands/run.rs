@@ -60,7 +60,15 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
         sandbox,
     );
     super::check_required_sandbox(settings, &runner, &ready)?;
-    let executor = Arc::new(ProcessExecutor::new(ready, &catalog, runner));
+    let storage = super::storage(settings)?;
+    if let Some(storage) = &storage {
+        // Results have somewhere to go from the first job (a no-op when it exists).
+        let results = &settings.storage.results_container;
+        if let Err(e) = storage.ensure_container(results).await {
+            tracing::warn!(container = %results, error = %e, "Could not make sure the results container exists; uploads will fail until it does.");
+        }
+    }
+    let executor = Arc::new(ProcessExecutor::new(ready, &catalog, runner).with_storage(storage));
 
     let mut embedded = None;
     let broker = match &target {

@@ -13,8 +13,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::job::{ErrorKind, Job, JobError};
 use crate::runner::output::LogRecord;
-use crate::runner::{RunReport, RunRequest, Runner};
+use crate::runner::{JobFiles, RunReport, RunRequest, Runner};
+use crate::storage::Storage;
 use crate::worker::{Catalog, RetryPolicy, Worker};
+
+use super::claim::{self, Claim};
 
 /// What the engine needs of a worker to settle its jobs.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +50,8 @@ pub struct ProcessExecutor {
     /// Workers found but not allowed by `workers.allow`: their jobs get `PolicyDenied`.
     denied: Vec<String>,
     runner: Arc<Runner>,
+    /// Claim-check Blob Storage, when configured ([`super::claim`]).
+    storage: Option<Arc<Storage>>,
 }
 
 impl ProcessExecutor {
@@ -82,7 +87,14 @@ impl ProcessExecutor {
             ready,
             denied,
             runner: Arc::new(runner),
+            storage: None,
         }
+    }
+
+    /// Jobs may name an input blob, and large outputs and artifacts are stored in `storage`.
+    pub fn with_storage(mut self, storage: Option<Arc<Storage>>) -> Self {
+        self.storage = storage;
+        self
     }
 
     pub fn worker_names(&self) -> Vec<String> {
@@ -94,10 +106,14 @@ impl ProcessExecutor {
 impl Executor for ProcessExecutor {
     fn policy(&self, job: &Job) -> Result<WorkerPolicy, JobError> {
         match self.ready.get(&job.worker) {
-            Some(ready) => Ok(WorkerPolicy {
-                max_attempts: ready.worker.limits().max_attempts,
-                retry: ready.worker.spec.retry.clone(),
-            }),
+            Some(ready) => {
+                // Claim-check: a blob the job may not name is refused before anything is fetched.
+                claim::check_input(self.storage.as_deref(), job)?;
+                Ok(WorkerPolicy {
+                    max_attempts: ready.worker.limits().max_attempts,
+                    retry: ready.worker.spec.retry.clone(),
+                })
+            }
             None if self.denied.contains(&job.worker) => Err(JobError::new(
                 ErrorKind::PolicyDenied,
                 format!(
@@ -113,6 +129,34 @@ impl Executor for ProcessExecutor {
     }
 
     async fn execute(&self, job: &Job, stop: CancellationToken) -> RunReport {
+        let storage = self.storage.as_deref();
+        // Claim-check, step 1 (before the run): the job's staging folder and its input blob.
+        let temp_base = self.runner.temp_base();
+        let claim = match claim::fetch_input(storage, job, temp_base, &stop).await {
+            Ok(claim) => claim,
+            Err(report) => return report,
+        };
+        let files = claim.as_ref().map(Claim::files).unwrap_or_default();
+        let report = self.execute_with_files(job, files, stop.clone()).await;
+        // Claim-check, step 2 (after the run, before the reply): large output and artifacts.
+        let inline_limit = self
+            .ready
+            .get(&job.worker)
+            .map_or(0, |r| r.worker.limits().max_result_kb * 1024);
+        claim::store_results(storage, job, claim, inline_limit, &stop, report).await
+    }
+}
+
+impl ProcessExecutor {
+    /// Runs the job's process with `files` (an input to hand it, its output folder to keep):
+    /// what [`Executor::execute`] does between its claim-check steps, and what `exec` runs
+    /// with a local file.
+    pub async fn execute_with_files(
+        &self,
+        job: &Job,
+        files: JobFiles<'_>,
+        stop: CancellationToken,
+    ) -> RunReport {
         let Some(ready) = self.ready.get(&job.worker) else {
             let error = match self.policy(job) {
                 Err(e) => e,
@@ -142,7 +186,10 @@ impl Executor for ProcessExecutor {
             timeout,
             extra_env,
         };
-        let report = self.runner.run(request, stop, &forward_log).await;
+        let report = self
+            .runner
+            .run_with_files(request, files, stop, &forward_log)
+            .await;
         if report.dropped_logs > 0 {
             tracing::warn!(
                 dropped = report.dropped_logs,

@@ -2,6 +2,7 @@
 //! settle each outcome in one place; on shutdown, stop receiving, drain, then stop what is left
 //! and abandon it.
 
+pub mod claim;
 pub mod executor;
 pub mod faults;
 pub mod lock;
@@ -340,7 +341,7 @@ impl JobTask {
             return Outcome::LockLost;
         }
         if let RunOutcome::DaemonFault(fault) = &execution.outcome {
-            tracing::error!(stage = fault.stage.as_str(), error = %fault, "The daemon could not start the job.");
+            tracing::error!(stage = fault.stage.as_str(), error = %fault, "The daemon failed the job through its own fault.");
             self.faults.record(fault.stage);
             return Outcome::DaemonFault { worker: job.worker };
         }
@@ -352,6 +353,7 @@ impl JobTask {
                 output,
                 duration: execution.duration,
                 resources: execution.resources,
+                blobs: execution.blobs,
             },
             RunOutcome::Failed(error) => Outcome::Failed {
                 worker: Some(job.worker),

@@ -26,6 +26,7 @@ use crate::job::{
 
 use super::executor::WorkerPolicy;
 use super::retry::delay_before;
+use crate::storage::ResultBlobs;
 
 /// Longest `DeadLetterErrorDescription` written (Service Bus allows far more; a one-line
 /// summary is what an operator scans).
@@ -39,6 +40,8 @@ pub enum Outcome {
         output: Value,
         duration: Duration,
         resources: Resources,
+        /// What was stored in Blob Storage for the reply (claim-check; empty without it).
+        blobs: ResultBlobs,
     },
     Failed {
         /// `None` when the body did not name a worker.
@@ -104,9 +107,13 @@ pub async fn settle(
             output,
             duration,
             resources,
+            blobs,
         } => {
-            let result =
+            let mut result =
                 JobResult::succeeded(envelope, &worker, output, millis(duration), resources);
+            // Claim-check: the blobs were written before this reply, which lists them.
+            result.output_blob = blobs.output_blob;
+            result.artifacts = blobs.artifacts;
             send_reply(broker, queues, envelope, token, &result).await?;
             broker.complete(token).await?;
             Ok(Settled::Replied)

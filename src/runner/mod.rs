@@ -11,6 +11,7 @@
 
 pub mod child;
 mod env;
+pub mod files;
 pub mod output;
 pub mod reaper;
 pub mod warm;
@@ -33,6 +34,8 @@ use crate::sandbox::{Enforced, Sandbox, SandboxSettings};
 use crate::telemetry::metrics::metrics;
 use crate::worker::{Isolation, Worker};
 use child::{ChildHandle, ChildPipes, ChildSpec, ExitInfo};
+pub use files::JobFiles;
+use files::{OUTPUT_DIR, TakeError, hand_input, take_outputs};
 use output::{Captured, ChannelEnd, LogRecord, Report};
 
 /// How long a job has between SIGTERM and SIGKILL when the runner stops it.
@@ -75,8 +78,9 @@ pub enum RunOutcome {
     Failed(JobError),
     /// Stopped at the caller's request; the job must not be settled as a result.
     Stopped,
-    /// The daemon could not start the job (its cgroup, temp folder, sandbox, process or warm
-    /// parent failed): the job never ran and is not to blame. It is run again, not counted.
+    /// The daemon failed the job through its own fault (its cgroup, temp folder, sandbox,
+    /// process or warm parent, or the claim-check storage): the job is not to blame. It is run
+    /// again, and no attempt is counted.
     DaemonFault(DaemonFault),
 }
 
@@ -102,6 +106,9 @@ pub enum FaultStage {
     Start,
     /// The warm parent of a fork-mode worker could not be started or could not fork.
     WarmParent,
+    /// The claim-check Blob Storage could not be reached, or refused the daemon: the input
+    /// could not be fetched or the results not stored.
+    Storage,
 }
 
 impl FaultStage {
@@ -112,6 +119,7 @@ impl FaultStage {
             FaultStage::Sandbox => "sandbox",
             FaultStage::Start => "start",
             FaultStage::WarmParent => "warm_parent",
+            FaultStage::Storage => "storage",
         }
     }
 }
@@ -125,7 +133,7 @@ pub struct DaemonFault {
 }
 
 impl DaemonFault {
-    fn new(stage: FaultStage, message: impl Into<String>) -> Self {
+    pub fn new(stage: FaultStage, message: impl Into<String>) -> Self {
         Self {
             stage,
             message: message.into(),
@@ -147,20 +155,26 @@ pub struct RunReport {
     pub dropped_logs: u64,
     /// What the job's cgroup recorded (OOM kills, peak memory); `None` without job cgroups.
     pub cgroup: Option<CgroupUsage>,
+    /// Why the job's output folder could not be kept ([`JobFiles::keep_outputs`]), when the
+    /// fault is the daemon's.
+    pub outputs_error: Option<String>,
+    /// What the caller stored for the job in Blob Storage (filled by the executor).
+    pub blobs: crate::storage::ResultBlobs,
 }
 
 impl RunReport {
     /// The report of a job that never got a process.
     pub fn failed_to_start(error: JobError) -> Self {
-        Self::not_started(RunOutcome::Failed(error))
+        Self::without_process(RunOutcome::Failed(error))
     }
 
     /// The report of a job the daemon could not start.
     pub fn daemon_fault(fault: DaemonFault) -> Self {
-        Self::not_started(RunOutcome::DaemonFault(fault))
+        Self::without_process(RunOutcome::DaemonFault(fault))
     }
 
-    fn not_started(outcome: RunOutcome) -> Self {
+    /// The report of a run that ended with `outcome` before (or without) a process.
+    pub fn without_process(outcome: RunOutcome) -> Self {
         Self {
             outcome,
             duration: Duration::ZERO,
@@ -171,6 +185,8 @@ impl RunReport {
             exit: None,
             dropped_logs: 0,
             cgroup: None,
+            outputs_error: None,
+            blobs: Default::default(),
         }
     }
 }
@@ -266,11 +282,29 @@ impl Runner {
             .enforcement()
     }
 
+    /// The folder jobs' private folders are made in (the daemon's staging folders go there
+    /// too, so that files move between them by renaming).
+    pub fn temp_base(&self) -> &Path {
+        &self.temp_base
+    }
+
     /// Runs one job to its end. `stop` ends it early with [`RunOutcome::Stopped`]; `on_log`
     /// receives the handler's log records as they come.
     pub async fn run(
         &self,
         request: RunRequest<'_>,
+        stop: CancellationToken,
+        on_log: &(dyn Fn(LogRecord) + Send + Sync),
+    ) -> RunReport {
+        self.run_with_files(request, JobFiles::default(), stop, on_log)
+            .await
+    }
+
+    /// [`Runner::run`] with files: an input handed to the job, its output folder kept.
+    pub async fn run_with_files(
+        &self,
+        request: RunRequest<'_>,
+        files: JobFiles<'_>,
         stop: CancellationToken,
         on_log: &(dyn Fn(LogRecord) + Send + Sync),
     ) -> RunReport {
@@ -305,6 +339,30 @@ impl Runner {
             Ok(started_job) => started_job,
             Err(fault) => return failed(fault),
         };
+        // The process waits for its job document; its input file is in place before.
+        let input_path = match files
+            .input
+            .map(|f| hand_input(workdir.path(), f))
+            .transpose()
+        {
+            Ok(path) => path,
+            Err(message) => {
+                process.signal_group(Signal::SIGKILL);
+                if let Some(cgroup) = &cgroup {
+                    cgroup.kill();
+                }
+                let _ = exit.await;
+                drop((pipes, process));
+                let _ = workdir.close();
+                if let Some(cgroup) = cgroup {
+                    cgroup.finish().await;
+                }
+                return RunReport {
+                    duration: started.elapsed(),
+                    ..RunReport::daemon_fault(DaemonFault::new(FaultStage::TempFolder, message))
+                };
+            }
+        };
         let deadline = SystemTime::now() + request.timeout;
         let job_doc = json!({
             "job_id": request.job_id,
@@ -313,11 +371,16 @@ impl Runner {
             "correlation_id": request.correlation_id,
             "worker": request.worker.name,
             "input": request.input,
+            "input_path": input_path,
+            "output_dir": workdir.path().join(OUTPUT_DIR),
         });
         let job_bytes = serde_json::to_vec(&job_doc).unwrap_or_default();
         let output_cap = usize::try_from(limits.max_output_kb * 1024).unwrap_or(usize::MAX);
+        let result_limit = files
+            .max_result_bytes
+            .unwrap_or(limits.max_result_kb * 1024);
         // The result line carries JSON framing around the output: allow for it.
-        let line_limit = usize::try_from(limits.max_result_kb * 1024).unwrap_or(usize::MAX) + 64;
+        let line_limit = usize::try_from(result_limit).unwrap_or(usize::MAX) + 64;
 
         let write_job = async move {
             if let Ok(mut tx) = tokio::net::unix::pipe::Sender::from_owned_fd(pipes.job) {
@@ -398,6 +461,9 @@ impl Runner {
             )
         });
         drop(process);
+        let kept = files
+            .keep_outputs
+            .map(|dest| take_outputs(workdir.path(), dest));
         if let Err(e) = workdir.close() {
             tracing::warn!(error = %e, "Could not remove a job's temp folder.");
         }
@@ -412,7 +478,21 @@ impl Runner {
             None => None,
         };
         let oom_killed = usage.is_some_and(|u| u.oom_killed());
-        let outcome = classify(&request, killed, exit_info, channel, &stderr, oom_killed);
+        let mut outcome = classify(&request, killed, exit_info, channel, &stderr, oom_killed);
+        let mut outputs_error = None;
+        match kept {
+            Some(Err(TakeError::NotAFolder)) if matches!(outcome, RunOutcome::Succeeded(_)) => {
+                outcome = RunOutcome::Failed(
+                    JobError::new(
+                        ErrorKind::HandlerError,
+                        "ctx.output_dir was replaced by something that is not a folder",
+                    )
+                    .permanent(),
+                );
+            }
+            Some(Err(TakeError::Move(e))) => outputs_error = Some(e),
+            _ => {}
+        }
         RunReport {
             outcome,
             duration: started.elapsed(),
@@ -423,6 +503,8 @@ impl Runner {
             exit: exit_info,
             dropped_logs,
             cgroup: usage,
+            outputs_error,
+            blobs: Default::default(),
         }
     }
 

@@ -1,5 +1,6 @@
 //! The integration tests: one binary, sharing one harness (`helpers`).
 
+mod azurite;
 mod cgroup;
 mod cli;
 mod engine;
@@ -7,3 +8,4 @@ mod helpers;
 mod hostile;
 mod runner;
 mod servicebus;
+mod storage;

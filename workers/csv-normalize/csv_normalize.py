@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import os
 import re
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -27,6 +29,9 @@ from hybrid_worker import InvalidInput
 JsonScalar = str | int | float | bool | None
 
 _FIELDS = ("csv", "delimiter", "dedupe", "key")
+# The artifacts written when the CSV comes as a file (the job's input_blob).
+_OUTPUT_CSV = "normalized.csv"
+_OUTPUT_REPORT = "report.json"
 # Shown in error messages; beyond this many names the list is cut so that a wide file does not
 # produce an unreadable (or oversized) dead-letter description.
 _MAX_NAMES_SHOWN = 20
@@ -68,7 +73,8 @@ class _Options:
 
 def run(input: Any, ctx: Any) -> dict[str, Any]:
     """Entry point: see README.md for the input and output shapes."""
-    options = _parse_input(input)
+    input_path = getattr(ctx, "input_path", None)
+    options = _parse_input(input, input_path)
     header, records, blank_lines = _read_csv(options.text, options.delimiter)
 
     columns, renamed = _normalise_headers(header.cells)
@@ -89,24 +95,71 @@ def run(input: Any, ctx: Any) -> dict[str, Any]:
         len(duplicates),
         len(blank_lines),
     )
+    report = {
+        "rows_in": len(records) + len(blank_lines),
+        "rows_out": len(kept),
+        "renamed_columns": renamed,
+        "blank_rows_dropped": blank_lines,
+        "dedupe": _describe_dedupe(options.dedupe, key_indexes, columns),
+        "duplicates_removed": duplicates,
+        "columns": {
+            name: asdict(report) for name, report in zip(columns, column_reports, strict=True)
+        },
+    }
+    if input_path is None:
+        return {
+            "columns": columns,
+            "rows": [dict(zip(columns, values, strict=True)) for _, values in kept],
+            "report": report,
+        }
+    _write_artifacts(ctx.output_dir, columns, [values for _, values in kept], report)
     return {
         "columns": columns,
-        "rows": [dict(zip(columns, values, strict=True)) for _, values in kept],
-        "report": {
-            "rows_in": len(records) + len(blank_lines),
-            "rows_out": len(kept),
-            "renamed_columns": renamed,
-            "blank_rows_dropped": blank_lines,
-            "dedupe": _describe_dedupe(options.dedupe, key_indexes, columns),
-            "duplicates_removed": duplicates,
-            "columns": {
-                name: asdict(report) for name, report in zip(columns, column_reports, strict=True)
-            },
+        "summary": {
+            "rows_in": report["rows_in"],
+            "rows_out": report["rows_out"],
+            "renamed_columns": len(renamed),
+            "blank_rows_dropped": len(blank_lines),
+            "duplicates_removed": len(duplicates),
         },
+        "files": {"csv": _OUTPUT_CSV, "report": _OUTPUT_REPORT},
     }
 
 
-def _parse_input(value: Any) -> _Options:
+def _write_artifacts(
+    folder: str, columns: list[str], rows: list[list[JsonScalar]], report: dict[str, Any]
+) -> None:
+    """The normalised CSV (typed values written back as text) and the full report."""
+    with open(os.path.join(folder, _OUTPUT_CSV), "w", encoding="utf-8", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        writer.writerows([_cell(value) for value in row] for row in rows)
+    with open(os.path.join(folder, _OUTPUT_REPORT), "w", encoding="utf-8") as out:
+        json.dump(report, out, ensure_ascii=False, indent=1)
+
+
+def _cell(value: JsonScalar) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _read_file(path: str) -> str:
+    with open(path, "rb") as file:
+        data = file.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(
+            f"input_blob is not UTF-8 text (invalid byte at offset {exc.start})"
+        ) from None
+
+
+def _parse_input(value: Any, input_path: str | None) -> _Options:
+    if input_path is not None and value is None:
+        value = {}
     if not isinstance(value, dict):
         raise InvalidInput(f"input must be a JSON object, got {_json_type(value)}")
     unknown = sorted(set(value) - set(_FIELDS))
@@ -114,9 +167,16 @@ def _parse_input(value: Any) -> _Options:
         raise InvalidInput(
             f"unknown input field(s) {', '.join(map(repr, unknown))}; expected {', '.join(_FIELDS)}"
         )
-    if "csv" not in value:
-        raise InvalidInput("input.csv is required: the CSV text as a string")
-    text = value["csv"]
+    if input_path is not None:
+        if "csv" in value:
+            raise InvalidInput("give the CSV either as input.csv or as the job's input_blob, not both")
+        text = _read_file(input_path)
+    elif "csv" not in value:
+        raise InvalidInput(
+            "input.csv is required: the CSV text as a string (or name a CSV blob as input_blob)"
+        )
+    else:
+        text = value["csv"]
     if not isinstance(text, str):
         raise InvalidInput(f"input.csv must be a string of CSV text, got {_json_type(text)}")
 

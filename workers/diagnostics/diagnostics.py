@@ -8,6 +8,7 @@ prints except when asked to, so that tests can count exactly what an action prod
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import sys
@@ -148,6 +149,31 @@ def _cwd(params: Params, ctx: Any) -> Any:
     return {"cwd": os.getcwd(), "files": sorted(os.listdir("."))}
 
 
+def _files(params: Params, ctx: Any) -> Any:
+    """Read the job's input file (its input_blob) and, with `copy`, write it back as an artifact,
+    to check the claim-check path end to end: the hash says whether the bytes arrived intact."""
+    copy = params.get("copy", False)
+    if not isinstance(copy, bool):
+        raise InvalidInput("input.copy must be true or false")
+    path = getattr(ctx, "input_path", None)
+    if path is None:
+        return {"input_path": None, "bytes": 0, "sha256": None, "copied": False}
+    digest = hashlib.sha256()
+    size = 0
+    out = open(os.path.join(ctx.output_dir, "copy.bin"), "wb") if copy else None
+    try:
+        with open(path, "rb") as source:
+            while chunk := source.read(_MIB):
+                digest.update(chunk)
+                size += len(chunk)
+                if out is not None:
+                    out.write(chunk)
+    finally:
+        if out is not None:
+            out.close()
+    return {"input_path": path, "bytes": size, "sha256": digest.hexdigest(), "copied": copy}
+
+
 def _context(params: Params, ctx: Any) -> Any:
     return {
         "job_id": ctx.job_id,
@@ -224,6 +250,7 @@ _ACTIONS: dict[str, tuple[Callable[[Params, Any], Any], tuple[str, ...]]] = {
     "log": (_log, ("lines",)),
     "result": (_result, ("kb",)),
     "cwd": (_cwd, ()),
+    "files": (_files, ("copy",)),
     "context": (_context, ()),
     "spin": (_spin, ("seconds",)),
     "process": (_process, ()),

@@ -10,6 +10,9 @@ JSON value, so the number 1 matches 1.0 but not "1" and not true.
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +27,9 @@ Key = tuple[KeyPart, ...]
 _FIELDS = ("left", "right", "on", "left_on", "right_on", "how")
 _HOWS = ("inner", "left")
 _RIGHT_SUFFIX = "_right"
+# The artifacts written when the left side comes as a CSV file (the job's input_blob).
+_OUTPUT_CSV = "joined.csv"
+_OUTPUT_REPORT = "report.json"
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,8 @@ class _Request:
 
 def run(input: Any, ctx: Any) -> dict[str, Any]:
     """Entry point: see README.md for the input and output shapes."""
-    request = _parse_input(input)
+    input_path = getattr(ctx, "input_path", None)
+    request = _parse_input(input, input_path)
     left_keys = [_row_key(row, request.left_on, "left", i) for i, row in enumerate(request.left)]
     right_keys = [
         _row_key(row, request.right_on, "right", i) for i, row in enumerate(request.right)
@@ -79,28 +86,85 @@ def run(input: Any, ctx: Any) -> dict[str, Any]:
         len(request.right),
         len(rows),
     )
+    columns = left_columns + list(right_names.values())
+    report = {
+        "how": request.how,
+        "on": {"left": request.left_on, "right": request.right_on},
+        "left_rows": len(request.left),
+        "right_rows": len(request.right),
+        "output_rows": len(rows),
+        "unmatched_left_rows": len(unmatched_left),
+        "unmatched_right_rows": len(unmatched_right),
+        "unmatched_left_keys": _distinct(unmatched_left),
+        "unmatched_right_keys": _distinct(unmatched_right),
+        "duplicate_keys": _duplicate_keys(left_keys, right_keys),
+        "renamed_right_columns": [
+            {"from": old, "to": new} for old, new in right_names.items() if old != new
+        ],
+    }
+    if input_path is None:
+        return {"columns": columns, "rows": rows, "report": report}
+    _write_artifacts(ctx.output_dir, columns, rows, report)
+    summary = {k: report[k] for k in ("how", "on", "left_rows", "right_rows", "output_rows",
+                                     "unmatched_left_rows", "unmatched_right_rows")}
     return {
-        "columns": left_columns + list(right_names.values()),
-        "rows": rows,
-        "report": {
-            "how": request.how,
-            "on": {"left": request.left_on, "right": request.right_on},
-            "left_rows": len(request.left),
-            "right_rows": len(request.right),
-            "output_rows": len(rows),
-            "unmatched_left_rows": len(unmatched_left),
-            "unmatched_right_rows": len(unmatched_right),
-            "unmatched_left_keys": _distinct(unmatched_left),
-            "unmatched_right_keys": _distinct(unmatched_right),
-            "duplicate_keys": _duplicate_keys(left_keys, right_keys),
-            "renamed_right_columns": [
-                {"from": old, "to": new} for old, new in right_names.items() if old != new
-            ],
-        },
+        "columns": columns,
+        "summary": summary,
+        "files": {"csv": _OUTPUT_CSV, "report": _OUTPUT_REPORT},
     }
 
 
-def _parse_input(value: Any) -> _Request:
+def _write_artifacts(
+    folder: str, columns: list[str], rows: list[Row], report: dict[str, Any]
+) -> None:
+    """The joined rows as CSV (null as an empty field) and the full report."""
+    with open(os.path.join(folder, _OUTPUT_CSV), "w", encoding="utf-8", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([_cell(row[c]) for c in columns])
+    with open(os.path.join(folder, _OUTPUT_REPORT), "w", encoding="utf-8") as out:
+        json.dump(report, out, ensure_ascii=False, indent=1)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def _csv_rows(path: str) -> list[Row]:
+    """The left side from a CSV file: the header names the columns, every value is text (an
+    empty field too), so its keys match string keys on the right."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as file:
+            csv.field_size_limit(max(os.path.getsize(path), csv.field_size_limit()))
+            reader = csv.reader(file, strict=True)
+            header = next(reader, None)
+            if header is None:
+                raise InvalidInput("input_blob is empty: it has no header row")
+            rows = []
+            for cells in reader:
+                if not any(cell.strip() for cell in cells):
+                    continue
+                if len(cells) != len(header):
+                    raise InvalidInput(
+                        f"input_blob line {reader.line_num} has {len(cells)} fields, expected "
+                        f"{len(header)} as in the header"
+                    )
+                rows.append(dict(zip(header, cells, strict=True)))
+            return rows
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"input_blob is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    except csv.Error as exc:
+        raise InvalidInput(f"input_blob cannot be parsed as CSV: {exc}") from None
+
+
+def _parse_input(value: Any, input_path: str | None) -> _Request:
     if not isinstance(value, dict):
         raise InvalidInput(f"input must be a JSON object, got {_json_type(value)}")
     unknown = sorted(set(value) - set(_FIELDS))
@@ -108,7 +172,14 @@ def _parse_input(value: Any) -> _Request:
         raise InvalidInput(
             f"unknown input field(s) {', '.join(map(repr, unknown))}; expected {', '.join(_FIELDS)}"
         )
-    left = _rows(value, "left")
+    if input_path is not None:
+        if "left" in value:
+            raise InvalidInput(
+                "give the left rows either as input.left or as the job's input_blob (CSV), not both"
+            )
+        left = _csv_rows(input_path)
+    else:
+        left = _rows(value, "left")
     right = _rows(value, "right")
 
     how = value.get("how", "inner")

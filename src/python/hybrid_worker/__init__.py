@@ -28,7 +28,8 @@ class InvalidInput(PermanentError):
 class Context:
     """What a handler knows about the job it runs."""
 
-    __slots__ = ("job_id", "attempt", "deadline", "correlation_id", "worker", "logger")
+    __slots__ = ("job_id", "attempt", "deadline", "correlation_id", "worker", "logger",
+                 "input_path", "output_dir")
 
     def __init__(
         self,
@@ -38,6 +39,8 @@ class Context:
         correlation_id: Optional[str],
         worker: str,
         logger: logging.Logger,
+        input_path: Optional[str] = None,
+        output_dir: Optional[str] = None,
     ) -> None:
         #: The job's id (the Service Bus MessageId of the job message).
         self.job_id = job_id
@@ -51,6 +54,13 @@ class Context:
         self.worker = worker
         #: Lines logged here reach the daemon's structured log with the job's ids.
         self.logger = logger
+        #: The local path of the job's ``input_blob``, fetched by the daemon before the job
+        #: started (read-only); ``None`` when the job names none.
+        self.input_path = input_path
+        #: A folder for files to hand back: each file written directly in it is uploaded as
+        #: ``<results container>/<job id>/<file name>`` and listed in the reply's ``artifacts``
+        #: (where the daemon has Blob Storage; ``exec --output-dir`` copies them locally).
+        self.output_dir = output_dir
 
     def remaining(self) -> float:
         """Seconds left before the deadline (never negative)."""

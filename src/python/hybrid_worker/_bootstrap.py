@@ -109,8 +109,12 @@ def main() -> None:
         install_logging()
     _ChannelHandler.active = True
     logger = logging.getLogger(f"worker.{job['worker']}")
+    output_dir = job.get("output_dir")
+    if output_dir:
+        # Made by the job itself, so that it is the job user's to write.
+        os.makedirs(output_dir, exist_ok=True)
     ctx = Context(job["job_id"], job["attempt"], job["deadline"], job.get("correlation_id"),
-                  job["worker"], logger)
+                  job["worker"], logger, job.get("input_path"), output_dir)
 
     try:
         handler = _preloaded.get((module_name, function_name))
