@@ -77,10 +77,12 @@ impl Prepared {
         if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) } < 0 {
             return Err(os_err());
         }
+        // Before the limits: this opens a descriptor, numbered above every one the daemon
+        // holds, which may be past the job's RLIMIT_NOFILE (EMFILE) once that is set.
+        write_oom_score_adj()?;
         for (resource, soft, hard) in &self.rlimits {
             nix::sys::resource::setrlimit(*resource, *soft, *hard)?;
         }
-        write_oom_score_adj()?;
         match self.user {
             ChildUser::Keep => {}
             ChildUser::Drop { uid, gid } => {
