@@ -160,12 +160,15 @@ pub enum DlqCommand {
         #[arg(long, value_name = "FILE")]
         edit_input: Option<String>,
     },
-    /// Delete dead letters.
+    /// Delete dead letters. Asks first on a terminal; elsewhere --yes is required.
     Purge {
         #[command(flatten)]
         filter: DlqFilter,
         #[command(flatten)]
         action: DlqActionOpts,
+        /// Delete without asking (required when not at a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
 }
 

@@ -124,6 +124,8 @@ pub enum EmbeddedEmulator {
 pub struct QueueSettings {
     pub jobs: String,
     pub results: String,
+    /// Queues besides `results` that a job's ReplyTo may name.
+    pub reply_allowed: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -238,6 +240,7 @@ impl Settings {
                 .with_list_parse_key("workers.allow")
                 .with_list_parse_key("sandbox.require")
                 .with_list_parse_key("storage.input_containers")
+                .with_list_parse_key("queues.reply_allowed")
                 .try_parsing(true)
                 .source(Some(env_map)),
         );
@@ -295,6 +298,22 @@ impl Settings {
                 ));
             }
         }
+        for name in &self.queues.reply_allowed {
+            if !is_entity_name(name) {
+                return Err(invalid(
+                    "queues.reply_allowed",
+                    name,
+                    "each entry must be a queue name (a dead-letter sub-queue is never allowed)",
+                ));
+            }
+            if name.eq_ignore_ascii_case(&self.queues.jobs) {
+                return Err(invalid(
+                    "queues.reply_allowed",
+                    name,
+                    "must not name queues.jobs: a reply sent there would run as a new job",
+                ));
+            }
+        }
         for name in &self.workers.allow {
             if !crate::job::is_valid_worker_name(name) {
                 return Err(invalid(
@@ -336,6 +355,17 @@ impl Settings {
                 ));
             }
         }
+        let em = &self.emulator;
+        if em.key.is_empty() {
+            return Err(invalid("emulator.key", "", "must not be empty"));
+        }
+        within("emulator.auth_timeout_s", em.auth_timeout_s, 1, 3600)?;
+        within(
+            "emulator.max_unauthenticated",
+            em.max_unauthenticated as u64,
+            1,
+            1 << 20,
+        )?;
         if self.workers.python.trim().is_empty() {
             return Err(invalid("workers.python", "", "must name an interpreter"));
         }
@@ -396,8 +426,21 @@ impl Settings {
             redact_connection_string(&shown.servicebus.connection_string);
         shown.storage.connection_string =
             redact_connection_string(&shown.storage.connection_string);
+        shown.emulator.key = "<redacted>".into();
         toml::to_string_pretty(&shown).map_err(|e| ConfigError::Load(e.to_string()))
     }
+}
+
+/// `value` of `key` must lie in `min..=max`.
+fn within(key: &'static str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        return Ok(());
+    }
+    Err(invalid(
+        key,
+        value,
+        format!("must be between {min} and {max}"),
+    ))
 }
 
 /// Keeps a connection string's shape (so an operator can see which endpoint and rule are used)
@@ -466,8 +509,13 @@ mod tests {
             ("HYBRID__ENGINE__CONCURRENCY", "9"),
             ("HYBRID__QUEUES__JOBS", "work"),
             ("HYBRID__WORKERS__ALLOW", "a,b-c"),
+            ("HYBRID__QUEUES__REPLY_ALLOWED", "flow-a,flow-b"),
         ])
         .expect("valid");
+        assert_eq!(
+            s.queues.reply_allowed,
+            vec!["flow-a".to_string(), "flow-b".to_string()]
+        );
         assert_eq!(s.engine.concurrency, 9);
         assert_eq!(s.queues.jobs, "work");
         assert_eq!(s.workers.allow, vec!["a".to_string(), "b-c".to_string()]);
@@ -491,6 +539,14 @@ mod tests {
             err.to_string().contains("storage.results_container"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn reply_queues_must_be_queues_and_never_the_jobs_queue() {
+        for bad in ["jobs", "jobs/$DeadLetterQueue"] {
+            let err = load_env(&[("HYBRID__QUEUES__REPLY_ALLOWED", bad)]).expect_err(bad);
+            assert!(err.to_string().contains("queues.reply_allowed"), "{err}");
+        }
     }
 
     #[test]

@@ -317,10 +317,24 @@ impl Broker for MemoryBroker {
         reason: &str,
         description: &str,
     ) -> Result<(), BrokerError> {
-        let msg = self.settle(lock_token, |seq| Event::DeadLettered {
+        self.dead_letter_keeping(lock_token, reason, description, &BTreeMap::new())
+            .await
+    }
+
+    async fn dead_letter_keeping(
+        &self,
+        lock_token: Uuid,
+        reason: &str,
+        description: &str,
+        keep: &BTreeMap<String, String>,
+    ) -> Result<(), BrokerError> {
+        let mut msg = self.settle(lock_token, |seq| Event::DeadLettered {
             sequence_number: seq,
             reason: reason.to_owned(),
         })?;
+        msg.message
+            .application
+            .extend(keep.iter().map(|(k, v)| (k.clone(), v.clone())));
         self.state().dead_letters.push(DeadLetter {
             message: msg,
             reason: reason.to_owned(),

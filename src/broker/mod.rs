@@ -82,6 +82,16 @@ pub trait Broker: Send + Sync + 'static {
         reason: &str,
         description: &str,
     ) -> Result<(), BrokerError>;
+    /// [`dead_letter`](Self::dead_letter), with `keep` merged into the message's application
+    /// properties (Service Bus `properties-to-modify`): what an operator must find on the dead
+    /// letter, such as the result of a job whose reply could not be sent.
+    async fn dead_letter_keeping(
+        &self,
+        lock_token: Uuid,
+        reason: &str,
+        description: &str,
+        keep: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), BrokerError>;
     /// Extends a lock; returns the new expiry.
     async fn renew_lock(&self, lock_token: Uuid) -> Result<tokio::time::Instant, BrokerError>;
     /// Sends a message to `queue`.

@@ -11,11 +11,11 @@ use crate::servicebus::client::{ServiceBusBroker, ServiceBusConfig};
 use crate::servicebus::connection_string::ConnectionString;
 use crate::servicebus::credential::{Credential, entra_credential};
 
-/// The connection string of the embedded emulator listening on `listen` (the official
-/// emulator's default rule and key).
-pub fn emulator_connection_string(listen: &str) -> String {
+/// The connection string of the embedded emulator listening on `listen` with `key`
+/// (`emulator.key`) for the official emulator's rule name.
+pub fn emulator_connection_string(listen: &str, key: &str) -> String {
     format!(
-        "Endpoint=sb://{listen};SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;"
+        "Endpoint=sb://{listen};SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey={key};UseDevelopmentEmulator=true;"
     )
 }
 
@@ -71,9 +71,11 @@ pub fn client(
             ServiceBusConfig::for_namespace(ns, Credential::Entra(credential), entity)
         }
         Target::Embedded => {
-            let cs =
-                ConnectionString::parse(&emulator_connection_string(&settings.emulator.listen))
-                    .map_err(|e| UsageError(e.to_string()))?;
+            let cs = ConnectionString::parse(&emulator_connection_string(
+                &settings.emulator.listen,
+                &settings.emulator.key,
+            ))
+            .map_err(|e| UsageError(e.to_string()))?;
             ServiceBusConfig::from_connection_string(&cs, entity, lifetime)
         }
     };

@@ -1,11 +1,17 @@
 //! `hybrid-worker dlq list|show|replay|purge --queue Q`: dead-letter operations for operators.
 //!
-//! Selection reads the dead-letter sub-queue without locking anything (peek), then acts only on
-//! the selected sequence numbers. Replay *moves*: the copy is sent to the source queue first and
-//! the dead letter is completed only after the send was accepted, so nothing is lost; the copy's
-//! MessageId is new (`<job id>:replay-<seq>`) and it carries the original job id, so the job
-//! keeps its identity and duplicate detection cannot swallow it. Every action writes one audit
-//! line (JSON) to stdout and to the log.
+//! Selection reads the dead-letter sub-queue without locking anything (peek), page by page
+//! with pages sized to fit a management response whatever the messages weigh, and keeps only
+//! what it lists; it then acts only on the selected sequence numbers. Replay *moves*: the
+//! dead letter's own AMQP message (see `copy`) is sent to the source queue first and the dead
+//! letter is completed only after the send was accepted, so nothing is lost; what cannot be
+//! carried is refused and kept. The copy's MessageId is new (`<job id>:replay-<seq>`) and it
+//! carries the original job id, so the job keeps its identity and duplicate detection cannot
+//! swallow it. Purge asks first (see `guard`). Every action writes one audit line (JSON) to
+//! stdout and to the log.
+
+mod copy;
+mod guard;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -16,30 +22,33 @@ use serde_json::{Value, json};
 
 use super::connect::{Target, client};
 use super::{EXIT_FAILED, UsageError};
-use crate::broker::{Broker, OutgoingMessage};
+use crate::broker::Broker;
 use crate::cli::{DlqArgs, DlqCommand, DlqFilter};
 use crate::config::Settings;
-use crate::job::{ATTEMPT_PROPERTY, JOB_ID_PROPERTY};
+use crate::job::{JOB_ID_PROPERTY, one_line};
 use crate::servicebus::client::ServiceBusBroker;
 use crate::servicebus::message::Peeked;
+use copy::{DESCRIPTION, REASON, replay_copy};
 
-/// Application properties Service Bus puts on a dead letter.
-const REASON: &str = "DeadLetterReason";
-const DESCRIPTION: &str = "DeadLetterErrorDescription";
+/// Widest `dlq list` cells: whatever senders put in ids and descriptions, one row stays one
+/// line of bounded length.
+const ID_CELL: usize = 64;
+const SHORT_CELL: usize = 32;
+const DESCRIPTION_CELL: usize = 160;
 
-/// One dead letter, as listed.
+/// One dead letter, as listed (its body is not kept: large bodies would add up).
 #[derive(Debug, Clone)]
 struct Entry {
     sequence: i64,
-    peeked: Peeked,
     reason: String,
     description: String,
     worker: Option<String>,
     job_id: String,
+    enqueued_at: Option<SystemTime>,
 }
 
 impl Entry {
-    fn new(peeked: Peeked) -> Option<Entry> {
+    fn new(peeked: &Peeked) -> Option<Entry> {
         let sequence = peeked.properties.sequence_number?;
         let app = &peeked.properties.application;
         let body: Option<Value> = serde_json::from_slice(&peeked.body).ok();
@@ -59,13 +68,12 @@ impl Entry {
             description: app.get(DESCRIPTION).cloned().unwrap_or_default(),
             worker,
             job_id,
-            peeked,
+            enqueued_at: peeked.enqueued_at,
         })
     }
 
     fn age(&self) -> Option<Duration> {
-        self.peeked
-            .enqueued_at
+        self.enqueued_at
             .and_then(|t| SystemTime::now().duration_since(t).ok())
     }
 
@@ -105,8 +113,24 @@ pub async fn run(settings: &Settings, args: &DlqArgs) -> anyhow::Result<ExitCode
             };
             act(&sb, &queue, filter, action, Action::Replay(edited)).await
         }
-        DlqCommand::Purge { filter, action } => {
-            act(&sb, &queue, filter, action, Action::Purge).await
+        DlqCommand::Purge {
+            filter,
+            action,
+            yes,
+        } => {
+            // Refused before anything is read: a script without --yes learns at once.
+            if !yes && !action.dry_run && !guard::interactive() {
+                sb.close().await;
+                return Err(guard::refusal().into());
+            }
+            act(
+                &sb,
+                &queue,
+                filter,
+                action,
+                Action::Purge { confirmed: *yes },
+            )
+            .await
         }
     };
     sb.close().await;
@@ -131,7 +155,7 @@ async fn select(sb: &ServiceBusBroker, filter: &DlqFilter) -> anyhow::Result<Vec
     let mut from = 1i64;
     let mut out = Vec::new();
     loop {
-        let batch = sb.peek(from, 100).await?;
+        let batch = sb.peek_page(from).await?;
         let Some(last) = batch
             .iter()
             .filter_map(|p| p.properties.sequence_number)
@@ -139,7 +163,7 @@ async fn select(sb: &ServiceBusBroker, filter: &DlqFilter) -> anyhow::Result<Vec
         else {
             break;
         };
-        for entry in batch.into_iter().filter_map(Entry::new) {
+        for entry in batch.iter().filter_map(Entry::new) {
             if entry.matches(filter, min_age) {
                 out.push(entry);
             }
@@ -169,15 +193,17 @@ async fn list(sb: &ServiceBusBroker, filter: &DlqFilter) -> anyhow::Result<ExitC
             .map(|a| humantime::format_duration(Duration::from_secs(a.as_secs())).to_string())
             .unwrap_or_else(|| "?".into());
         let age = age.split(' ').take(2).collect::<Vec<_>>().join("");
+        // Senders choose these texts: control characters (terminal escapes, newlines) and
+        // length are taken out before they reach the operator's screen.
         writeln!(
             out,
             "{:>8}  {:>8}  {:<20} {:<16} {:<38} {}",
             e.sequence,
             age,
-            e.reason,
-            e.worker.as_deref().unwrap_or("-"),
-            e.job_id,
-            e.description
+            one_line(&e.reason, SHORT_CELL),
+            one_line(e.worker.as_deref().unwrap_or("-"), SHORT_CELL),
+            one_line(&e.job_id, ID_CELL),
+            one_line(&e.description, DESCRIPTION_CELL)
         )?;
     }
     eprintln!("{} dead letter(s) matched", entries.len());
@@ -185,27 +211,25 @@ async fn list(sb: &ServiceBusBroker, filter: &DlqFilter) -> anyhow::Result<ExitC
 }
 
 async fn show(sb: &ServiceBusBroker, sequence: i64) -> anyhow::Result<ExitCode> {
-    let found = sb
-        .peek(sequence, 1)
-        .await?
-        .into_iter()
-        .filter_map(Entry::new)
-        .find(|e| e.sequence == sequence);
-    let Some(e) = found else {
+    let Some((e, peeked)) = peek_one(sb, sequence).await? else {
         eprintln!("no dead letter with sequence number {sequence}");
         return Ok(ExitCode::from(EXIT_FAILED));
     };
-    let p = &e.peeked.properties;
-    let body = serde_json::from_slice::<Value>(&e.peeked.body)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&e.peeked.body).into_owned()));
+    let p = &peeked.properties;
+    let body = match &peeked.message.body {
+        fe2o3_amqp_types::messaging::Body::Data(_) => serde_json::from_slice::<Value>(&peeked.body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&peeked.body).into_owned())),
+        // AMQP value and sequence bodies, in the AMQP type notation.
+        other => Value::String(format!("{other:?}")),
+    };
     let doc = json!({
         "sequence_number": e.sequence,
         "job_id": e.job_id,
         "reason": e.reason,
         "description": e.description,
         "worker": e.worker,
-        "enqueued_at": e.peeked.enqueued_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-        "delivery_count": e.peeked.delivery_count,
+        "enqueued_at": e.enqueued_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        "delivery_count": peeked.delivery_count,
         "message_id": p.message_id,
         "correlation_id": p.correlation_id,
         "reply_to": p.reply_to,
@@ -217,17 +241,27 @@ async fn show(sb: &ServiceBusBroker, sequence: i64) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
+/// Dead letter `sequence` with its whole message, if it is still there.
+async fn peek_one(sb: &ServiceBusBroker, sequence: i64) -> anyhow::Result<Option<(Entry, Peeked)>> {
+    Ok(sb.peek(sequence, 1).await?.into_iter().find_map(|p| {
+        Entry::new(&p)
+            .filter(|e| e.sequence == sequence)
+            .map(|e| (e, p))
+    }))
+}
+
 enum Action {
     /// Send a copy (with the input replaced, if given) to the source queue, then complete.
     Replay(Option<Value>),
-    Purge,
+    /// Complete; `confirmed` by `--yes`, else the operator is asked.
+    Purge { confirmed: bool },
 }
 
 impl Action {
     fn name(&self) -> &'static str {
         match self {
             Action::Replay(_) => "replay",
-            Action::Purge => "purge",
+            Action::Purge { .. } => "purge",
         }
     }
 }
@@ -258,45 +292,24 @@ fn audit(action: &str, queue: &str, e: &Entry, result: &str) {
     tracing::info!(target: "audit", action, queue, sequence_number = e.sequence, job_id = %e.job_id, result, "Dead-letter operation.");
 }
 
-/// The copy a replay sends: the job as it was (or with `input` replaced), a fresh attempt
-/// count, and the original job id.
-fn replay_copy(e: &Entry, edited: Option<&Value>) -> anyhow::Result<OutgoingMessage> {
-    let p = &e.peeked.properties;
-    let body = match edited {
-        None => e.peeked.body.clone(),
-        Some(input) => {
-            let mut doc: Value = serde_json::from_slice(&e.peeked.body).map_err(|_| {
-                UsageError(format!(
-                    "dead letter {} has no JSON body, so --edit-input cannot apply",
-                    e.sequence
-                ))
-            })?;
-            let Some(obj) = doc.as_object_mut() else {
-                return Err(UsageError(format!(
-                    "dead letter {}'s body is not a JSON object",
-                    e.sequence
-                ))
-                .into());
-            };
-            obj.insert("input".into(), input.clone());
-            serde_json::to_vec(&doc)?
-        }
+/// Sends the copy of dead letter `entry` to `queue`; the error says why it was not sent.
+async fn replay(
+    sb: &ServiceBusBroker,
+    queue: &str,
+    entry: &Entry,
+    edited: Option<&Value>,
+) -> Result<(), String> {
+    // The whole message is read again here, so that selection never holds bodies.
+    let peeked = match peek_one(sb, entry.sequence).await {
+        Ok(Some((_, peeked))) => peeked,
+        Ok(None) => return Err("it could not be read again".into()),
+        Err(e) => return Err(format!("reading it failed: {e}")),
     };
-    let mut application = p.application.clone();
-    for key in [REASON, DESCRIPTION, ATTEMPT_PROPERTY] {
-        application.remove(key);
-    }
-    application.insert(JOB_ID_PROPERTY.into(), e.job_id.clone());
-    Ok(OutgoingMessage {
-        message_id: Some(format!("{}:replay-{}", e.job_id, e.sequence)),
-        correlation_id: p.correlation_id.clone(),
-        session_id: None,
-        reply_to: p.reply_to.clone(),
-        reply_to_session_id: p.reply_to_session_id.clone(),
-        content_type: p.content_type.clone(),
-        application,
-        body,
-    })
+    let copy = replay_copy(&peeked.message, &entry.job_id, entry.sequence, edited)
+        .map_err(|e| format!("cannot replay: {e}"))?;
+    sb.send_message(queue, copy)
+        .await
+        .map_err(|e| format!("sending the copy failed: {e}"))
 }
 
 async fn act(
@@ -317,6 +330,14 @@ async fn act(
             entries.len()
         );
         return Ok(ExitCode::SUCCESS);
+    }
+    if matches!(action, Action::Purge { confirmed: false }) && !entries.is_empty() {
+        let dlq = format!("{queue}/$DeadLetterQueue");
+        let mut stdin = std::io::stdin().lock();
+        if !guard::ask(&mut stdin, &mut std::io::stderr(), entries.len(), &dlq)? {
+            eprintln!("purge cancelled; nothing was deleted");
+            return Ok(ExitCode::from(EXIT_FAILED));
+        }
     }
     if opts.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
         return Err(
@@ -353,20 +374,17 @@ async fn act(
                 p.tick().await;
             }
             let outcome = match &action {
-                Action::Replay(edited) => match replay_copy(entry, edited.as_ref()) {
-                    Ok(copy) => match sb.send(queue, copy).await {
-                        Ok(()) => sb
-                            .complete(delivery.lock_token)
-                            .await
-                            .map(|()| "moved".to_owned())
-                            .map_err(|e| {
-                                format!("copy sent, but completing the dead letter failed: {e}")
-                            }),
-                        Err(e) => Err(format!("sending the copy failed, dead letter kept: {e}")),
-                    },
-                    Err(e) => Err(e.to_string()),
+                Action::Replay(edited) => match replay(sb, queue, entry, edited.as_ref()).await {
+                    Ok(()) => sb
+                        .complete(delivery.lock_token)
+                        .await
+                        .map(|()| "moved".to_owned())
+                        .map_err(|e| {
+                            format!("copy sent, but completing the dead letter failed: {e}")
+                        }),
+                    Err(why) => Err(format!("{why}; dead letter kept")),
                 },
-                Action::Purge => sb
+                Action::Purge { .. } => sb
                     .complete(delivery.lock_token)
                     .await
                     .map(|()| "purged".to_owned())

@@ -24,6 +24,9 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     // First: where jobs come from. A deployment with `servicebus.embedded = "never"` and no
     // Service Bus configured stops here (exit 2), before it could report ready.
     let target = Target::of(settings)?;
+    let open_files = crate::runner::child::raise_descriptor_limit(settings.engine.concurrency)
+        .map_err(|e| UsageError(e.to_string()))?;
+    tracing::info!(open_files, "The daemon's open-files limit.");
     let shutdown = crate::shutdown::on_signals()?;
     // Probes and metrics answer from the start: not ready until workers and broker are.
     let http_stop = CancellationToken::new();
@@ -113,6 +116,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
             queues: Queues {
                 jobs: settings.queues.jobs.clone(),
                 results: settings.queues.results.clone(),
+                reply_allowed: settings.queues.reply_allowed.clone(),
             },
             drain_timeout: settings.engine.drain_timeout(),
             max_lock_renewal: settings.engine.max_lock_renewal(),

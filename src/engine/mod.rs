@@ -240,6 +240,7 @@ impl JobTask {
                 Ok(Settled::Abandoned) => tracing::info!("The job was interrupted; its message was abandoned for redelivery."),
                 Ok(Settled::AbandonedAfterDaemonFault) => tracing::warn!("The daemon could not start the job (its own fault, not the job's); the message was abandoned to run again."),
                 Ok(Settled::LeftToExpire) => tracing::warn!("The job's lock was lost; it was stopped and will be delivered again."),
+                Ok(Settled::ReplyUndeliverable) => tracing::warn!("The job ran but its reply could not be sent; message dead-lettered with the result."),
                 Err(e) => tracing::warn!(error = %e, "Settling the job failed; the message will be delivered again."),
             }
             let ended = match &result {
@@ -250,6 +251,10 @@ impl JobTask {
                 }
                 Ok(Settled::DeadLettered { reason }) => {
                     m.dead_letters.get_or_create(&ReasonLabel { reason: reason.as_str().to_owned() }).inc();
+                    "dead_lettered"
+                }
+                Ok(Settled::ReplyUndeliverable) => {
+                    m.dead_letters.get_or_create(&ReasonLabel { reason: settle::REPLY_UNDELIVERABLE.to_owned() }).inc();
                     "dead_lettered"
                 }
                 Ok(Settled::Abandoned) => "abandoned",
@@ -267,6 +272,16 @@ impl JobTask {
 
     /// Parses, checks and runs the job, with its lock kept while it runs.
     async fn outcome(&self, delivery: &Delivery, envelope: &Envelope) -> Outcome {
+        // Checked first: a job that asks for a reply where none may go never runs.
+        if let Err(error) = settle::reply_queue(&self.options.queues, envelope) {
+            return Outcome::Failed {
+                worker: None,
+                error,
+                policy: None,
+                duration: Duration::ZERO,
+                resources: Default::default(),
+            };
+        }
         let job = match Job::parse(
             envelope.clone(),
             &delivery.body,

@@ -9,10 +9,15 @@
 //! | lock lost                            | nothing: the broker redelivers                     |
 //! | interrupted by shutdown              | abandon: redelivered at once                       |
 //! | the daemon could not start it        | abandon: run again (here or by another replica)    |
+//! | reply not sent (after the job ran)   | dead-letter `ReplyUndeliverable`, result kept      |
 //!
 //! Every send comes before the settlement it protects, so a crash between the two leaves the
 //! message to be redelivered (a resent reply carries the same MessageId, which duplicate
-//! detection drops). If a send fails, the message is abandoned rather than settled.
+//! detection drops). If a retry copy cannot be scheduled, the message is abandoned rather than
+//! settled. If a reply cannot be sent, the job has run: it is dead-lettered with its result
+//! rather than run again. Replies go only where [`reply_queue`] allows: the daemon sends with
+//! its own identity, so a job may not choose any queue (a job naming another is refused with
+//! `PolicyDenied` before it runs, and gets no reply).
 
 use std::time::Duration;
 
@@ -27,6 +32,12 @@ use crate::job::{
 use super::executor::WorkerPolicy;
 use super::retry::delay_before;
 use crate::storage::ResultBlobs;
+
+/// The DeadLetterReason of a job whose reply could not be sent.
+pub const REPLY_UNDELIVERABLE: &str = "ReplyUndeliverable";
+/// Largest result (JSON) kept on such a dead letter, as its `result` property (Service Bus
+/// allows 64 KB of properties); of a larger one, only its status and size are kept.
+const MAX_KEPT_RESULT: usize = 32 * 1024;
 
 /// Longest `DeadLetterErrorDescription` written (Service Bus allows far more; a one-line
 /// summary is what an operator scans).
@@ -76,13 +87,40 @@ pub enum Settled {
     /// Abandoned because of a fault of the daemon's own.
     AbandonedAfterDaemonFault,
     LeftToExpire,
+    /// The job ran, its reply could not be sent, and it was dead-lettered with its result.
+    ReplyUndeliverable,
 }
 
-/// Where replies go when a job names no `ReplyTo`, and where retries are scheduled.
+/// Where replies go when a job names no `ReplyTo`, where else they may go, and where retries
+/// are scheduled.
 #[derive(Debug, Clone)]
 pub struct Queues {
     pub jobs: String,
     pub results: String,
+    /// Queues besides `results` a job's `ReplyTo` may name (`queues.reply_allowed`).
+    pub reply_allowed: Vec<String>,
+}
+
+/// The queue a job's reply goes to: its `ReplyTo` when that is the results queue or an allowed
+/// one (names compare case-insensitively, as Service Bus does), the results queue when it
+/// names none; `PolicyDenied` for any other.
+pub fn reply_queue<'a>(queues: &'a Queues, envelope: &Envelope) -> Result<&'a str, JobError> {
+    let Some(asked) = envelope.reply.queue.as_deref() else {
+        return Ok(&queues.results);
+    };
+    std::iter::once(&queues.results)
+        .chain(&queues.reply_allowed)
+        .find(|q| q.eq_ignore_ascii_case(asked))
+        .map(String::as_str)
+        .ok_or_else(|| {
+            JobError::new(
+                ErrorKind::PolicyDenied,
+                format!(
+                    "ReplyTo {:?} is not a queue replies may go to (queues.results, queues.reply_allowed)",
+                    one_line(asked, 100)
+                ),
+            )
+        })
 }
 
 /// Maps an outcome to broker actions and performs them. Errors are returned after the
@@ -114,7 +152,9 @@ pub async fn settle(
             // Claim-check: the blobs were written before this reply, which lists them.
             result.output_blob = blobs.output_blob;
             result.artifacts = blobs.artifacts;
-            send_reply(broker, queues, envelope, token, &result).await?;
+            if let Some(settled) = send_reply(broker, queues, envelope, token, &result).await? {
+                return Ok(settled);
+            }
             broker.complete(token).await?;
             Ok(Settled::Replied)
         }
@@ -161,7 +201,9 @@ pub async fn settle(
                 millis(duration),
                 resources,
             );
-            send_reply(broker, queues, envelope, token, &result).await?;
+            if let Some(settled) = send_reply(broker, queues, envelope, token, &result).await? {
+                return Ok(settled);
+            }
             let description = dead_letter_description(&final_error, &error, envelope.attempt);
             broker
                 .dead_letter(token, final_error.kind.as_str(), &description)
@@ -177,22 +219,47 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Sends the job's reply to its `ReplyTo` (or the results queue); if that fails, abandons the
-/// job so it is delivered again rather than settled without an answer.
+/// Sends the job's reply where [`reply_queue`] allows (nowhere for a refused `ReplyTo`):
+/// `None` when that is done. If the send fails, the job has run all the same, and running it
+/// again would not make its reply deliverable: it is dead-lettered with its result kept, and
+/// that is the settlement returned.
 async fn send_reply(
     broker: &dyn Broker,
     queues: &Queues,
     envelope: &Envelope,
     token: uuid::Uuid,
     result: &JobResult,
-) -> Result<(), BrokerError> {
-    let queue = envelope.reply.queue.as_deref().unwrap_or(&queues.results);
-    if let Err(e) = broker.send(queue, reply(envelope, result)).await {
-        tracing::warn!(queue, error = %e, "Sending the reply failed; the job will be delivered again.");
-        abandon_after_failed_send(broker, token).await;
-        return Err(e);
+) -> Result<Option<Settled>, BrokerError> {
+    let Ok(queue) = reply_queue(queues, envelope) else {
+        return Ok(None);
+    };
+    let Err(e) = broker.send(queue, reply(envelope, result)).await else {
+        return Ok(None);
+    };
+    // A JobResult of plain JSON values always serialises. It goes on the dead letter (access
+    // controlled like the job), not into the log: outputs may hold the job's data.
+    let json = serde_json::to_string(result).unwrap_or_default();
+    tracing::warn!(queue, error = %e, "The reply could not be sent; the job is dead-lettered with its result.");
+    let mut keep = std::collections::BTreeMap::new();
+    keep.insert(
+        "result_status".to_owned(),
+        result.status.as_str().to_owned(),
+    );
+    keep.insert("result_bytes".to_owned(), json.len().to_string());
+    if json.len() <= MAX_KEPT_RESULT {
+        keep.insert("result".to_owned(), json);
     }
-    Ok(())
+    let description = one_line(
+        &format!(
+            "the job {}; its reply to {queue} could not be sent: {e}",
+            result.status.as_str()
+        ),
+        MAX_DESCRIPTION,
+    );
+    broker
+        .dead_letter_keeping(token, REPLY_UNDELIVERABLE, &description, &keep)
+        .await?;
+    Ok(Some(Settled::ReplyUndeliverable))
 }
 
 async fn abandon_after_failed_send(broker: &dyn Broker, token: uuid::Uuid) {

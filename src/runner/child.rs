@@ -24,6 +24,53 @@ pub const JOB_FD: RawFd = 3;
 /// The job's end of the channel back, as the runtime writes it.
 pub const CHANNEL_FD: RawFd = 4;
 
+/// Descriptors the daemon holds for each running job (its pipes, and their share of the warm
+/// parents' and cgroups'), with room to spare.
+pub const DESCRIPTORS_PER_JOB: u64 = 8;
+/// Descriptors the daemon holds whatever runs: broker and emulator connections, the HTTP
+/// listener, the store, logs, warm parents.
+pub const DESCRIPTORS_BASE: u64 = 256;
+
+/// Why the daemon's descriptor limit cannot fit `engine.concurrency`.
+#[derive(Debug, thiserror::Error)]
+pub enum DescriptorLimitError {
+    #[error("cannot read the daemon's open-files limit (RLIMIT_NOFILE): {0}")]
+    Read(nix::Error),
+    #[error(
+        "engine.concurrency = {concurrency} needs about {needed} open descriptors \
+         ({DESCRIPTORS_BASE} + {DESCRIPTORS_PER_JOB} per running job), but the daemon may open \
+         only {limit} (its RLIMIT_NOFILE hard limit): raise it (ulimit -n, systemd LimitNOFILE=, \
+         docker --ulimit nofile=) or lower engine.concurrency"
+    )]
+    TooLow {
+        concurrency: usize,
+        needed: u64,
+        limit: u64,
+    },
+}
+
+/// Raises the daemon's soft open-files limit to its hard limit (1024 is a common soft default,
+/// far below the hard one), and checks that `concurrency` running jobs fit in it: a daemon
+/// out of descriptors can start no job at all. Returns the limit now in force.
+pub fn raise_descriptor_limit(concurrency: usize) -> Result<u64, DescriptorLimitError> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(DescriptorLimitError::Read)?;
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let needed = DESCRIPTORS_BASE + DESCRIPTORS_PER_JOB * concurrency as u64;
+    if limit < needed {
+        return Err(DescriptorLimitError::TooLow {
+            concurrency,
+            needed,
+            limit,
+        });
+    }
+    Ok(limit)
+}
+
 /// Everything needed to start one job process.
 #[derive(Debug, Clone)]
 pub struct ChildSpec {
@@ -463,4 +510,21 @@ pub fn signal_name(signal: i32) -> String {
 pub fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_descriptor_limit_is_raised_and_checked_against_the_concurrency() {
+        let limit = raise_descriptor_limit(1).expect("one job fits any usable limit");
+        let (soft, hard) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .expect("getrlimit");
+        assert_eq!((limit, soft), (hard, hard), "soft raised to hard");
+        let too_many = usize::try_from(hard / DESCRIPTORS_PER_JOB + 1).expect("fits");
+        let err = raise_descriptor_limit(too_many).expect_err("more jobs than descriptors");
+        assert!(err.to_string().contains("engine.concurrency"), "{err}");
+    }
 }

@@ -8,31 +8,33 @@
 //! reconnect, so a job that was running while the connection dropped is still settled once,
 //! not redelivered and run twice. The price is one request/response per settlement.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::link::receiver::CreditMode;
+use fe2o3_amqp::link::{ErrorRecovery, MessageSizeExceeded, RecvError, SenderAttachError};
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::SessionHandle;
 use fe2o3_amqp::types::definitions::{ReceiverSettleMode, SenderSettleMode};
-use fe2o3_amqp::types::messaging::{Body, Outcome, Source};
+use fe2o3_amqp::types::messaging::{Body, Message, Outcome, Source};
 use fe2o3_amqp::types::primitives::{Symbol, Timestamp, Value};
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use fe2o3_amqp_cbs::client::CbsClient;
 use fe2o3_amqp_cbs::token::CbsToken as AmqpCbsToken;
 use fe2o3_amqp_management::client::MgmtClient;
+use fe2o3_amqp_management::error::Error as MgmtError;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use super::connection_string::{ConnectionString, SasAuth};
 use super::credential::{Credential, CredentialError};
 use super::management::{MgmtRequest, MgmtResponse};
-use super::message::{Peeked, decode, peeked, to_amqp, to_delivery};
+use super::message::{to_amqp, to_delivery};
 use crate::broker::{Broker, BrokerError, Delivery, OutgoingMessage};
 
 /// How long connecting, authorising or attaching may take before it counts as failed.
@@ -42,6 +44,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 const RECEIVER_RECYCLE: u64 = 2_000;
 /// Lock duration assumed when a delivery does not say when its lock ends.
 const DEFAULT_LOCK: Duration = Duration::from_secs(30);
+/// Silence after which the connection counts as dead. The Open advertises half of it, so the
+/// broker sends an empty frame at least every 5 s while it has nothing to say (Service Bus
+/// and the emulator do), and a peer that vanished without closing the socket is found in
+/// 10 s instead of when TCP gives up.
+const IDLE_TIMEOUT_MS: u32 = 10_000;
 /// Extra time given to a receive call to collect more messages after the first.
 const GATHER: Duration = Duration::from_millis(3);
 
@@ -127,6 +134,8 @@ pub struct ServiceBusBroker {
     mgmt: Mutex<Option<(u64, MgmtClient)>>,
     senders: Mutex<HashMap<String, (u64, Sender)>>,
     generation: AtomicU64,
+    /// Messages asked for per peek; halved when a response does not fit (see `peek_page`).
+    pub(super) peek_count: AtomicI32,
     pub stats: ClientStats,
 }
 
@@ -152,6 +161,7 @@ impl ServiceBusBroker {
             mgmt: Mutex::new(None),
             senders: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
+            peek_count: AtomicI32::new(super::peek::PEEK_PAGE),
             stats: ClientStats::default(),
         }
     }
@@ -200,6 +210,7 @@ impl ServiceBusBroker {
             .scheme(endpoint.scheme)
             .domain(endpoint.domain())
             .sasl_profile(SaslProfile::Anonymous)
+            .idle_time_out(IDLE_TIMEOUT_MS)
             .alt_tls_establishment(true)
             .open_with_stream(stream)
             .await
@@ -297,7 +308,23 @@ impl ServiceBusBroker {
     }
 
     /// Calls the jobs queue's management node; the caller maps the status.
-    async fn management(&self, request: MgmtRequest) -> Result<MgmtResponse, BrokerError> {
+    pub(super) async fn management(
+        &self,
+        request: MgmtRequest,
+    ) -> Result<MgmtResponse, BrokerError> {
+        self.management_sized(request).await?.map_err(|too_large| {
+            BrokerError::Refused(format!(
+                "the management response is larger than its link allows ({too_large})"
+            ))
+        })
+    }
+
+    /// [`management`](Self::management), telling a response over the link's size limit apart
+    /// (the inner error): only that link was detached, and a smaller request may fit.
+    pub(super) async fn management_sized(
+        &self,
+        request: MgmtRequest,
+    ) -> Result<Result<MgmtResponse, MessageSizeExceeded>, BrokerError> {
         let live = self.live().await?;
         self.authorize(&live, &self.config.jobs_queue).await?;
         let mut slot = self.mgmt.lock().await;
@@ -317,7 +344,12 @@ impl ServiceBusBroker {
             return Err(BrokerError::Connection("no management link".into()));
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, client.call(request)).await {
-            Ok(Ok(response)) => Ok(response),
+            Ok(Ok(response)) => Ok(Ok(response)),
+            Ok(Err(MgmtError::Recv(RecvError::MessageSizeExceeded(too_large)))) => {
+                // The receiving link was detached; the connection is fine.
+                *slot = None;
+                Ok(Err(too_large))
+            }
             Ok(Err(e)) => {
                 *slot = None;
                 Err(self.broken(&live, connection_error("a management request failed", e)))
@@ -335,17 +367,7 @@ impl ServiceBusBroker {
     /// A management call retried with backoff and jitter while the connection is being
     /// rebuilt (a lock token survives a reconnect).
     async fn management_retried(&self, request: MgmtRequest) -> Result<MgmtResponse, BrokerError> {
-        (|| self.management(request.clone()))
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(3))
-                    .with_max_times(5)
-                    .with_jitter(),
-            )
-            .when(BrokerError::is_transient)
-            .notify(|e, after| tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "Retrying a management request."))
-            .await
+        retried(|| self.management(request.clone())).await
     }
 
     async fn update_disposition(
@@ -353,6 +375,7 @@ impl ServiceBusBroker {
         token: Uuid,
         status: &str,
         dead_letter: Option<(&str, &str)>,
+        keep: &BTreeMap<String, String>,
     ) -> Result<(), BrokerError> {
         let mut request = MgmtRequest::new("com.microsoft:update-disposition")
             .with("disposition-status", Value::String(status.to_owned()))
@@ -365,6 +388,13 @@ impl ServiceBusBroker {
                     Value::String(description.to_owned()),
                 );
         }
+        if !keep.is_empty() {
+            let map = keep
+                .iter()
+                .map(|(k, v)| (Value::String(k.clone()), Value::String(v.clone())))
+                .collect();
+            request = request.with("properties-to-modify", Value::Map(map));
+        }
         let response = self.management_retried(request).await?;
         status_result(&response)
     }
@@ -372,8 +402,7 @@ impl ServiceBusBroker {
     async fn send_at(
         &self,
         queue: &str,
-        message: &OutgoingMessage,
-        enqueue_at: Option<SystemTime>,
+        message: &Message<Body<Value>>,
     ) -> Result<(), BrokerError> {
         let live = self.live().await?;
         self.authorize(&live, queue).await?;
@@ -392,14 +421,33 @@ impl ServiceBusBroker {
             drop(session);
             let sender = match attached {
                 Ok(Ok(sender)) => sender,
-                Ok(Err(e)) => {
-                    let text = e.to_string();
+                // The session (and so the connection) is gone: rebuild it.
+                Ok(Err(
+                    e
+                    @ (SenderAttachError::SessionStopped(_) | SenderAttachError::SessionNotMapped),
+                )) => {
+                    return Err(self.broken(
+                        &live,
+                        connection_error(&format!("attaching a sender to {queue}"), e),
+                    ));
+                }
+                // The broker refused this one link (unknown or forbidden entity): the
+                // connection and every other link are fine.
+                Ok(Err(SenderAttachError::RemoteClosedWithError(e))) => {
+                    let text = format!("{e:?}");
                     if text.contains("not-found") || text.contains("NotFound") {
                         return Err(BrokerError::NotFound(queue.to_owned()));
                     }
+                    return Err(BrokerError::Refused(format!(
+                        "attaching a sender to {queue}: {text}"
+                    )));
+                }
+                // The link's own handshake went wrong: the session's state is in doubt, so
+                // the connection is rebuilt.
+                Ok(Err(e)) => {
                     return Err(self.broken(
                         &live,
-                        connection_error(&format!("attaching a sender to {queue}"), text),
+                        connection_error(&format!("attaching a sender to {queue}"), e),
                     ));
                 }
                 Err(_) => {
@@ -414,8 +462,7 @@ impl ServiceBusBroker {
         let Some((_, sender)) = senders.get_mut(queue) else {
             return Err(BrokerError::Connection("no sender".into()));
         };
-        let outcome =
-            tokio::time::timeout(CONNECT_TIMEOUT, sender.send(to_amqp(message, enqueue_at))).await;
+        let outcome = tokio::time::timeout(CONNECT_TIMEOUT, sender.send(message.clone())).await;
         match outcome {
             Ok(Ok(Outcome::Accepted(_))) => Ok(()),
             Ok(Ok(Outcome::Rejected(rejected))) => Err(BrokerError::Refused(
@@ -427,10 +474,22 @@ impl ServiceBusBroker {
             Ok(Ok(other)) => Err(BrokerError::Refused(format!(
                 "the broker answered {other:?}"
             ))),
-            Ok(Err(e)) => {
-                senders.remove(queue);
-                Err(self.broken(&live, connection_error(&format!("sending to {queue}"), e)))
-            }
+            Ok(Err(e)) => match e.recovery() {
+                // Over the link's size limit, or not encodable: nothing was sent, the link is fine.
+                ErrorRecovery::UseLink => {
+                    Err(BrokerError::Refused(format!("sending to {queue}: {e}")))
+                }
+                // The broker detached this link (with its reason): only the link is replaced.
+                ErrorRecovery::ReattachLink | ErrorRecovery::NewLink => {
+                    senders.remove(queue);
+                    Err(BrokerError::Refused(format!("sending to {queue}: {e}")))
+                }
+                // The session or connection is gone (or a future kind of failure): rebuild.
+                _ => {
+                    senders.remove(queue);
+                    Err(self.broken(&live, connection_error(&format!("sending to {queue}"), e)))
+                }
+            },
             Err(_) => {
                 senders.remove(queue);
                 Err(self.broken(
@@ -441,16 +500,26 @@ impl ServiceBusBroker {
         }
     }
 
+    /// Sends a finished AMQP message (any body section, any property types) to `queue`,
+    /// retried across a reconnect like every send: what `dlq replay` uses to carry a dead
+    /// letter unchanged.
+    pub async fn send_message(
+        &self,
+        queue: &str,
+        message: Message<Body<Value>>,
+    ) -> Result<(), BrokerError> {
+        self.send_retried(queue, &message).await
+    }
+
     /// A send retried with backoff and jitter across a reconnect. A send whose outcome was lost
     /// with the connection may go twice; replies and retry copies carry deterministic
     /// MessageIds, so duplicate detection drops the second.
     async fn send_retried(
         &self,
         queue: &str,
-        message: &OutgoingMessage,
-        enqueue_at: Option<SystemTime>,
+        message: &Message<Body<Value>>,
     ) -> Result<(), BrokerError> {
-        (|| self.send_at(queue, message, enqueue_at))
+        (|| self.send_at(queue, message))
             .retry(
                 ExponentialBuilder::default()
                     .with_max_times(3)
@@ -488,35 +557,6 @@ impl ServiceBusBroker {
                 BrokerError::Connection("attaching the jobs receiver timed out".into()),
             )),
         }
-    }
-
-    /// Reads up to `count` messages from sequence number `from` on, without locking them
-    /// (management `peek-message`).
-    pub async fn peek(&self, from: i64, count: i32) -> Result<Vec<Peeked>, BrokerError> {
-        let request = MgmtRequest::new("com.microsoft:peek-message")
-            .with("from-sequence-number", Value::Long(from))
-            .with("message-count", Value::Int(count));
-        let response = self.management_retried(request).await?;
-        if response.status == 204 {
-            return Ok(Vec::new());
-        }
-        status_result(&response)?;
-        let items: Vec<Value> = match response.field("messages") {
-            Some(Value::List(list)) => list.clone(),
-            Some(Value::Array(array)) => array.iter().cloned().collect(),
-            _ => Vec::new(),
-        };
-        Ok(items
-            .iter()
-            .filter_map(|item| match item {
-                Value::Map(map) => map.iter().find_map(|(k, v)| match (k, v) {
-                    (Value::String(k), Value::Binary(b)) if k == "message" => decode(b.as_ref()),
-                    _ => None,
-                }),
-                _ => None,
-            })
-            .map(|m| peeked(&m))
-            .collect())
     }
 
     /// Receives one message of session `session_id` on the session-enabled `queue`, waiting
@@ -601,6 +641,24 @@ impl ServiceBusBroker {
     }
 }
 
+/// Retries `call` with backoff and jitter while its error is transient.
+pub(super) async fn retried<T, F, Fut>(call: F) -> Result<T, BrokerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, BrokerError>>,
+{
+    call.retry(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(3))
+            .with_max_times(5)
+            .with_jitter(),
+    )
+    .when(BrokerError::is_transient)
+    .notify(|e, after| tracing::warn!(error = %e, retry_in_ms = after.as_millis() as u64, "Retrying a management request."))
+    .await
+}
+
 fn lock_tokens(token: Uuid) -> Value {
     Value::Array(
         vec![Value::Uuid(fe2o3_amqp::types::primitives::Uuid::from(
@@ -610,7 +668,7 @@ fn lock_tokens(token: Uuid) -> Value {
     )
 }
 
-fn status_result(response: &MgmtResponse) -> Result<(), BrokerError> {
+pub(super) fn status_result(response: &MgmtResponse) -> Result<(), BrokerError> {
     if response.status == 200 {
         return Ok(());
     }
@@ -704,11 +762,13 @@ impl Broker for ServiceBusBroker {
     }
 
     async fn complete(&self, lock_token: Uuid) -> Result<(), BrokerError> {
-        self.update_disposition(lock_token, "completed", None).await
+        self.update_disposition(lock_token, "completed", None, &BTreeMap::new())
+            .await
     }
 
     async fn abandon(&self, lock_token: Uuid) -> Result<(), BrokerError> {
-        self.update_disposition(lock_token, "abandoned", None).await
+        self.update_disposition(lock_token, "abandoned", None, &BTreeMap::new())
+            .await
     }
 
     async fn dead_letter(
@@ -717,7 +777,18 @@ impl Broker for ServiceBusBroker {
         reason: &str,
         description: &str,
     ) -> Result<(), BrokerError> {
-        self.update_disposition(lock_token, "suspended", Some((reason, description)))
+        self.dead_letter_keeping(lock_token, reason, description, &BTreeMap::new())
+            .await
+    }
+
+    async fn dead_letter_keeping(
+        &self,
+        lock_token: Uuid,
+        reason: &str,
+        description: &str,
+        keep: &BTreeMap<String, String>,
+    ) -> Result<(), BrokerError> {
+        self.update_disposition(lock_token, "suspended", Some((reason, description)), keep)
             .await
     }
 
@@ -743,7 +814,7 @@ impl Broker for ServiceBusBroker {
     }
 
     async fn send(&self, queue: &str, message: OutgoingMessage) -> Result<(), BrokerError> {
-        self.send_retried(queue, &message, None).await
+        self.send_retried(queue, &to_amqp(&message, None)).await
     }
 
     async fn schedule(
@@ -752,7 +823,7 @@ impl Broker for ServiceBusBroker {
         message: OutgoingMessage,
         delay: Duration,
     ) -> Result<(), BrokerError> {
-        self.send_retried(queue, &message, Some(SystemTime::now() + delay))
+        self.send_retried(queue, &to_amqp(&message, Some(SystemTime::now() + delay)))
             .await
     }
 }

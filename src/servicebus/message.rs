@@ -94,9 +94,12 @@ pub fn body_bytes(body: &Body<Value>) -> Option<Vec<u8>> {
 #[derive(Debug, Clone)]
 pub struct Peeked {
     pub properties: MessageProperties,
+    /// The body as bytes (see [`body_bytes`]); empty for other body sections.
     pub body: Vec<u8>,
     pub enqueued_at: Option<SystemTime>,
     pub delivery_count: u32,
+    /// The whole message as the broker keeps it: every section with its AMQP types.
+    pub message: Message<Body<Value>>,
 }
 
 /// Decodes a whole encoded message, as management operations return it.
@@ -107,17 +110,18 @@ pub fn decode(bytes: &[u8]) -> Option<Message<Body<Value>>> {
         .map(|d| d.0)
 }
 
-/// The readable parts of a message.
-pub fn peeked(message: &Message<Body<Value>>) -> Peeked {
+/// The readable parts of a message, and the message.
+pub fn peeked(message: Message<Body<Value>>) -> Peeked {
     Peeked {
-        properties: properties_of(message),
+        properties: properties_of(&message),
         body: body_bytes(&message.body).unwrap_or_default(),
-        enqueued_at: timestamp_of(annotation(message, "x-opt-enqueued-time")),
+        enqueued_at: timestamp_of(annotation(&message, "x-opt-enqueued-time")),
         delivery_count: message
             .header
             .as_ref()
             .map(|h| h.delivery_count)
             .unwrap_or(0),
+        message,
     }
 }
 

@@ -7,4 +7,5 @@ pub mod connection_string;
 pub mod credential;
 pub mod management;
 pub mod message;
+pub mod peek;
 pub mod tcp;

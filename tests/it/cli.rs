@@ -423,3 +423,52 @@ fn a_root_daemon_without_the_capabilities_to_drop_and_stop_jobs_refuses_to_start
     );
     assert!(out.stdout.is_empty(), "a job ran");
 }
+
+#[test]
+fn run_refuses_a_concurrency_its_open_files_limit_cannot_hold() {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 512 && exec \"$0\" run")
+        .arg(env!("CARGO_BIN_EXE_hybrid-worker"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("HYBRID__ENGINE__CONCURRENCY", "100")
+        .env("HYBRID__HTTP__LISTEN", "127.0.0.1:0")
+        .env("HYBRID__EMULATOR__LISTEN", "127.0.0.1:0")
+        .env("HYBRID__LOG__FORMAT", "text")
+        .env_remove("HYBRID_CONFIG")
+        .output()
+        .expect("run hybrid-worker");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("engine.concurrency = 100") && stderr.contains("only 512"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_emulator_key_is_configured_and_never_shown() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hybrid-worker"))
+        .args(["emulator", "--listen", "127.0.0.1:0", "--in-memory"])
+        .env("HYBRID__EMULATOR__KEY", "my-own-key")
+        .env_remove("HYBRID_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the emulator");
+    let mut line = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        BufReader::new(stdout).read_line(&mut line).expect("read");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains(";SharedAccessKey=my-own-key;"), "{line}");
+
+    let out = hybrid(
+        &["config", "show"],
+        &[("HYBRID__EMULATOR__KEY", "my-own-key")],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("my-own-key"), "{text}");
+}

@@ -374,25 +374,6 @@ async fn shutdown_drains_running_jobs_then_abandons_what_is_left() {
     );
     assert_eq!(b.messages(JOBS)[0].delivery_count, 1);
 }
-
-#[tokio::test(start_paused = true)]
-async fn a_failed_reply_send_abandons_instead_of_completing() {
-    let b = broker(30);
-    let exec = Arc::new(ScriptedExecutor::default());
-    b.fail_sends_to(RESULTS);
-    b.push(job_message(
-        "nosend",
-        &json!({"worker": "scripted", "input": {"ms": 10}}),
-    ));
-    let run = start(b.clone(), exec.clone(), options(1));
-    wait_for(Duration::from_secs(60), "an abandon", || {
-        b.events().iter().any(|e| matches!(e, Event::Abandoned(_)))
-    })
-    .await;
-    run.stop().await;
-    assert!(!b.events().iter().any(|e| matches!(e, Event::Completed(_))));
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_daemon_fault_abandons_the_job_without_blaming_it() {
     let b = broker(30);

@@ -32,6 +32,7 @@ pub fn options(concurrency: usize) -> EngineOptions {
         queues: Queues {
             jobs: JOBS.into(),
             results: RESULTS.into(),
+            reply_allowed: Vec::new(),
         },
         drain_timeout: Duration::from_secs(30),
         max_lock_renewal: Duration::from_secs(3600),

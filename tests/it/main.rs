@@ -3,9 +3,13 @@
 mod azurite;
 mod cgroup;
 mod cli;
+mod dead_peer;
+mod dlq;
+mod emulator_limits;
 mod engine;
 mod helpers;
 mod hostile;
+mod reply_policy;
 mod runner;
 mod servicebus;
 mod storage;

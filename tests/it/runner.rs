@@ -353,9 +353,31 @@ async fn a_root_daemons_job_never_runs_as_root(mode: Isolation) {
     assert_eq!(out["euid"], 65534, "{out}");
 }
 
+/// A daemon holding more descriptors than a job may have (1024) still starts jobs: the job's
+/// own descriptors keep low numbers whatever the daemon's are.
+async fn a_job_starts_while_the_daemon_holds_more_descriptors_than_a_job_may(mode: Isolation) {
+    use std::os::fd::AsRawFd;
+    let limit = hybrid_worker::runner::child::raise_descriptor_limit(1).expect("getrlimit");
+    if limit < 1200 {
+        eprintln!("skipped: this process may open only {limit} descriptors");
+        return;
+    }
+    let held: Vec<std::fs::File> = (0..1100)
+        .map(|_| std::fs::File::open("/dev/null").expect("open /dev/null"))
+        .collect();
+    assert!(
+        held.iter().any(|f| f.as_raw_fd() > 1024),
+        "the test holds descriptors above 1024"
+    );
+    let (report, _) = diagnostics(mode, json!({"action": "echo", "value": 1}), T).await;
+    assert_eq!(output(&report)["echo"], 1);
+    drop(held);
+}
+
 crate::in_both_modes!(
     a_root_daemons_job_never_runs_as_root,
     a_job_the_daemon_cannot_start_is_a_daemon_fault,
+    a_job_starts_while_the_daemon_holds_more_descriptors_than_a_job_may,
     each_job_is_a_fresh_process,
     no_daemon_environment_reaches_a_job,
     context_and_logs_reach_the_handler_and_the_daemon,

@@ -70,6 +70,8 @@ class Daemon:
         self.env = {
             **os.environ,
             "HYBRID__EMULATOR__LISTEN": f"127.0.0.1:{self.port}",
+            # Metrics and probes on a free port: a fixed one collides with any other daemon.
+            "HYBRID__HTTP__LISTEN": "127.0.0.1:0",
             "HYBRID__EMULATOR__DATA_DIR": str(tmp / "data"),
             "HYBRID__EMULATOR__ENTITIES": str(entities(tmp / "Config.json")),
             "HYBRID__WORKERS__DIR": str(ROOT / "workers"),

@@ -20,6 +20,11 @@ pub struct Authz {
 }
 
 impl Authz {
+    /// Whether any token was granted on this connection.
+    pub fn any(&self) -> bool {
+        !self.grants.is_empty()
+    }
+
     /// Whether a live token covers `entity` (a namespace-wide token covers everything; a
     /// queue's token covers its dead-letter sub-queue too).
     pub fn allows(&self, entity: &EntityRef, now_s: i64) -> bool {

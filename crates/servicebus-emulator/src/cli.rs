@@ -4,11 +4,13 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 
+use super::sas::SasRule;
 use super::{Emulator, EmulatorConfig};
 
 /// Where the emulator listens, keeps its data and finds its entities: the `[emulator]` section
@@ -23,16 +25,26 @@ pub struct EmulatorSettings {
     /// A `Config.json` in the official emulator's shape; empty means queues `jobs` and
     /// session-enabled `results`.
     pub entities: PathBuf,
+    /// The SharedAccessKey of rule RootManageSharedAccessKey (secret).
+    pub key: String,
+    /// Seconds a connection may stay open without a valid token.
+    pub auth_timeout_s: u64,
+    /// Connections without a valid token allowed open at once.
+    pub max_unauthenticated: usize,
 }
 
 impl Default for EmulatorSettings {
-    /// The official emulator's AMQP port on the loopback interface, a store under
-    /// `data/emulator`, the default entities.
+    /// The official emulator's AMQP port on the loopback interface and key, a store under
+    /// `data/emulator`, the default entities, and the admission bounds of the daemon's
+    /// `config/default.toml`.
     fn default() -> Self {
         EmulatorSettings {
             listen: "127.0.0.1:5672".to_owned(),
             data_dir: PathBuf::from("data/emulator"),
             entities: PathBuf::new(),
+            key: crate::sas::DEFAULT_KEY.to_owned(),
+            auth_timeout_s: 20,
+            max_unauthenticated: 64,
         }
     }
 }
@@ -73,10 +85,19 @@ pub fn config(settings: &EmulatorSettings, args: &EmulatorArgs) -> anyhow::Resul
             .clone()
             .unwrap_or_else(|| settings.data_dir.clone())
     });
-    EmulatorConfig::load(listen, entities.as_deref(), data_dir).with_context(|| match &entities {
-        Some(path) => format!("entities file {}", path.display()),
-        None => "the default entities".to_owned(),
-    })
+    let mut config = EmulatorConfig::load(listen, entities.as_deref(), data_dir).with_context(
+        || match &entities {
+            Some(path) => format!("entities file {}", path.display()),
+            None => "the default entities".to_owned(),
+        },
+    )?;
+    config.rules = vec![SasRule {
+        key: settings.key.clone(),
+        ..SasRule::default()
+    }];
+    config.auth_timeout = Duration::from_secs(settings.auth_timeout_s);
+    config.max_unauthenticated = settings.max_unauthenticated;
+    Ok(config)
 }
 
 /// Runs until SIGINT or SIGTERM, then closes connections cleanly.

@@ -19,6 +19,7 @@ use tokio::time::{Instant, interval, timeout};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use super::admission::Unauthenticated;
 use super::cbs::Authz;
 use super::error::amqp_error;
 use super::frame::{
@@ -40,10 +41,26 @@ const CHANNEL_MAX: u16 = 1023;
 
 type Incoming = Result<Option<AmqpFrame>, FrameError>;
 
-/// Serves one accepted socket until it closes or the emulator shuts down.
-pub async fn serve(mut stream: TcpStream, shared: Arc<Shared>, stop: CancellationToken) {
+/// Serves one accepted socket until it closes or the emulator shuts down. `pending` counts it
+/// as unauthenticated until its first valid token; without one within the emulator's
+/// `auth_timeout` it is closed.
+pub async fn serve(
+    mut stream: TcpStream,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    pending: Unauthenticated,
+) {
     let peer = stream.peer_addr().ok();
-    match timeout(HANDSHAKE_TIMEOUT, negotiate(&mut stream)).await {
+    let handshake = HANDSHAKE_TIMEOUT.min(shared.auth_timeout);
+    let evicted = pending.evicted.clone();
+    let negotiated = tokio::select! {
+        r = timeout(handshake, negotiate(&mut stream)) => r,
+        () = evicted.cancelled() => {
+            tracing::debug!(?peer, "Closed a connection without a token to admit a newer one.");
+            return;
+        }
+    };
+    match negotiated {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::debug!(?peer, error = %e, "Connection preamble failed.");
@@ -57,7 +74,7 @@ pub async fn serve(mut stream: TcpStream, shared: Arc<Shared>, stop: Cancellatio
     let (rd, mut wr) = stream.into_split();
     let (tx, rx) = mpsc::channel(64);
     let reader = tokio::spawn(read_loop(rd, tx));
-    let result = run(&mut wr, rx, shared, stop).await;
+    let result = run(&mut wr, rx, shared, stop, pending).await;
     reader.abort();
     if let Err(e) = result {
         tracing::debug!(?peer, error = %e, "Connection ended with an error.");
@@ -100,8 +117,12 @@ async fn run(
     mut rx: mpsc::Receiver<Incoming>,
     shared: Arc<Shared>,
     stop: CancellationToken,
+    pending: Unauthenticated,
 ) -> Result<(), FrameError> {
-    let open = match timeout(HANDSHAKE_TIMEOUT, rx.recv()).await {
+    let accepted = Instant::now();
+    let evicted = pending.evicted.clone();
+    let mut pending = Some(pending);
+    let open = match timeout(HANDSHAKE_TIMEOUT.min(shared.auth_timeout), rx.recv()).await {
         Ok(Some(Ok(Some(AmqpFrame {
             performative: Performative::Open(open),
             ..
@@ -168,6 +189,9 @@ async fn run(
                             }
                         }
                     }
+                    if pending.is_some() && conn.authz.any() {
+                        pending = None;
+                    }
                 }
             },
             r = changed.changed() => if r.is_err() { break },
@@ -175,10 +199,23 @@ async fn run(
                 if last_recv.elapsed() > IDLE_TIMEOUT + Duration::from_secs(10) {
                     conn.close(Some(amqp_error("amqp:resource-limit-exceeded", "idle timeout")));
                     closing = true;
+                } else if pending.is_some() && accepted.elapsed() > shared.auth_timeout {
+                    conn.close(Some(amqp_error(
+                        "amqp:unauthorized-access",
+                        "no valid token was put on $cbs in time",
+                    )));
+                    closing = true;
                 }
             }
             _ = stop.cancelled() => {
                 conn.close(None);
+                closing = true;
+            }
+            () = evicted.cancelled(), if pending.is_some() => {
+                conn.close(Some(amqp_error(
+                    "amqp:resource-limit-exceeded",
+                    "too many connections without a token; this was the oldest",
+                )));
                 closing = true;
             }
         }

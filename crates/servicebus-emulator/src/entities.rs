@@ -55,7 +55,15 @@ pub struct QueueConfig {
     pub forward_to: Option<String>,
     /// Dead-lettered messages go to this queue instead of the dead-letter sub-queue.
     pub forward_dead_letters_to: Option<String>,
+    /// `MaxSizeInMegabytes` in bytes: what the queue and its dead-letter sub-queue may hold
+    /// together; a send that would pass it is refused (`amqp:resource-limit-exceeded`).
+    pub max_size_bytes: u64,
 }
+
+/// One megabyte as Service Bus counts `MaxSizeInMegabytes`.
+const MEGABYTE: u64 = 1024 * 1024;
+/// `MaxSizeInMegabytes` of the official emulator's entities (its documented entity size).
+const EMULATOR_MAX_SIZE_MB: u64 = 100;
 
 impl QueueConfig {
     /// A queue with the official emulator's defaults (its schema's `MaxDeliveryCount` is 3).
@@ -71,19 +79,29 @@ impl QueueConfig {
             duplicate_window: Duration::from_secs(20),
             forward_to: None,
             forward_dead_letters_to: None,
+            max_size_bytes: EMULATOR_MAX_SIZE_MB * MEGABYTE,
         }
     }
 
     /// The default entities of the embedded emulator: `jobs` and session-enabled `results`
-    /// (`docs/contracts.md` §6). Their messages never expire, as in the cloud, because a
-    /// job waiting an hour for a free worker must not vanish.
+    /// (`docs/contracts.md` §6), as `deploy/azure/main.tf` creates them: duplicate detection
+    /// over 10 minutes on both (a reply resent after a lost lock is dropped, as in the cloud),
+    /// 1024 MB each, expired jobs dead-lettered. Their messages do not expire for 7 days (jobs)
+    /// and 1 day (replies), the deployment's defaults.
     pub fn defaults() -> Vec<QueueConfig> {
-        let mut jobs = QueueConfig::new("jobs");
-        jobs.default_ttl = Duration::MAX;
-        jobs.max_delivery_count = 10;
-        let mut results = QueueConfig::new("results");
-        results.default_ttl = Duration::MAX;
-        results.max_delivery_count = 10;
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        let deployed = |name: &str, max_delivery_count: u32, ttl: Duration| {
+            let mut q = QueueConfig::new(name);
+            q.max_delivery_count = max_delivery_count;
+            q.default_ttl = ttl;
+            q.duplicate_detection = true;
+            q.duplicate_window = Duration::from_secs(600);
+            q.max_size_bytes = 1024 * MEGABYTE;
+            q
+        };
+        let mut jobs = deployed("jobs", 5, 7 * DAY);
+        jobs.dead_letter_on_expiration = true;
+        let mut results = deployed("results", 10, DAY);
         results.requires_session = true;
         vec![jobs, results]
     }
@@ -195,6 +213,8 @@ struct QueueProps {
     duplicate_detection_history_time_window: Option<String>,
     forward_to: Option<String>,
     forward_dead_lettered_messages_to: Option<String>,
+    /// Not in the official emulator's schema; Service Bus's entity property.
+    max_size_in_megabytes: Option<u64>,
 }
 
 /// Reads a `Config.json` file.
@@ -342,6 +362,15 @@ fn apply(q: &mut QueueConfig, p: &QueueProps) -> Result<(), EntitiesError> {
             return Err(invalid(&name, "MaxDeliveryCount must be at least 1".into()));
         }
         q.max_delivery_count = n;
+    }
+    if let Some(mb) = p.max_size_in_megabytes {
+        if !(1..=80 * 1024).contains(&mb) {
+            return Err(invalid(
+                &name,
+                format!("MaxSizeInMegabytes={mb}: must be between 1 and 81920"),
+            ));
+        }
+        q.max_size_bytes = mb * MEGABYTE;
     }
     q.dead_letter_on_expiration = p.dead_lettering_on_message_expiration.unwrap_or(false);
     q.requires_session = p.requires_session.unwrap_or(false);

@@ -40,6 +40,9 @@ pub enum SbError {
     /// A message is bigger than the entity allows.
     #[error("{0}")]
     MessageTooLarge(String),
+    /// The entity holds `MaxSizeInMegabytes` already (Python: `ServiceBusQuotaExceededError`).
+    #[error("{0}")]
+    QuotaExceeded(String),
     /// Storage failed; the client should retry.
     #[error("store: {0}")]
     Store(#[from] StoreError),
@@ -59,6 +62,7 @@ impl SbError {
             SbError::Unauthorized(_) => "amqp:unauthorized-access",
             SbError::Timeout(_) => "com.microsoft:timeout",
             SbError::MessageTooLarge(_) => "amqp:link:message-size-exceeded",
+            SbError::QuotaExceeded(_) => "amqp:resource-limit-exceeded",
             SbError::Store(_) => "com.microsoft:server-busy",
         }
     }
@@ -71,7 +75,7 @@ impl SbError {
             SbError::NotAllowed(_) | SbError::Argument(_) => 400,
             SbError::Unauthorized(_) => 401,
             SbError::Timeout(_) => 408,
-            SbError::MessageTooLarge(_) => 403,
+            SbError::MessageTooLarge(_) | SbError::QuotaExceeded(_) => 403,
             SbError::Store(_) => 503,
         }
     }

@@ -6,8 +6,9 @@
 //! `docs/servicebus-protocol.md`, the protocol facts the emulator implements.
 //!
 //! The life of a message, file by file:
-//! 1. [`connection`] accepts a socket; [`sasl`] runs the preamble; [`frame`] and [`codec`]
-//!    cut the byte stream into performatives.
+//! 1. [`connection`] accepts a socket ([`admission`] bounds those without a token yet);
+//!    [`sasl`] runs the preamble; [`frame`] and [`codec`] cut the byte stream into
+//!    performatives.
 //! 2. [`session`] keeps windows and links ([`link`]); a client first puts a SAS token on
 //!    `$cbs` ([`cbs`], [`sas`]).
 //! 3. A transfer on a queue link becomes a [`message::MessageParts`], which [`queue`]
@@ -21,6 +22,7 @@
 //! partitioning, rule actions and the rule-management operations, SQL filters beyond the
 //! subset described in [`filter`], forwarding to topics.
 
+pub mod admission;
 pub mod cbs;
 pub mod cli;
 pub mod clock;
@@ -53,6 +55,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use admission::Admission;
 use clock::{Clock, SystemClock};
 use entities::{Entities, QueueConfig, TopicConfig};
 use error::SbError;
@@ -77,7 +80,19 @@ pub struct EmulatorConfig {
     pub accept_jwt: bool,
     /// Time source for locks, TTL and scheduling; tests pass a [`clock::ManualClock`].
     pub clock: Arc<dyn Clock>,
+    /// A connection that has put no valid token on `$cbs` this long after it was accepted is
+    /// closed, as Service Bus does (20 s there).
+    pub auth_timeout: Duration,
+    /// At most this many connections may be open without a valid token at once; a new one
+    /// closes the oldest, so that clients that never authenticate can neither exhaust the
+    /// process's descriptors nor lock real clients out (see `admission`).
+    pub max_unauthenticated: usize,
 }
+
+/// Service Bus's time for a connection's first token (protocol notes §1.3).
+pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default bound on connections without a token.
+pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 64;
 
 impl EmulatorConfig {
     /// The default entities (`jobs`, session-enabled `results`), the official emulator's key,
@@ -91,6 +106,8 @@ impl EmulatorConfig {
             rules: vec![SasRule::default()],
             accept_jwt: false,
             clock: Arc::new(SystemClock),
+            auth_timeout: DEFAULT_AUTH_TIMEOUT,
+            max_unauthenticated: DEFAULT_MAX_UNAUTHENTICATED,
         }
     }
 }
@@ -141,10 +158,19 @@ pub struct Shared {
     pub rules: Vec<SasRule>,
     /// Whether `$cbs` takes JWTs.
     pub accept_jwt: bool,
+    /// See [`EmulatorConfig::auth_timeout`].
+    pub auth_timeout: Duration,
+    /// Connections open now that have not put a valid token yet.
+    admission: Arc<Admission>,
     next_link: AtomicU64,
 }
 
 impl Shared {
+    /// Connections open now without a valid token.
+    pub fn unauthenticated(&self) -> usize {
+        self.admission.count()
+    }
+
     /// A process-unique link id.
     pub fn next_link_id(&self) -> LinkId {
         self.next_link.fetch_add(1, Ordering::Relaxed) + 1
@@ -179,6 +205,8 @@ impl Emulator {
             broker,
             rules: config.rules.clone(),
             accept_jwt: config.accept_jwt,
+            auth_timeout: config.auth_timeout,
+            admission: Admission::new(config.max_unauthenticated),
             next_link: AtomicU64::new(0),
         });
         let stop = CancellationToken::new();
@@ -243,6 +271,11 @@ impl EmulatorHandle {
         broker.counts(&e).ok()
     }
 
+    /// Connections open now that have not put a valid token yet.
+    pub fn unauthenticated(&self) -> usize {
+        self.shared.unauthenticated()
+    }
+
     /// Closes every connection (AMQP close), stops accepting and waits for all tasks.
     pub async fn shutdown(self) {
         self.stop.cancel();
@@ -264,8 +297,14 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, _)) => {
+                let pending = shared.admission.admit();
                 let _ = stream.set_nodelay(true);
-                tracker.spawn(connection::serve(stream, shared.clone(), stop.clone()));
+                tracker.spawn(connection::serve(
+                    stream,
+                    shared.clone(),
+                    stop.clone(),
+                    pending,
+                ));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "Accept failed; retrying.");

@@ -9,6 +9,11 @@ use super::message::MessageParts;
 use super::queue::{Broker, EntityRef, LinkId, Outcome};
 use super::request::{Request, as_i64, as_list, as_str, as_uuid, map_body};
 
+/// Most message bytes one peek response carries: it must fit the 1 MiB the response link
+/// advertises, with room for the envelope. Service Bus too returns fewer messages than asked
+/// for; clients go on from the last sequence number they got.
+const PEEK_BUDGET: usize = (1 << 20) - 64 * 1024;
+
 /// A management reply: status, description, condition (on failure) and body.
 #[derive(Debug)]
 pub struct Reply {
@@ -77,7 +82,7 @@ fn dispatch(
             let from = int(req, "from-sequence-number")?;
             let count = int(req, "message-count")?.clamp(0, 1000) as usize;
             let session = opt_str(req, "session-id");
-            let msgs = broker.peek(e, from, count, session.as_deref())?;
+            let msgs = broker.peek_within(e, from, count, session.as_deref(), PEEK_BUDGET)?;
             if msgs.is_empty() {
                 return Ok(Reply::no_content());
             }

@@ -167,6 +167,27 @@ impl Queue {
         Ok(stored)
     }
 
+    /// Refuses `incoming` when the queue and its dead letters would then hold more than
+    /// `MaxSizeInMegabytes` (message bodies counted).
+    fn check_quota(&self, incoming: &[StoredMessage]) -> Result<(), SbError> {
+        let size = |m: &StoredMessage| (m.parts.body.len() + m.parts.footer.len()) as u64;
+        let held: u64 = self
+            .active
+            .values()
+            .chain(self.dlq.values())
+            .map(|l| size(&l.m))
+            .sum();
+        let adding: u64 = incoming.iter().map(size).sum();
+        if held.saturating_add(adding) <= self.cfg.max_size_bytes {
+            return Ok(());
+        }
+        Err(SbError::QuotaExceeded(format!(
+            "the maximum entity size has been reached for queue {}: it holds {held} bytes of \
+             {} (MaxSizeInMegabytes), and this send adds {adding}",
+            self.cfg.name, self.cfg.max_size_bytes
+        )))
+    }
+
     fn map(&mut self, dlq: bool) -> &mut BTreeMap<i64, Live> {
         if dlq { &mut self.dlq } else { &mut self.active }
     }
@@ -386,6 +407,7 @@ impl Broker {
         };
         let mut next_seq = q.next_seq;
         let stored = q.prepare(msgs, now, &mut next_seq)?;
+        q.check_quota(&stored)?;
         state.store.insert_remembering(
             &q.cfg.name,
             next_seq,

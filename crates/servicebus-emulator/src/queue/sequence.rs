@@ -38,11 +38,26 @@ impl Broker {
         count: usize,
         session: Option<&str>,
     ) -> Result<Vec<Vec<u8>>, SbError> {
+        self.peek_within(e, from_seq, count, session, usize::MAX)
+    }
+
+    /// [`peek`](Self::peek), stopping before the messages' total size would pass `budget`
+    /// bytes (the first message always goes): a peek response must fit the link it is sent
+    /// on, so the caller asks again from the next sequence number.
+    pub fn peek_within(
+        &self,
+        e: &EntityRef,
+        from_seq: i64,
+        count: usize,
+        session: Option<&str>,
+        budget: usize,
+    ) -> Result<Vec<Vec<u8>>, SbError> {
         let now = self.clock.now_ms();
         let mut guard = self.lock();
         let q = queue_mut(&mut guard.queues, e)?;
         let map = q.map(e.dlq);
-        let mut out = Vec::new();
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        let mut size = 0usize;
         for live in map.range(from_seq.max(0)..).map(|(_, l)| l) {
             if out.len() >= count {
                 break;
@@ -53,7 +68,12 @@ impl Broker {
             if !e.dlq && live.m.expires_ms.is_some_and(|x| x <= now) {
                 continue;
             }
-            out.push(render(&live.m, None, true)?);
+            let bytes = render(&live.m, None, true)?;
+            size = size.saturating_add(bytes.len());
+            if !out.is_empty() && size > budget {
+                break;
+            }
+            out.push(bytes);
         }
         Ok(out)
     }

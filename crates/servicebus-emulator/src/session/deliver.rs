@@ -188,10 +188,18 @@ impl Session {
     /// Handles a client's Detach.
     pub fn on_detach(&mut self, d: Detach, ctx: &mut Ctx<'_>) {
         let h = d.handle.0;
+        let pending = self.pending.len();
         self.pending.retain(|p| p.attach.handle.0 != h);
-        if let Some(link) = self.links.remove(&h) {
+        let attached = self.links.remove(&h);
+        if let Some(link) = &attached {
             ctx.shared.broker.release_link(link.id);
             self.unsettled.retain(|_, (lh, _)| *lh != h);
+        }
+        if attached.is_none() && self.pending.len() == pending {
+            // Our own detach (a refused attach, a link closed with an error) came first: this
+            // one answers it, and answering again would reach whichever new link the client
+            // has since attached on the same handle.
+            return;
         }
         self.send(
             ctx,
