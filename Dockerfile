@@ -37,6 +37,8 @@ COPY Cargo.toml Cargo.lock ./
 COPY bench/sandbox/main.rs bench/sandbox/main.rs
 COPY config/ config/
 COPY src/ src/
+# The Service Bus emulator the daemon embeds is a crate of the workspace.
+COPY crates/ crates/
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin hybrid-worker \

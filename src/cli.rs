@@ -1,5 +1,5 @@
 //! The command line: raw arguments become typed commands before anything runs.
-//! The command names and flags are a public interface (`design.md`, "Stable names").
+//! The command names and flags are a public interface (`docs/contracts.md` §6).
 
 use std::path::PathBuf;
 

@@ -179,19 +179,8 @@ pub struct LogSettings {
     pub level: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EmulatorSettings {
-    pub listen: String,
-    pub data_dir: PathBuf,
-    pub entities: PathBuf,
-    /// The SharedAccessKey of rule RootManageSharedAccessKey (secret).
-    pub key: String,
-    /// Seconds a connection may stay open without a valid token.
-    pub auth_timeout_s: u64,
-    /// Connections without a valid token allowed open at once.
-    pub max_unauthenticated: usize,
-}
+/// The `[emulator]` section belongs to the emulator's crate, which reads it.
+pub use servicebus_emulator::cli::EmulatorSettings;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

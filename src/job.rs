@@ -1,4 +1,4 @@
-//! The job contract of `design.md`: what a flow sends, what it gets back, and the error kinds.
+//! The job contract of `docs/contracts.md`: what a flow sends, what it gets back, and the error kinds.
 //!
 //! A broker message becomes a [`Job`] here, or a [`JobError`] of kind `MalformedJob` with a
 //! one-line reason. Nothing in this module panics on input: the body and every property come from
@@ -406,7 +406,7 @@ pub struct Resources {
     pub max_rss_kb: u64,
 }
 
-/// The result message body of `design.md`.
+/// The result message body (`docs/contracts.md` §2).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobResult {
     pub job_id: String,

@@ -21,13 +21,14 @@
 //!    scheduled retry ([`engine::retry`]) + complete, reply + dead-letter, or abandon.
 //!
 //! Around it: [`cli`] (the commands), [`commands`] (what each does), [`shutdown`] (signals),
-//! [`telemetry`] (logs).
+//! [`telemetry`] (logs), [`servicebus`] (the [`broker`] interface over Azure Service Bus:
+//! receiving, lock renewal, replies and settlement) and [`emulator`] (the local Service Bus
+//! that `run` starts when none is configured).
 
 pub mod broker;
 pub mod cli;
 pub mod commands;
 pub mod config;
-pub mod emulator;
 pub mod engine;
 pub mod job;
 pub mod runner;
@@ -38,3 +39,7 @@ pub mod shutdown;
 pub mod storage;
 pub mod telemetry;
 pub mod worker;
+
+/// The embedded Service Bus emulator (`run`'s local default, `hybrid-worker emulator`): its own
+/// crate, `crates/servicebus-emulator`, re-exported under the name the daemon's modules use.
+pub use servicebus_emulator as emulator;

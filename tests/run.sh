@@ -24,7 +24,7 @@ export HYBRID_TEST_VENV_ROOT
 export HYBRID_TEST_REQUIRE_CGROUP="${HYBRID_TEST_REQUIRE_CGROUP:-1}"
 
 echo "== build"
-cargo build --locked --all-targets
+cargo build --locked --workspace --all-targets
 
 echo "== worker venvs (in $HYBRID_TEST_VENV_ROOT)"
 HYBRID__WORKERS__VENV_ROOT="$HYBRID_TEST_VENV_ROOT" HYBRID__LOG__FORMAT=text \
@@ -36,7 +36,7 @@ echo "== Azurite (npm azurite, pinned in tests/azurite/package-lock.json) for th
 (cd tests/azurite && npm ci --silent --no-audit --no-fund)
 
 echo "== cargo test"
-cargo test --locked --all-targets
+cargo test --locked --workspace --all-targets
 
 echo "== Service Bus SDK suite (azure-servicebus, pinned) against the emulator and the daemon"
 SDK_VENV="$PWD/target/sdk-venv"

@@ -4,8 +4,9 @@
   by .dockerignore (Docker's rules: the last matching pattern wins, a pattern that matches a
   parent folder matches its files, `!` re-includes);
 - every --from= names an earlier stage;
-- everything the build stage compiles is in the build context: Cargo.toml's target paths and
-  every include_str!/include_bytes! in the copied Rust sources;
+- everything the build stage compiles is in the build context: Cargo.toml's target paths, the
+  workspace members' and path dependencies' manifests and targets, and every
+  include_str!/include_bytes! in the copied Rust sources;
 - the contract the deployment relies on: cargo builds with --locked, a numeric non-root USER,
   ENTRYPOINT ["hybrid-worker"] and CMD ["run"], venvs built and `build_venvs_on_start` off,
   `servicebus.embedded` = never (a missing Service Bus setting fails the pod, not silently
@@ -191,7 +192,21 @@ def main() -> int:
     needed = [t["path"] for key in ("bin", "example", "test", "bench") for t in manifest.get(key, []) if "path" in t]
     if "path" in manifest.get("lib", {}):
         needed.append(manifest["lib"]["path"])
-    for rs in sorted((REPO / "src").rglob("*.rs")):
+    # Workspace members (the emulator's crate) and path dependencies are compiled too: their
+    # manifests and sources must be in the build context.
+    members = [m for m in manifest.get("workspace", {}).get("members", []) if m != "."]
+    members += [d["path"] for d in manifest.get("dependencies", {}).values()
+                if isinstance(d, dict) and "path" in d and d["path"] not in members]
+    rust_roots = [REPO / "src"]
+    for member in members:
+        needed.append(f"{member}/Cargo.toml")
+        member_manifest = tomllib.loads((REPO / member / "Cargo.toml").read_text()) \
+            if (REPO / member / "Cargo.toml").exists() else {}
+        targets = [t for key in ("bin", "example") for t in member_manifest.get(key, [])]
+        targets.append(member_manifest.get("lib", {}))
+        needed += [f"{member}/{t['path']}" for t in targets if "path" in t]
+        rust_roots.append(REPO / member / "src")
+    for rs in sorted(p for root in rust_roots for p in root.rglob("*.rs")):
         for include in re.findall(r'include_(?:str|bytes)!\("([^"]+)"\)', rs.read_text()):
             needed.append((rs.parent / include).resolve().relative_to(REPO).as_posix())
     for rel in needed:

@@ -65,7 +65,7 @@ impl BrokerError {
     }
 }
 
-/// The operations of `design.md` that a job's life needs.
+/// The operations of `docs/contracts.md` §4 that a job's life needs.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Takes up to `max` messages with peek-lock, waiting up to `wait` for the first one.

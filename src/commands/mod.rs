@@ -23,7 +23,7 @@ use crate::worker::{Catalog, Worker};
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// Exit codes of `design.md`.
+/// Exit codes (`docs/contracts.md` §6).
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 

@@ -269,7 +269,7 @@ async fn abandon_after_failed_send(broker: &dyn Broker, token: uuid::Uuid) {
     }
 }
 
-/// The reply of `design.md`: CorrelationId = job id, SessionId = the flow's session (or the
+/// The reply of `docs/contracts.md` §2: CorrelationId = job id, SessionId = the flow's session (or the
 /// job id), MessageId derived from the job message's MessageId (`<message id>:result`), and the
 /// status in application properties.
 pub fn reply(envelope: &Envelope, result: &JobResult) -> OutgoingMessage {

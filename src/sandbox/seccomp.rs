@@ -84,7 +84,7 @@ const NAMESPACE_FLAGS: &[u64] = &[
 #[cfg(target_arch = "x86_64")]
 const X32_BIT: i64 = 0x4000_0000;
 
-/// The names of the calls the filter denies, for `workers verify` and the README.
+/// The names of the calls the filter denies, for `workers verify` and `docs/sandbox.md`.
 pub fn denied_names() -> impl Iterator<Item = &'static str> {
     DENIED.iter().map(|(name, _)| *name)
 }
@@ -172,7 +172,7 @@ pub fn compile_for(
     // Signals to the daemon itself, its process group, and every process at once (pid -1).
     // The uid drop or Landlock's signal scope stop these too; this holds even where neither
     // is available, except for a `kill` aimed at one of the daemon's thread ids, which only
-    // they stop (README.security.md).
+    // they stop (`docs/sandbox.md`, "Mechanisms").
     let minus_one = u64::from(u32::MAX);
     // The daemon's process group, as `kill(-pgid)` names it.
     let daemon_group = u64::from(daemon_pid.wrapping_neg());

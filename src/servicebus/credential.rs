@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use azure_core::credentials::TokenCredential;
 
-use super::sas;
+use servicebus_emulator::signing as sas;
 
 /// The Entra ID scope of Service Bus (the double slash is what Microsoft's SDKs send).
 pub const SERVICE_BUS_SCOPE: &str = "https://servicebus.azure.net//.default";

@@ -1,5 +1,5 @@
-//! Requests to an entity's `$management` node (§6 of the protocol notes): renew-lock and
-//! update-disposition for the engine, peek for operators.
+//! Requests to an entity's `$management` node (§6 of `docs/servicebus-protocol.md`):
+//! renew-lock and update-disposition for the engine, peek for operators.
 //!
 //! `fe2o3-amqp-management` carries the request/response exchange; the request type here sets
 //! the operation per call, and the response keeps status, condition and body so that each

@@ -1,5 +1,5 @@
-//! Between AMQP messages and the engine's types: what Service Bus puts where (§4 of the
-//! protocol notes). A received message's identity, routing and user properties become
+//! Between AMQP messages and the engine's types: what Service Bus puts where (§4 of
+//! `docs/servicebus-protocol.md`). A received message's identity, routing and user properties become
 //! [`MessageProperties`]; its lock token comes from the 16-byte delivery tag in .NET GUID byte
 //! order.
 

@@ -8,5 +8,4 @@ pub mod credential;
 pub mod management;
 pub mod message;
 pub mod peek;
-pub mod sas;
 pub mod tcp;

@@ -12,7 +12,7 @@ use base64::Engine;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
-use crate::servicebus::sas::url_encode;
+use servicebus_emulator::signing::url_encode;
 
 /// The SAS version signed: supported by every current service and by Azurite.
 pub const SAS_VERSION: &str = "2022-11-02";

@@ -1,5 +1,5 @@
 //! The engine over the in-memory broker, with scripted jobs on a paused clock: every rule of
-//! `design.md` about settlement, retries, locks, credit and shutdown.
+//! `docs/contracts.md` about settlement, retries, locks, credit and shutdown.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

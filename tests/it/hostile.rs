@@ -3,7 +3,7 @@
 //! the next job on the same runner still succeeds.
 //!
 //! The tests run one at a time: the job user's process limit is shared by its concurrent jobs,
-//! so a fork bomb would starve the other tests' jobs (that is the caveat README.security.md
+//! so a fork bomb would starve the other tests' jobs (that is the caveat `docs/sandbox.md`
 //! documents, not what these tests are about).
 
 use std::time::Duration;

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hybrid_worker::broker::{Broker, BrokerError, OutgoingMessage};
+use hybrid_worker::emulator::clock::{Clock, ManualClock, SystemClock};
 use hybrid_worker::emulator::entities::QueueConfig;
+use hybrid_worker::emulator::queue::Counts;
 use hybrid_worker::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 use hybrid_worker::servicebus::client::{ServiceBusBroker, ServiceBusConfig};
 use hybrid_worker::servicebus::connection_string::ConnectionString;
@@ -15,7 +17,13 @@ use crate::helpers::*;
 
 /// An emulator with `jobs` (the given lock duration) and a session-enabled `results` queue.
 pub async fn emulator(lock: Duration) -> EmulatorHandle {
+    emulator_on(lock, Arc::new(SystemClock)).await
+}
+
+/// The same on a clock the test moves, for lock expiry without sleeping.
+async fn emulator_on(lock: Duration, clock: Arc<dyn Clock>) -> EmulatorHandle {
     let mut config = EmulatorConfig::new("127.0.0.1:0".parse().expect("addr"));
+    config.clock = clock;
     let mut jobs = QueueConfig::new(JOBS);
     jobs.lock_duration = lock;
     let mut results = QueueConfig::new(RESULTS);
@@ -88,7 +96,8 @@ async fn send_receive_renew_and_settle_through_the_emulator() {
 
 #[tokio::test]
 async fn an_expired_lock_is_reported_as_lost() {
-    let emu = emulator(Duration::from_secs(1)).await;
+    let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));
+    let emu = emulator_on(Duration::from_secs(1), clock.clone()).await;
     let sb = client(&emu, HOUR);
     sb.send(JOBS, job_message("x", &json!({})))
         .await
@@ -97,7 +106,10 @@ async fn an_expired_lock_is_reported_as_lost() {
         .receive(1, Duration::from_secs(5))
         .await
         .expect("receive");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Renewing inside the lock works; past it, neither renewal nor settlement does.
+    clock.advance(900);
+    sb.renew_lock(got[0].lock_token).await.expect("renew");
+    clock.advance(1001);
     assert_eq!(
         sb.renew_lock(got[0].lock_token).await,
         Err(BrokerError::LockLost)
@@ -269,8 +281,13 @@ async fn a_dropped_connection_is_rebuilt_and_the_running_job_settles_once() {
         .expect("a reply in time");
     let body: serde_json::Value = serde_json::from_slice(&reply.body).expect("json");
     assert_eq!(body["status"], "succeeded");
-    // Past the lock duration again: a job that had not been completed would come back.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Completed, not merely answered: nothing is left in the queue to come back.
+    wait_for(
+        Duration::from_secs(10),
+        "the job message to be completed",
+        || emu.counts(JOBS) == Some(Counts::default()),
+    )
+    .await;
     shutdown.cancel();
     task.await.expect("engine");
     assert_eq!(

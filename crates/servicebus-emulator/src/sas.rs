@@ -112,10 +112,11 @@ fn decode(s: &str) -> Result<String, SasError> {
         .map_err(|_| SasError::Malformed("bad percent-encoding"))
 }
 
-/// Signs a token the way the SDKs do (the daemon's own client signs with the same function);
+/// Signs a token the way the SDKs do (the daemon's own client signs with the same function,
+/// [`crate::signing::token`]);
 /// used by tests and by in-process clients.
 pub fn sign(audience: &str, rule: &SasRule, expires_s: i64) -> String {
-    crate::servicebus::sas::token(
+    crate::signing::token(
         audience,
         &rule.name,
         &rule.key,

@@ -20,7 +20,7 @@ pub enum EntitiesError {
         source: std::io::Error,
     },
     /// The JSON does not have the Config.json shape.
-    #[error("invalid entities file: {0}")]
+    #[error("not in the Config.json shape")]
     Json(#[from] serde_json::Error),
     /// A property is out of range or malformed.
     #[error("queue {queue}: {reason}")]
@@ -84,7 +84,7 @@ impl QueueConfig {
     }
 
     /// The default entities of the embedded emulator: `jobs` and session-enabled `results`
-    /// (design.md, "Stable names"), as `deploy/azure/main.tf` creates them: duplicate detection
+    /// (`docs/contracts.md` §6), as `deploy/azure/main.tf` creates them: duplicate detection
     /// over 10 minutes on both (a reply resent after a lost lock is dropped, as in the cloud),
     /// 1024 MB each, expired jobs dead-lettered. Their messages do not expire for 7 days (jobs)
     /// and 1 day (replies), the deployment's defaults.

@@ -1,16 +1,17 @@
-//! Queue semantics at the broker level (§4, §5.2, §7), without the wire in between.
+//! Queue semantics at the broker level (`docs/servicebus-protocol.md` §4, §5.2, §7), without the
+//! wire in between.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use fe2o3_amqp_types::messaging::{Data, MessageId, Properties};
 use fe2o3_amqp_types::primitives::{Binary, SimpleValue};
-use hybrid_worker::emulator::clock::ManualClock;
-use hybrid_worker::emulator::entities::QueueConfig;
-use hybrid_worker::emulator::error::SbError;
-use hybrid_worker::emulator::message::MessageParts;
-use hybrid_worker::emulator::queue::{Broker, EntityRef, Outcome};
-use hybrid_worker::emulator::store::Store;
+use servicebus_emulator::clock::ManualClock;
+use servicebus_emulator::entities::QueueConfig;
+use servicebus_emulator::error::SbError;
+use servicebus_emulator::message::MessageParts;
+use servicebus_emulator::queue::{Broker, EntityRef, Outcome};
+use servicebus_emulator::store::Store;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -213,7 +214,7 @@ fn scheduled(id: &str, at: i64) -> Result<MessageParts, Box<dyn std::error::Erro
 fn scheduled_messages_wait_and_can_be_cancelled() -> TestResult {
     use fe2o3_amqp_types::primitives::{Timestamp, Value};
     let b = broker(QueueConfig::new("q"))?;
-    let at = hybrid_worker::emulator::queue::now_ms() + 60_000;
+    let at = servicebus_emulator::queue::now_ms() + 60_000;
     let mut m = msg("later", None)?;
     m.set_annotation(
         "x-opt-scheduled-enqueue-time",
@@ -246,8 +247,8 @@ fn deferred_messages_only_by_sequence_number() -> TestResult {
 
 #[test]
 fn forwarding_moves_messages_and_dead_letters() -> TestResult {
-    use hybrid_worker::emulator::clock::SystemClock;
-    use hybrid_worker::emulator::entities::parse;
+    use servicebus_emulator::clock::SystemClock;
+    use servicebus_emulator::entities::parse;
     let text = r#"{"UserConfig":{"Namespaces":[{"Name":"n",
         "Queues":[
           {"Name":"in","Properties":{"ForwardTo":"mid"}},

@@ -1,5 +1,7 @@
 //! Shared Access Signature tokens, signed as Microsoft's SDKs sign them: HMAC-SHA256 over
-//! `urlencode(audience) + "\n" + expiry` with the UTF-8 bytes of the key (not base64-decoded).
+//! `urlencode(audience) + "\n" + expiry` with the UTF-8 bytes of the key (not base64-decoded,
+//! §2). The daemon's Service Bus client signs with these same functions, so the emulator's
+//! verification ([`crate::sas`]) and the client cannot drift apart.
 
 use base64::Engine;
 use hmac::{Hmac, KeyInit, Mac};

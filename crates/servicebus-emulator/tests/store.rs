@@ -3,10 +3,10 @@
 
 use fe2o3_amqp_types::messaging::{Data, Properties};
 use fe2o3_amqp_types::primitives::Binary;
-use hybrid_worker::emulator::entities::QueueConfig;
-use hybrid_worker::emulator::message::MessageParts;
-use hybrid_worker::emulator::queue::{Broker, EntityRef, Outcome};
-use hybrid_worker::emulator::store::Store;
+use servicebus_emulator::entities::QueueConfig;
+use servicebus_emulator::message::MessageParts;
+use servicebus_emulator::queue::{Broker, EntityRef, Outcome};
+use servicebus_emulator::store::Store;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -102,8 +102,8 @@ fn in_memory_store_starts_empty() -> TestResult {
 
 #[test]
 fn topic_copies_survive_restart_and_numbers_keep_rising() -> TestResult {
-    use hybrid_worker::emulator::clock::SystemClock;
-    use hybrid_worker::emulator::entities::{Entities, parse};
+    use servicebus_emulator::clock::SystemClock;
+    use servicebus_emulator::entities::{Entities, parse};
     let text = r#"{"UserConfig":{"Namespaces":[{"Name":"sbemulatorns","Topics":[
         {"Name":"t","Properties":{},"Subscriptions":[
           {"Name":"a","Properties":{}},

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use fe2o3_amqp_types::definitions::Handle;
 use fe2o3_amqp_types::performatives::{Begin, Open, Performative};
-use hybrid_worker::emulator::frame::{AMQP_HEADER, SASL_HEADER, encode_amqp, encode_raw};
-use hybrid_worker::emulator::{Emulator, EmulatorConfig};
+use servicebus_emulator::frame::{AMQP_HEADER, SASL_HEADER, encode_amqp, encode_raw};
+use servicebus_emulator::{Emulator, EmulatorConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;

@@ -1,5 +1,6 @@
-//! The settlement replies of §5.1 checked on the wire, with a raw AMQP client: the SDKs check
-//! lock expiry on their side, so only a raw client reaches the broker's lock-lost path.
+//! The settlement replies of `docs/servicebus-protocol.md` §5.1 checked on the wire, with a raw
+//! AMQP client: the SDKs check lock expiry on their side, so only a raw client reaches the
+//! broker's lock-lost path.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,14 +14,12 @@ use fe2o3_amqp_types::performatives::{
     Attach, Begin, ChannelMax, Disposition, Flow, MaxFrameSize, Open, Performative, Transfer,
 };
 use fe2o3_amqp_types::primitives::{Binary, OrderedMap, SimpleValue, Value};
-use hybrid_worker::emulator::clock::ManualClock;
-use hybrid_worker::emulator::error::amqp_error;
-use hybrid_worker::emulator::frame::{
-    AMQP_HEADER, AmqpFrame, decode_amqp, encode_amqp, read_frame,
-};
-use hybrid_worker::emulator::message::MessageParts;
-use hybrid_worker::emulator::sas::{SasRule, sign};
-use hybrid_worker::emulator::{Emulator, EmulatorConfig};
+use servicebus_emulator::clock::ManualClock;
+use servicebus_emulator::error::amqp_error;
+use servicebus_emulator::frame::{AMQP_HEADER, AmqpFrame, decode_amqp, encode_amqp, read_frame};
+use servicebus_emulator::message::MessageParts;
+use servicebus_emulator::sas::{SasRule, sign};
+use servicebus_emulator::{Emulator, EmulatorConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};

@@ -1,5 +1,5 @@
-//! `hybrid-worker emulator`: runs the emulator in the foreground and prints the connection
-//! string clients should use.
+//! The emulator as a command (`servicebus-emulator`, and `hybrid-worker emulator`): runs it in
+//! the foreground and prints the connection string clients should use.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -7,14 +7,50 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::sas::SasRule;
 use super::{Emulator, EmulatorConfig};
-use crate::config::EmulatorSettings;
 
-/// Command-line options of `hybrid-worker emulator`; each defaults to the configuration's
-/// `[emulator]` section (`HYBRID__EMULATOR__LISTEN`, `…__ENTITIES`, `…__DATA_DIR`).
+/// Where the emulator listens, keeps its data and finds its entities: the `[emulator]` section
+/// of the daemon's configuration, or [`EmulatorSettings::default`] for the standalone binary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmulatorSettings {
+    /// `host:port` to listen on; port 0 picks a free port.
+    pub listen: String,
+    /// Directory of the SQLite store.
+    pub data_dir: PathBuf,
+    /// A `Config.json` in the official emulator's shape; empty means queues `jobs` and
+    /// session-enabled `results`.
+    pub entities: PathBuf,
+    /// The SharedAccessKey of rule RootManageSharedAccessKey (secret).
+    pub key: String,
+    /// Seconds a connection may stay open without a valid token.
+    pub auth_timeout_s: u64,
+    /// Connections without a valid token allowed open at once.
+    pub max_unauthenticated: usize,
+}
+
+impl Default for EmulatorSettings {
+    /// The official emulator's AMQP port on the loopback interface and key, a store under
+    /// `data/emulator`, the default entities, and the admission bounds of the daemon's
+    /// `config/default.toml`.
+    fn default() -> Self {
+        EmulatorSettings {
+            listen: "127.0.0.1:5672".to_owned(),
+            data_dir: PathBuf::from("data/emulator"),
+            entities: PathBuf::new(),
+            key: crate::sas::DEFAULT_KEY.to_owned(),
+            auth_timeout_s: 20,
+            max_unauthenticated: 64,
+        }
+    }
+}
+
+/// Command-line options of the emulator; each defaults to its [`EmulatorSettings`] (for
+/// `hybrid-worker emulator`, the configuration's `[emulator]` section).
 #[derive(Debug, Clone, clap::Args)]
 pub struct EmulatorArgs {
     /// Address to listen on; port 0 picks a free port (the real one is printed).
@@ -49,7 +85,12 @@ pub fn config(settings: &EmulatorSettings, args: &EmulatorArgs) -> anyhow::Resul
             .clone()
             .unwrap_or_else(|| settings.data_dir.clone())
     });
-    let mut config = EmulatorConfig::load(listen, entities.as_deref(), data_dir)?;
+    let mut config = EmulatorConfig::load(listen, entities.as_deref(), data_dir).with_context(
+        || match &entities {
+            Some(path) => format!("entities file {}", path.display()),
+            None => "the default entities".to_owned(),
+        },
+    )?;
     config.rules = vec![SasRule {
         key: settings.key.clone(),
         ..SasRule::default()

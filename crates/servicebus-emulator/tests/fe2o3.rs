@@ -18,8 +18,8 @@ use fe2o3_amqp_management::error::Error as MgmtError;
 use fe2o3_amqp_management::request::Request;
 use fe2o3_amqp_management::response::Response;
 use fe2o3_amqp_types::primitives::{Array, OrderedMap, Uuid as AmqpUuid};
-use hybrid_worker::emulator::sas::{SasRule, sign};
-use hybrid_worker::emulator::{Emulator, EmulatorConfig, EmulatorHandle};
+use servicebus_emulator::sas::{SasRule, sign};
+use servicebus_emulator::{Emulator, EmulatorConfig, EmulatorHandle};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -139,7 +139,7 @@ async fn send_receive_complete_with_small_frames() -> TestResult {
     receiver.accept(info).await?;
 
     // fe2o3's accept does not wait for the broker's reply, so poll until it has landed.
-    let empty = hybrid_worker::emulator::queue::Counts::default();
+    let empty = servicebus_emulator::queue::Counts::default();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
     while handle.counts("jobs") != Some(empty) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;

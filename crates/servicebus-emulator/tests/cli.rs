@@ -1,5 +1,5 @@
-//! `hybrid-worker emulator` as a process: prints the connection string first, keeps data in
-//! `--data`, and exits 0 on SIGTERM after closing connections.
+//! `servicebus-emulator` as a process: prints the connection string first, keeps data in
+//! `--data`, exits 0 on SIGTERM after closing connections, and exits 2 on a bad `Config.json`.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -9,8 +9,8 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 #[test]
 fn prints_connection_string_and_stops_on_sigterm() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hybrid-worker"))
-        .args(["emulator", "--listen", "127.0.0.1:0", "--data"])
+    let mut child = Command::new(env!("CARGO_BIN_EXE_servicebus-emulator"))
+        .args(["--listen", "127.0.0.1:0", "--data"])
         .arg(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -37,5 +37,24 @@ fn prints_connection_string_and_stops_on_sigterm() -> TestResult {
     )?;
     let status = child.wait()?;
     assert!(status.success(), "exit status {status}");
+    Ok(())
+}
+
+#[test]
+fn a_bad_config_json_is_a_usage_error_naming_the_file() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let entities = dir.path().join("Config.json");
+    std::fs::write(&entities, "{\"UserConfig\": 42}")?;
+    let output = Command::new(env!("CARGO_BIN_EXE_servicebus-emulator"))
+        .args(["--listen", "127.0.0.1:0", "--in-memory", "--entities"])
+        .arg(&entities)
+        .output()?;
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(
+        output.stdout.is_empty(),
+        "no connection string for a refused start"
+    );
+    let stderr = String::from_utf8(output.stderr)?;
+    assert!(stderr.contains("Config.json"), "{stderr}");
     Ok(())
 }

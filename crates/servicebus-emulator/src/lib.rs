@@ -1,6 +1,9 @@
 #![warn(missing_docs)]
-//! The embedded Service Bus emulator: an AMQP 1.0 server that speaks the Service Bus subset
-//! the daemon and Microsoft's SDKs use (design.md, "The embedded default").
+//! A Service Bus emulator: an AMQP 1.0 server that speaks the Service Bus subset the
+//! hybrid-worker daemon and Microsoft's SDKs use. The daemon embeds it; the
+//! `servicebus-emulator` binary (`main.rs`) runs it alone; the crate's README compares it with
+//! Microsoft's emulator. A "§N" in this crate's comments is a section of
+//! `docs/servicebus-protocol.md`, the protocol facts the emulator implements.
 //!
 //! The life of a message, file by file:
 //! 1. [`connection`] accepts a socket ([`admission`] bounds those without a token yet);
@@ -39,6 +42,7 @@ pub mod request;
 pub mod sas;
 pub mod sasl;
 pub mod session;
+pub mod signing;
 pub mod store;
 
 use std::net::SocketAddr;

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::*;
-use crate::emulator::entities::TopicConfig;
+use crate::entities::TopicConfig;
 
 /// A topic's running state.
 #[derive(Debug)]
