@@ -14,9 +14,7 @@ use crate::servicebus::credential::{Credential, entra_credential};
 /// The connection string of the embedded emulator listening on `listen` with `key`
 /// (`emulator.key`) for the official emulator's rule name.
 pub fn emulator_connection_string(listen: &str, key: &str) -> String {
-    format!(
-        "Endpoint=sb://{listen};SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey={key};UseDevelopmentEmulator=true;"
-    )
+    crate::emulator::connection_string(listen, crate::emulator::sas::DEFAULT_KEY_NAME, key)
 }
 
 /// Where the configuration points.

@@ -240,6 +240,15 @@ pub struct EmulatorHandle {
     tracker: TaskTracker,
 }
 
+/// The connection string of an emulator at `endpoint` (`host:port`) with the SAS rule
+/// `key_name` and its `key`, in the official emulator's form (`UseDevelopmentEmulator=true`:
+/// plain AMQP to that port), which Microsoft's SDKs accept. The one place it is written.
+pub fn connection_string(endpoint: &str, key_name: &str, key: &str) -> String {
+    format!(
+        "Endpoint=sb://{endpoint};SharedAccessKeyName={key_name};SharedAccessKey={key};UseDevelopmentEmulator=true;"
+    )
+}
+
 impl EmulatorHandle {
     /// The bound address (the real port when started on port 0).
     pub fn local_addr(&self) -> SocketAddr {
@@ -256,10 +265,7 @@ impl EmulatorHandle {
                 std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
             });
         }
-        format!(
-            "Endpoint=sb://{addr};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true;",
-            self.key.name, self.key.key
-        )
+        connection_string(&addr.to_string(), &self.key.name, &self.key.key)
     }
 
     /// Message counts of a queue, subscription (`topic/Subscriptions/name`) or their
