@@ -13,7 +13,7 @@
 //!    ([`worker::venv`]).
 //! 6. [`engine::lock`] — keeps the message's lock while the job runs.
 //! 7. [`runner`] — one OS process per job: [`runner::child`] starts and ends it (spawn mode),
-//!    or [`runner::warm`] has the worker's warm parent fork it (fork mode); [`runtime`] is the
+//!    or [`runner::warm`] has the worker's warm parent fork it (fork mode); [`python_runtime`] is the
 //!    Python side (`hybrid_worker`), [`runner::output`] reads its channel and output;
 //!    [`sandbox`] confines it (limits, uid, Landlock, seccomp, and a job cgroup from
 //!    [`sandbox::cgroup`] where one is delegated) before its interpreter starts.
@@ -31,8 +31,8 @@ pub mod commands;
 pub mod config;
 pub mod engine;
 pub mod job;
+pub mod python_runtime;
 pub mod runner;
-pub mod runtime;
 pub mod sandbox;
 pub mod servicebus;
 pub mod shutdown;

@@ -9,8 +9,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use hybrid_worker::python_runtime::Runtime;
 use hybrid_worker::runner::{RunOutcome, RunRequest, Runner};
-use hybrid_worker::runtime::Runtime;
 use hybrid_worker::sandbox::{Mechanisms, Sandbox, SandboxSettings};
 use hybrid_worker::worker::Worker;
 use hybrid_worker::worker::python::Interpreter;

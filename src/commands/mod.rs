@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::config::Settings;
-use crate::runtime::Runtime;
+use crate::python_runtime::Runtime;
 use crate::worker::python::Interpreter;
 use crate::worker::venv::{VenvPlan, VenvState};
 use crate::worker::{Catalog, Worker};

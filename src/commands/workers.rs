@@ -189,7 +189,7 @@ fn verify(settings: &Settings, dir: &Path) -> anyhow::Result<ExitCode> {
     let sandbox = Sandbox::new(settings.sandbox.clone()).map_err(|e| UsageError(e.to_string()))?;
     let temp_base = settings.engine.temp_dir();
     // Where `exec` and `run` install the runtime; verify only reads.
-    let runtime_dir = crate::runtime::Runtime::dir_under(&temp_base);
+    let runtime_dir = crate::python_runtime::Runtime::dir_under(&temp_base);
     let mut bad = 0;
     for worker in catalog.workers.values() {
         match plan(settings, worker, &python).map(|p| p.state()) {

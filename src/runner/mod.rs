@@ -29,7 +29,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::job::{ErrorKind, JobError, Resources};
-use crate::runtime::{Runtime, STUB};
+use crate::python_runtime::{Runtime, STUB};
 use crate::sandbox::cgroup::{CgroupError, CgroupUsage, JobCgroup};
 use crate::sandbox::{Enforced, Sandbox, SandboxSettings};
 use crate::telemetry::metrics::metrics;

@@ -14,8 +14,8 @@ use hybrid_worker::engine::executor::{Executor, ProcessExecutor, ReadyWorker, Wo
 use hybrid_worker::engine::settle::Queues;
 use hybrid_worker::engine::{Engine, EngineOptions, EngineStats};
 use hybrid_worker::job::{ErrorKind, Job, JobError};
+use hybrid_worker::python_runtime::Runtime;
 use hybrid_worker::runner::{DaemonFault, FaultStage, RunOutcome, RunReport, Runner};
-use hybrid_worker::runtime::Runtime;
 use hybrid_worker::worker::python::Interpreter;
 use hybrid_worker::worker::venv::{VenvPlan, VenvState};
 use hybrid_worker::worker::{Catalog, Isolation, RetryPolicy};

@@ -314,7 +314,7 @@ async fn a_dead_warm_parent_is_restarted() {
 async fn a_job_the_daemon_cannot_start_is_a_daemon_fault(mode: Isolation) {
     let temp = tempfile::tempdir().expect("tmp");
     let ready = in_mode(ready_worker("diagnostics"), mode);
-    let runtime = hybrid_worker::runtime::Runtime::install(temp.path()).expect("runtime");
+    let runtime = hybrid_worker::python_runtime::Runtime::install(temp.path()).expect("runtime");
     let gone = temp.path().join("no-such-folder");
     let runner = hybrid_worker::runner::Runner::new(runtime, gone).expect("runner");
     let input = json!({"action": "echo", "value": 1});

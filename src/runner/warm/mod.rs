@@ -57,7 +57,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::child::{ChildPipes, ExitInfo};
-use crate::runtime::ZYGOTE_STUB;
+use crate::python_runtime::ZYGOTE_STUB;
 use crate::sandbox::cgroup::JobCgroup;
 use crate::sandbox::{Sandbox, SandboxPolicy};
 use crate::worker::Worker;
