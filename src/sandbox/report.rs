@@ -97,7 +97,7 @@ impl SandboxPolicy {
                 },
             )
         } else {
-            let pids_max = matches!(&self.cgroups, Cgroups::On(root) if root.pids.is_ok())
+            let pids_max = matches!(&self.cgroups, Cgroups::On(root) if root.pids.is_on())
                 && m.cgroup;
             let instead = if pids_max {
                 "; the job cgroup's pids.max bounds them instead"

@@ -123,8 +123,8 @@ impl CgroupRoot {
         Ok(CgroupRoot {
             dir: dir.to_path_buf(),
             daemon_leaf,
-            memory,
-            pids,
+            memory: memory.into(),
+            pids: pids.into(),
             kill,
             owner,
             next: AtomicU64::new(1),
@@ -142,8 +142,8 @@ impl CgroupRoot {
         CgroupRoot {
             dir: dir.to_path_buf(),
             daemon_leaf: None,
-            memory,
-            pids,
+            memory: memory.into(),
+            pids: pids.into(),
             kill: KillMethod::CgroupKill,
             owner: "1-2".into(),
             next: AtomicU64::new(1),
@@ -200,9 +200,9 @@ pub(super) fn probe_job_cgroup(
         }
         Ok(MemoryFiles {
             swap: if has("memory.swap.max") {
-                Ok(())
+                Support::On(())
             } else {
-                Err("no memory.swap.max (swap accounting is off)".into())
+                Support::Off("no memory.swap.max (swap accounting is off)".into())
             },
             peak: has("memory.peak"),
         })

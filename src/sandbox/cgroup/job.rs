@@ -13,12 +13,12 @@ use super::*;
 impl CgroupRoot {
     /// The values a job of a worker with `limits` gets, as far as the controllers go.
     pub fn job_limits(&self, limits: &Limits) -> JobLimits {
-        let memory = self.memory.as_ref().ok();
+        let memory = self.memory.on();
         JobLimits {
             memory_max: memory.map(|_| limits.memory_mb.saturating_mul(1024 * 1024)),
-            swap_off: memory.is_some_and(|m| m.swap.is_ok()),
+            swap_off: memory.is_some_and(|m| m.swap.is_on()),
             oom_group: memory.is_some(),
-            pids_max: self.pids.is_ok().then_some(limits.max_processes),
+            pids_max: self.pids.is_on().then_some(limits.max_processes),
         }
     }
 

@@ -139,11 +139,42 @@ pub enum KillMethod {
     EachProcess,
 }
 
+/// Whether a part of job cgroups works on this host: on, with what it found, or off, and why
+/// (said by `workers verify` and at start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Support<T = ()> {
+    On(T),
+    Off(String),
+}
+
+impl<T> Support<T> {
+    pub fn is_on(&self) -> bool {
+        matches!(self, Support::On(_))
+    }
+
+    /// What it found, when it is on.
+    pub fn on(&self) -> Option<&T> {
+        match self {
+            Support::On(found) => Some(found),
+            Support::Off(_) => None,
+        }
+    }
+}
+
+impl<T> From<Result<T, String>> for Support<T> {
+    fn from(probed: Result<T, String>) -> Self {
+        match probed {
+            Ok(found) => Support::On(found),
+            Err(why) => Support::Off(why),
+        }
+    }
+}
+
 /// The memory controller's files in job cgroups.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryFiles {
     /// `memory.swap.max`, or why there is none (swap accounting off).
-    pub swap: Result<(), String>,
+    pub swap: Support,
     /// `memory.peak` (Linux 5.19+).
     pub peak: bool,
 }
@@ -155,9 +186,9 @@ pub struct CgroupRoot {
     /// Where the daemon moved itself (or found itself) to keep `dir` free of processes.
     pub daemon_leaf: Option<PathBuf>,
     /// `memory.max` and `memory.oom.group` per job, or why not.
-    pub memory: Result<MemoryFiles, String>,
+    pub memory: Support<MemoryFiles>,
     /// `pids.max` per job, or why not.
-    pub pids: Result<(), String>,
+    pub pids: Support,
     pub kill: KillMethod,
     /// This daemon's part of the job cgroups' names ([`owner_tag`]).
     owner: String,
@@ -216,8 +247,8 @@ impl Cgroups {
         match &cgroups {
             Cgroups::On(root) => tracing::info!(
                 dir = %root.dir.display(),
-                memory = root.memory.is_ok(),
-                pids = root.pids.is_ok(),
+                memory = root.memory.is_on(),
+                pids = root.pids.is_on(),
                 "Job cgroups are on."
             ),
             Cgroups::Off(why) => tracing::info!(reason = %why, "Job cgroups are off."),
@@ -388,7 +419,7 @@ mod tests {
             ..Limits::default()
         };
         let all = MemoryFiles {
-            swap: Ok(()),
+            swap: Support::On(()),
             peak: true,
         };
         let root = CgroupRoot::fake(Path::new("/x"), Ok(all), Ok(()));
@@ -414,7 +445,7 @@ mod tests {
     fn a_missing_controller_writes_nothing_of_it() {
         let limits = Limits::default();
         let no_swap = MemoryFiles {
-            swap: Err("off".into()),
+            swap: Support::Off("off".into()),
             peak: false,
         };
         let root = CgroupRoot::fake(Path::new("/x"), Ok(no_swap), Err("no pids".into()));

@@ -1,6 +1,6 @@
 //! What job cgroups enforce here, for `workers verify` and the start-up log.
 
-use super::{Cgroups, Enforced, JOB_PREFIX, KillMethod, Limits};
+use super::{Cgroups, Enforced, JOB_PREFIX, KillMethod, Limits, Support};
 
 /// The report of job cgroups for `workers verify` and the start-up log: `cgroup` (placement
 /// and kill), `cgroup memory` and `cgroup pids`, each on or OFF with how or why.
@@ -48,22 +48,22 @@ pub fn enforcement(cgroups: &Cgroups, limits: &Limits, turned_on: bool) -> [Enfo
         ),
     );
     let memory = match &root.memory {
-        Ok(files) => row(
+        Support::On(files) => row(
             "cgroup memory",
             true,
             format!(
                 "memory.max {} MiB, memory.oom.group 1 (an OOM kill takes the whole job, reported as MemoryLimit), {}",
                 limits.memory_mb,
                 match &files.swap {
-                    Ok(()) => "memory.swap.max 0".to_owned(),
-                    Err(why) => format!("swap not limited: {why}"),
+                    Support::On(()) => "memory.swap.max 0".to_owned(),
+                    Support::Off(why) => format!("swap not limited: {why}"),
                 }
             ),
         ),
-        Err(why) => row("cgroup memory", false, why.clone()),
+        Support::Off(why) => row("cgroup memory", false, why.clone()),
     };
     let pids = match &root.pids {
-        Ok(()) => row(
+        Support::On(()) => row(
             "cgroup pids",
             true,
             format!(
@@ -71,7 +71,7 @@ pub fn enforcement(cgroups: &Cgroups, limits: &Limits, turned_on: bool) -> [Enfo
                 limits.max_processes
             ),
         ),
-        Err(why) => row("cgroup pids", false, why.clone()),
+        Support::Off(why) => row("cgroup pids", false, why.clone()),
     };
     [placement, memory, pids]
 }
