@@ -119,12 +119,12 @@ impl CgroupRoot {
         if let Err(e) = remove_tree(&probe) {
             tracing::warn!(cgroup = %probe.display(), error = %e, "Could not remove the probe cgroup.");
         }
-        let (memory, pids, kill) = probed?;
+        let Probed { memory, pids, kill } = probed?;
         Ok(CgroupRoot {
             dir: dir.to_path_buf(),
             daemon_leaf,
-            memory: memory.into(),
-            pids: pids.into(),
+            memory,
+            pids,
             kill,
             owner,
             next: AtomicU64::new(1),
@@ -182,14 +182,22 @@ pub(super) fn move_daemon(dir: &Path, leaf: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// What a job cgroup (`probe`, just made) offers, given the controllers' states.
-#[allow(clippy::type_complexity)]
+/// What a probe found job cgroups offer here.
+#[derive(Debug)]
+pub(super) struct Probed {
+    memory: Support<MemoryFiles>,
+    pids: Support,
+    kill: KillMethod,
+}
+
+/// What a job cgroup (`probe`, just made) offers, given the controllers' states; an error when
+/// job cgroups cannot be used at all.
 pub(super) fn probe_job_cgroup(
     probe: &Path,
     memory: Result<(), String>,
     pids: Result<(), String>,
     job_user: Option<(u32, u32)>,
-) -> Result<(Result<MemoryFiles, String>, Result<(), String>, KillMethod), String> {
+) -> Result<Probed, String> {
     let has = |file: &str| probe.join(file).exists();
     let memory = memory.and_then(|()| {
         if !(has("memory.max") && has("memory.oom.group")) {
@@ -229,7 +237,11 @@ pub(super) fn probe_job_cgroup(
             )
         })?;
     }
-    Ok((memory, pids, kill))
+    Ok(Probed {
+        memory: memory.into(),
+        pids: pids.into(),
+        kill,
+    })
 }
 
 /// Forks a child that (as `user`, when given) writes `0` to `procs`, as a job's process does,
