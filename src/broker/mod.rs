@@ -81,7 +81,11 @@ pub trait Broker: Send + Sync + 'static {
         lock_token: Uuid,
         reason: &str,
         description: &str,
-    ) -> Result<(), BrokerError>;
+    ) -> Result<(), BrokerError> {
+        let keep = std::collections::BTreeMap::new();
+        self.dead_letter_keeping(lock_token, reason, description, &keep)
+            .await
+    }
     /// [`dead_letter`](Self::dead_letter), with `keep` merged into the message's application
     /// properties (Service Bus `properties-to-modify`): what an operator must find on the dead
     /// letter, such as the result of a job whose reply could not be sent.

@@ -778,16 +778,6 @@ impl Broker for ServiceBusBroker {
             .await
     }
 
-    async fn dead_letter(
-        &self,
-        lock_token: Uuid,
-        reason: &str,
-        description: &str,
-    ) -> Result<(), BrokerError> {
-        self.dead_letter_keeping(lock_token, reason, description, &BTreeMap::new())
-            .await
-    }
-
     async fn dead_letter_keeping(
         &self,
         lock_token: Uuid,

@@ -89,7 +89,7 @@ pub struct EmulatorConfig {
     pub max_unauthenticated: usize,
 }
 
-/// Service Bus's time for a connection's first token (protocol notes §1.3).
+/// Service Bus's time for a connection's first token (docs/servicebus-protocol.md §1.3).
 pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default bound on connections without a token.
 pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 64;
