@@ -507,7 +507,13 @@ mod tests {
         let sandbox = Sandbox::new(SandboxSettings::default()).expect("auto never fails");
         let python = dir.join("venv/bin/python");
         let policy = sandbox.policy(&worker, &python, dir, dir);
-        let names: Vec<&str> = policy.enforcement().iter().map(|e| e.mechanism).collect();
+        // Every mechanism is reported, in the order and under the names sandbox.require takes.
+        let names: Vec<String> = policy
+            .enforcement()
+            .iter()
+            .map(|e| e.mechanism.replace(' ', "_"))
+            .collect();
+        assert_eq!(names, MECHANISMS);
         assert_eq!(
             names,
             [
