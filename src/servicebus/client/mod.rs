@@ -7,6 +7,10 @@
 //! answers each one (so a lost lock is seen, not assumed), and a lock token stays valid across a
 //! reconnect, so a job that was running while the connection dropped is still settled once,
 //! not redelivered and run twice. The price is one request/response per settlement.
+//!
+//! [`connection`] opens the connection and authorises entities on it; this module keeps the
+//! links (senders, the jobs receiver, the management node) and their rebuilding; [`broker`] is
+//! the engine's [`Broker`] on them; [`operations`] what the CLI uses besides.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -38,6 +42,10 @@ use super::credential::{Credential, CredentialError};
 use super::management::{MgmtRequest, MgmtResponse};
 use super::message::{to_amqp, to_delivery};
 use crate::broker::{Broker, BrokerError, Delivery, OutgoingMessage};
+
+mod broker;
+mod connection;
+mod operations;
 
 /// How long connecting, authorising or attaching may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -197,122 +205,12 @@ impl ServiceBusBroker {
         Ok(live)
     }
 
-    async fn open(&self) -> Result<Live, BrokerError> {
-        // Our own socket, with Nagle off (see `tcp`): otherwise ~40 ms per settlement.
-        let endpoint = super::tcp::Endpoint::parse(&self.config.url)
-            .map_err(|e| BrokerError::Connection(e.to_string()))?;
-        let stream = endpoint
-            .connect()
-            .await
-            .map_err(|e| connection_error(&format!("connecting to {}", self.config.url), e))?;
-        let mut connection = Connection::builder()
-            .container_id(format!("hybrid-worker-{}", Uuid::new_v4()))
-            .hostname(self.config.hostname.as_str())
-            .sasl_hostname(endpoint.host.as_str())
-            .scheme(endpoint.scheme)
-            .domain(endpoint.domain())
-            .sasl_profile(SaslProfile::Anonymous)
-            .idle_time_out(IDLE_TIMEOUT_MS)
-            .alt_tls_establishment(true)
-            .open_with_stream(stream)
-            .await
-            .map_err(|e| connection_error(&format!("connecting to {}", self.config.url), e))?;
-        let mut session = Session::begin(&mut connection)
-            .await
-            .map_err(|e| connection_error("beginning a session", e))?;
-        let cbs = CbsClient::builder()
-            .client_node_addr(format!("cbs-{}", Uuid::new_v4()))
-            .attach(&mut session)
-            .await
-            .map_err(|e| connection_error("attaching to $cbs", e))?;
-        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        self.stats.connects.fetch_add(1, Ordering::Relaxed);
-        crate::telemetry::metrics::metrics().broker_connects.inc();
-        tracing::info!(url = %self.config.url, generation, "Connected to Service Bus.");
-        Ok(Live {
-            generation,
-            connection: Mutex::new(connection),
-            session: Mutex::new(session),
-            cbs: Mutex::new(cbs),
-            tokens: Mutex::new(HashMap::new()),
-            broken: AtomicBool::new(false),
-        })
-    }
-
     /// Marks the connection as broken (the next call reconnects) and returns the error.
     fn broken(&self, live: &Live, error: BrokerError) -> BrokerError {
         if error.is_transient() {
             live.broken.store(true, Ordering::SeqCst);
         }
         error
-    }
-
-    /// Puts a token for `entity` on `$cbs` unless a fresh one is there. A token is renewed
-    /// once less than a fifth of its lifetime is left, so a link never outlives its token.
-    async fn authorize(&self, live: &Live, entity: &str) -> Result<(), BrokerError> {
-        let audience = format!("{}/{}", self.config.audience_base, entity);
-        let now = SystemTime::now();
-        if let Some((put, expires)) = live.tokens.lock().await.get(&audience).copied() {
-            let lifetime = expires.duration_since(put).unwrap_or_default();
-            if expires.duration_since(now).unwrap_or_default() > lifetime / 5 {
-                return Ok(());
-            }
-        }
-        let token = self
-            .config
-            .credential
-            .token(&audience)
-            .await
-            .map_err(|CredentialError(e)| BrokerError::Refused(e))?;
-        let expires_ms = token
-            .expires_at
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
-        let amqp_token = AmqpCbsToken::new(
-            token.value.as_str(),
-            token.token_type,
-            Some(Timestamp::from_milliseconds(
-                i64::try_from(expires_ms).unwrap_or(i64::MAX),
-            )),
-        );
-        let put = tokio::time::timeout(CONNECT_TIMEOUT, async {
-            live.cbs
-                .lock()
-                .await
-                .put_token(audience.as_str(), amqp_token)
-                .await
-        })
-        .await;
-        match put {
-            Err(_) => Err(self.broken(
-                live,
-                BrokerError::Connection("putting a token on $cbs timed out".into()),
-            )),
-            // Service Bus answers a token for an entity that does not exist with 404.
-            Ok(Err(fe2o3_amqp_management::error::Error::Status(status)))
-                if status.code.0.get() == 404 =>
-            {
-                Err(BrokerError::NotFound(entity.to_owned()))
-            }
-            Ok(Err(fe2o3_amqp_management::error::Error::Status(status))) => {
-                Err(BrokerError::Refused(format!(
-                    "the token for {audience} was refused ({}: {})",
-                    status.code.0,
-                    status.description.unwrap_or_default()
-                )))
-            }
-            Ok(Err(e)) => Err(self.broken(live, connection_error("putting a token on $cbs", e))),
-            Ok(Ok(())) => {
-                self.stats.token_puts.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(audience, "Put a token on $cbs.");
-                live.tokens
-                    .lock()
-                    .await
-                    .insert(audience, (now, token.expires_at));
-                Ok(())
-            }
-        }
     }
 
     /// Calls the jobs queue's management node; the caller maps the status.
@@ -507,17 +405,6 @@ impl ServiceBusBroker {
         }
     }
 
-    /// Sends a finished AMQP message (any body section, any property types) to `queue`,
-    /// retried across a reconnect like every send: what `dlq replay` uses to carry a dead
-    /// letter unchanged.
-    pub async fn send_message(
-        &self,
-        queue: &str,
-        message: Message<Body<Value>>,
-    ) -> Result<(), BrokerError> {
-        self.send_retried(queue, &message).await
-    }
-
     /// A send retried with backoff and jitter across a reconnect. A send whose outcome was lost
     /// with the connection may go twice; replies and retry copies carry deterministic
     /// MessageIds, so duplicate detection drops the second.
@@ -564,76 +451,6 @@ impl ServiceBusBroker {
                 BrokerError::Connection("attaching the jobs receiver timed out".into()),
             )),
         }
-    }
-
-    /// Receives one message of session `session_id` on the session-enabled `queue`, waiting
-    /// up to `wait`, and completes it: how a flow (or `submit --wait`) takes its own reply.
-    /// `None` when nothing came in time.
-    pub async fn receive_session(
-        &self,
-        queue: &str,
-        session_id: &str,
-        wait: Duration,
-    ) -> Result<Option<Delivery>, BrokerError> {
-        let live = self.live().await?;
-        self.authorize(&live, queue).await?;
-        let id = Uuid::new_v4();
-        let source = Source::builder()
-            .address(queue)
-            .add_to_filter_using_legacy_format(
-                Symbol::from("com.microsoft:session-filter"),
-                Value::String(session_id.to_owned()),
-            )
-            .build();
-        let mut session = live.session.lock().await;
-        let attach = Receiver::builder()
-            .name(format!("session-receiver-{id}"))
-            .source(source)
-            .target(format!("receiver-{id}"))
-            .sender_settle_mode(SenderSettleMode::Unsettled)
-            .receiver_settle_mode(ReceiverSettleMode::Second)
-            .credit_mode(CreditMode::Manual)
-            .auto_accept(false)
-            .attach(&mut session);
-        let attached = tokio::time::timeout(wait.max(CONNECT_TIMEOUT), attach).await;
-        drop(session);
-        let mut receiver = match attached {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                return Err(BrokerError::Refused(format!(
-                    "cannot receive from session {session_id} of {queue}: {e}"
-                )));
-            }
-            Err(_) => {
-                return Err(BrokerError::Connection(format!(
-                    "attaching to session {session_id} timed out"
-                )));
-            }
-        };
-        let result = async {
-            receiver
-                .set_credit(1)
-                .await
-                .map_err(|e| connection_error("granting credit", e))?;
-            let delivery = match tokio::time::timeout(wait, receiver.recv::<Body<Value>>()).await {
-                Err(_) => return Ok(None),
-                Ok(Err(e)) => return Err(connection_error("receiving a reply", e)),
-                Ok(Ok(d)) => d,
-            };
-            let converted = to_delivery(
-                delivery.delivery_tag().as_ref(),
-                delivery.message(),
-                DEFAULT_LOCK,
-            );
-            receiver
-                .accept(&delivery)
-                .await
-                .map_err(|e| connection_error("completing a reply", e))?;
-            Ok(converted)
-        }
-        .await;
-        let _ = receiver.close().await;
-        result
     }
 
     /// Closes the connection politely (links, session, connection).
@@ -688,141 +505,6 @@ pub(super) fn status_result(response: &MgmtResponse) -> Result<(), BrokerError> 
         response.condition.as_deref().unwrap_or(""),
         response.description.as_deref().unwrap_or("")
     )))
-}
-
-#[async_trait]
-impl Broker for ServiceBusBroker {
-    async fn receive(&self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BrokerError> {
-        let live = self.live().await?;
-        self.authorize(&live, &self.config.jobs_queue).await?;
-        let mut slot = self.receiver.lock().await;
-        let stale = slot
-            .as_ref()
-            .is_none_or(|r| r.generation != live.generation || r.delivered >= RECEIVER_RECYCLE);
-        if stale {
-            // Messages the old link still holds keep their locks; they are settled by lock
-            // token through the management node.
-            if let Some(old) = slot.take().filter(|old| old.generation == live.generation) {
-                let _ = old.receiver.close().await;
-            }
-            let receiver = self.attach_receiver(&live).await?;
-            *slot = Some(ReceiverLink {
-                generation: live.generation,
-                receiver,
-                delivered: 0,
-            });
-        }
-        let Some(link) = slot.as_mut() else {
-            return Err(BrokerError::Connection("no receiver".into()));
-        };
-        let credit = u32::try_from(max).unwrap_or(u32::MAX);
-        if let Err(e) = link.receiver.set_credit(credit).await {
-            *slot = None;
-            return Err(self.broken(&live, connection_error("granting credit", e)));
-        }
-        let mut out = Vec::new();
-        let mut budget = wait;
-        while out.len() < max {
-            let next = tokio::time::timeout(budget, link.receiver.recv::<Body<Value>>()).await;
-            match next {
-                Err(_) => break,
-                Ok(Ok(delivery)) => {
-                    link.delivered += 1;
-                    let tag = delivery.delivery_tag().to_vec();
-                    match to_delivery(&tag, delivery.message(), DEFAULT_LOCK) {
-                        Some(d) => out.push(d),
-                        None => {
-                            tracing::error!("A delivery without a lock token was released.");
-                            let _ = link.receiver.release(&delivery).await;
-                        }
-                    }
-                    budget = GATHER;
-                }
-                Ok(Err(e)) => {
-                    *slot = None;
-                    if out.is_empty() {
-                        return Err(self.broken(&live, connection_error("receiving", e)));
-                    }
-                    live.broken.store(true, Ordering::SeqCst);
-                    break;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    async fn stop_receiving(&self) {
-        let mut slot = self.receiver.lock().await;
-        let Some(link) = slot.as_mut() else { return };
-        if link.receiver.set_credit(0).await.is_err() {
-            return;
-        }
-        // Whatever arrived on credit that was still open goes back to the queue unlocked.
-        while let Ok(Ok(delivery)) = tokio::time::timeout(
-            Duration::from_millis(50),
-            link.receiver.recv::<Body<Value>>(),
-        )
-        .await
-        {
-            let _ = link.receiver.release(&delivery).await;
-        }
-    }
-
-    async fn complete(&self, lock_token: Uuid) -> Result<(), BrokerError> {
-        self.update_disposition(lock_token, "completed", None, &BTreeMap::new())
-            .await
-    }
-
-    async fn abandon(&self, lock_token: Uuid) -> Result<(), BrokerError> {
-        self.update_disposition(lock_token, "abandoned", None, &BTreeMap::new())
-            .await
-    }
-
-    async fn dead_letter_keeping(
-        &self,
-        lock_token: Uuid,
-        reason: &str,
-        description: &str,
-        keep: &BTreeMap<String, String>,
-    ) -> Result<(), BrokerError> {
-        self.update_disposition(lock_token, "suspended", Some((reason, description)), keep)
-            .await
-    }
-
-    async fn renew_lock(&self, lock_token: Uuid) -> Result<tokio::time::Instant, BrokerError> {
-        let request = MgmtRequest::new("com.microsoft:renew-lock")
-            .with("lock-tokens", lock_tokens(lock_token));
-        let response = self.management_retried(request).await?;
-        status_result(&response)?;
-        let until = match response.field("expirations") {
-            Some(Value::Array(a)) => a.iter().next().cloned(),
-            Some(Value::List(l)) => l.first().cloned(),
-            _ => None,
-        };
-        let Some(Value::Timestamp(until)) = until else {
-            return Err(BrokerError::Refused(
-                "renew-lock answered without an expiration".into(),
-            ));
-        };
-        let until =
-            UNIX_EPOCH + Duration::from_millis(u64::try_from(until.milliseconds()).unwrap_or(0));
-        let left = until.duration_since(SystemTime::now()).unwrap_or_default();
-        Ok(tokio::time::Instant::now() + left)
-    }
-
-    async fn send(&self, queue: &str, message: OutgoingMessage) -> Result<(), BrokerError> {
-        self.send_retried(queue, &to_amqp(&message, None)).await
-    }
-
-    async fn schedule(
-        &self,
-        queue: &str,
-        message: OutgoingMessage,
-        delay: Duration,
-    ) -> Result<(), BrokerError> {
-        self.send_retried(queue, &to_amqp(&message, Some(SystemTime::now() + delay)))
-            .await
-    }
 }
 
 /// Whether the broker refused a link because its entity does not exist (`amqp:not-found`).
