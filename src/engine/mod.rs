@@ -27,7 +27,7 @@ use crate::telemetry::metrics::{ReasonLabel, WorkerLabel, metrics};
 use executor::Executor;
 use faults::Faults;
 use lock::{LockEnd, keep_lock};
-use settle::{Outcome, Queues, Settled, settle};
+use settle::{JobEnd, Queues, Settled, settle};
 
 /// What the engine needs to know, taken from the configuration.
 #[derive(Debug, Clone)]
@@ -218,11 +218,11 @@ impl JobTask {
             // Only workers this daemon knows become label values: a body naming random workers
             // must not grow the metrics without bound.
             let label = match &outcome {
-                Outcome::Succeeded { worker, .. } | Outcome::DaemonFault { worker } => worker.clone(),
-                Outcome::Failed { worker: Some(worker), policy: Some(_), .. } => worker.clone(),
+                JobEnd::Succeeded { worker, .. } | JobEnd::DaemonFault { worker } => worker.clone(),
+                JobEnd::Failed { worker: Some(worker), policy: Some(_), .. } => worker.clone(),
                 _ => "unknown".to_owned(),
             };
-            if let Outcome::Succeeded { duration, .. } | Outcome::Failed { duration, policy: Some(_), .. } = &outcome {
+            if let JobEnd::Succeeded { duration, .. } | JobEnd::Failed { duration, policy: Some(_), .. } = &outcome {
                 m.observe_duration(&label, *duration);
             }
             let result = settle(
@@ -271,10 +271,10 @@ impl JobTask {
     }
 
     /// Parses, checks and runs the job, with its lock kept while it runs.
-    async fn outcome(&self, delivery: &Delivery, envelope: &Envelope) -> Outcome {
+    async fn outcome(&self, delivery: &Delivery, envelope: &Envelope) -> JobEnd {
         // Checked first: a job that asks for a reply where none may go never runs.
         if let Err(error) = settle::reply_queue(&self.options.queues, envelope) {
-            return Outcome::Failed {
+            return JobEnd::Failed {
                 worker: None,
                 error,
                 policy: None,
@@ -289,7 +289,7 @@ impl JobTask {
         ) {
             Ok(job) => job,
             Err(error) => {
-                return Outcome::Failed {
+                return JobEnd::Failed {
                     worker: None,
                     error,
                     policy: None,
@@ -302,7 +302,7 @@ impl JobTask {
         let policy = match self.executor.policy(&job) {
             Ok(policy) => policy,
             Err(error) => {
-                return Outcome::Failed {
+                return JobEnd::Failed {
                     worker: Some(job.worker),
                     error,
                     policy: None,
@@ -353,24 +353,24 @@ impl JobTask {
         keeper.abort();
         if lock_lost {
             // Another delivery will run the job; nothing may be settled from this one.
-            return Outcome::LockLost;
+            return JobEnd::LockLost;
         }
         if let RunOutcome::DaemonFault(fault) = &execution.outcome {
             tracing::error!(stage = fault.stage.as_str(), error = %fault, "The daemon failed the job through its own fault.");
             self.faults.record(fault.stage);
-            return Outcome::DaemonFault { worker: job.worker };
+            return JobEnd::DaemonFault { worker: job.worker };
         }
         self.faults.clear();
         match execution.outcome {
-            RunOutcome::DaemonFault(_) | RunOutcome::Stopped => Outcome::Interrupted,
-            RunOutcome::Succeeded(output) => Outcome::Succeeded {
+            RunOutcome::DaemonFault(_) | RunOutcome::Stopped => JobEnd::Interrupted,
+            RunOutcome::Succeeded(output) => JobEnd::Succeeded {
                 worker: job.worker,
                 output,
                 duration: execution.duration,
                 resources: execution.resources,
                 blobs: execution.blobs,
             },
-            RunOutcome::Failed(error) => Outcome::Failed {
+            RunOutcome::Failed(error) => JobEnd::Failed {
                 worker: Some(job.worker),
                 error,
                 policy: Some(policy),

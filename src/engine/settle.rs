@@ -45,7 +45,7 @@ pub const MAX_DESCRIPTION: usize = 256;
 
 /// How a job ended, as far as settlement is concerned.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
+pub enum JobEnd {
     Succeeded {
         worker: String,
         output: Value,
@@ -130,17 +130,17 @@ pub async fn settle(
     queues: &Queues,
     delivery: &Delivery,
     envelope: &Envelope,
-    outcome: Outcome,
+    outcome: JobEnd,
 ) -> Result<Settled, BrokerError> {
     let token = delivery.lock_token;
     match outcome {
-        Outcome::LockLost => Ok(Settled::LeftToExpire),
-        Outcome::Interrupted => broker.abandon(token).await.map(|()| Settled::Abandoned),
-        Outcome::DaemonFault { .. } => broker
+        JobEnd::LockLost => Ok(Settled::LeftToExpire),
+        JobEnd::Interrupted => broker.abandon(token).await.map(|()| Settled::Abandoned),
+        JobEnd::DaemonFault { .. } => broker
             .abandon(token)
             .await
             .map(|()| Settled::AbandonedAfterDaemonFault),
-        Outcome::Succeeded {
+        JobEnd::Succeeded {
             worker,
             output,
             duration,
@@ -158,7 +158,7 @@ pub async fn settle(
             broker.complete(token).await?;
             Ok(Settled::Replied)
         }
-        Outcome::Failed {
+        JobEnd::Failed {
             worker,
             error,
             policy,
