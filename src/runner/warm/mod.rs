@@ -368,7 +368,7 @@ impl WarmPool {
         }
         // Its exit status is the reader thread's: registered before a reaper scan can see it.
         let spawning = super::reaper::spawning();
-        let mut child = command
+        let child = command
             .spawn()
             .map_err(|e| start_err(&format!("{}", python.display()), &e))?;
         super::reaper::register_own(child.id() as i32);
@@ -376,41 +376,7 @@ impl WarmPool {
         drop(command);
         drop(theirs);
         let pid = child.id() as i32;
-        let name = worker.name.clone();
-        std::thread::Builder::new()
-            .name(format!("warm-log-{name}"))
-            .spawn(move || {
-                for line in BufReader::new(std::fs::File::from(log_read)).lines() {
-                    let Ok(line) = line else { break };
-                    tracing::warn!(worker = %name, pid, line = %line, "The warm parent wrote to its output.");
-                }
-            })
-            .map_err(|e| start_err("its log thread", &e))?;
-
-        let shared = Arc::new(Shared::default());
-        let reader_fd = ours
-            .try_clone()
-            .map_err(|e| start_err("its control socket", &e))?;
-        let (ready_tx, ready_rx) = oneshot::channel();
-        let thread_shared = shared.clone();
-        let name = worker.name.clone();
-        std::thread::Builder::new()
-            .name(format!("warm-{name}"))
-            .spawn(move || {
-                read_replies(reader_fd, &thread_shared, ready_tx);
-                thread_shared.dead.store(true, Ordering::SeqCst);
-                let waiters = std::mem::take(
-                    &mut *thread_shared
-                        .waiters
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner()),
-                );
-                drop(waiters); // every waiting job sees its parent gone
-                let status = child.wait();
-                super::reaper::unregister_own(pid);
-                tracing::debug!(worker = %name, pid, status = ?status, "The warm parent ended.");
-            })
-            .map_err(|e| start_err("its reader thread", &e))?;
+        let (shared, ready_rx) = watch(&worker.name, pid, child, log_read, &ours)?;
         let parent = WarmParent {
             key,
             pid,
@@ -423,9 +389,25 @@ impl WarmPool {
             spare_cgroup: Mutex::new(None),
             threads: Mutex::new(Threads::default()),
         };
+        self.initialise(&parent, worker, ready_rx).await?;
+        tracing::debug!(worker = %worker.name, pid, ms = started.elapsed().as_millis() as u64, "Warm parent started.");
+        Ok(parent)
+    }
+
+    /// Sends a started warm parent its `init` (the seccomp layer its children add, and the
+    /// first spare child's cgroup), waits until it is ready, and records the threads it runs
+    /// beside its main one, warning about them.
+    async fn initialise(
+        &self,
+        parent: &WarmParent,
+        worker: &Worker,
+        ready_rx: oneshot::Receiver<ReadyReport>,
+    ) -> Result<(), WarmError> {
+        let start_err =
+            |what: &str, e: &dyn std::fmt::Display| WarmError::Start(format!("{what}: {e}"));
         let filters = parent
             .policy
-            .fork_child_filters(pid as u32)
+            .fork_child_filters(parent.pid as u32)
             .map_err(|e| start_err("the job's seccomp filter", &e))?;
         let first_spare = self
             .sandbox
@@ -460,17 +442,16 @@ impl WarmPool {
             };
         tracing::info!(
             worker = %worker.name,
-            pid,
+            pid = parent.pid,
             preloaded = ?preloaded,
             failed = ?failed,
-            ms = started.elapsed().as_millis() as u64,
             "Warm parent ready."
         );
-        let threads = Threads::of(pid, python_threads);
+        let threads = Threads::of(parent.pid, python_threads);
         if threads.others > 0 {
             tracing::warn!(
                 worker = %worker.name,
-                pid,
+                pid = parent.pid,
                 threads = threads.others,
                 python_threads = ?threads.python,
                 "The warm parent runs other threads after its imports. A fork copies only the \
@@ -482,7 +463,7 @@ impl WarmPool {
             );
         }
         *parent.threads.lock().unwrap_or_else(|e| e.into_inner()) = threads;
-        Ok(parent)
+        Ok(())
     }
 
     /// Starts one job in the parent's spare child. `env` gives the job's complete environment
@@ -591,6 +572,57 @@ impl WarmPool {
         };
         Ok((job, pipes, workdir, exited_rx, cgroup))
     }
+}
+
+/// Starts the two threads that watch a warm parent `pid` of `worker`: one logs what it writes
+/// to its output, the other forwards its replies to the jobs waiting for them and, when the
+/// parent's end of the control socket closes, reaps it. Returns what they share with the jobs
+/// and where its `ready` report arrives.
+fn watch(
+    worker: &str,
+    pid: i32,
+    mut child: std::process::Child,
+    log_read: OwnedFd,
+    ours: &OwnedFd,
+) -> Result<(Arc<Shared>, oneshot::Receiver<ReadyReport>), WarmError> {
+    let start_err =
+        |what: &str, e: &dyn std::fmt::Display| WarmError::Start(format!("{what}: {e}"));
+    let name = worker.to_owned();
+    std::thread::Builder::new()
+        .name(format!("warm-log-{name}"))
+        .spawn(move || {
+            for line in BufReader::new(std::fs::File::from(log_read)).lines() {
+                let Ok(line) = line else { break };
+                tracing::warn!(worker = %name, pid, line = %line, "The warm parent wrote to its output.");
+            }
+        })
+        .map_err(|e| start_err("its log thread", &e))?;
+
+    let shared = Arc::new(Shared::default());
+    let reader_fd = ours
+        .try_clone()
+        .map_err(|e| start_err("its control socket", &e))?;
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let thread_shared = shared.clone();
+    let name = worker.to_owned();
+    std::thread::Builder::new()
+        .name(format!("warm-{name}"))
+        .spawn(move || {
+            read_replies(reader_fd, &thread_shared, ready_tx);
+            thread_shared.dead.store(true, Ordering::SeqCst);
+            let waiters = std::mem::take(
+                &mut *thread_shared
+                    .waiters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+            drop(waiters); // every waiting job sees its parent gone
+            let status = child.wait();
+            super::reaper::unregister_own(pid);
+            tracing::debug!(worker = %name, pid, status = ?status, "The warm parent ended.");
+        })
+        .map_err(|e| start_err("its reader thread", &e))?;
+    Ok((shared, ready_rx))
 }
 
 /// The reader thread: forwards the parent's replies to the jobs waiting for them, until the
