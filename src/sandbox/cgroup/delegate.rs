@@ -6,7 +6,6 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::AtomicU64;
 
 use super::*;
 
@@ -127,7 +126,6 @@ impl CgroupRoot {
             pids,
             kill,
             owner,
-            next: AtomicU64::new(1),
             leftovers: Mutex::new(Vec::new()),
         })
     }
@@ -146,7 +144,6 @@ impl CgroupRoot {
             pids: pids.into(),
             kill: KillMethod::CgroupKill,
             owner: "1-2".into(),
-            next: AtomicU64::new(1),
             leftovers: Mutex::new(Vec::new()),
         }
     }

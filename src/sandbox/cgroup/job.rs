@@ -26,7 +26,10 @@ impl CgroupRoot {
     /// process to enter by.
     pub fn create_job(self: &Arc<Self>, limits: &Limits) -> Result<JobCgroup, CgroupError> {
         self.sweep_leftovers();
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        // One counter for the whole process: every root of this process (a test makes several,
+        // one per sandbox setting) names its job cgroups with the same owner tag.
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = self.dir.join(format!("{JOB_PREFIX}{}-{n}", self.owner));
         std::fs::create_dir(&dir).map_err(|source| CgroupError::Create {
             path: dir.clone(),

@@ -192,7 +192,6 @@ pub struct CgroupRoot {
     pub kill: KillMethod,
     /// This daemon's part of the job cgroups' names ([`owner_tag`]).
     owner: String,
-    next: AtomicU64,
     /// Job cgroups that were still busy when their job ended; removed at a later job.
     leftovers: Mutex<Vec<PathBuf>>,
 }
