@@ -398,6 +398,7 @@ pub fn spawn_in_cgroup(
         // SAFETY: reaps our own child, which has exited or is about to.
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
         super::reaper::unregister_own(pid);
+        super::reaper::forget_job_group(pid);
         let errno = i32::from_ne_bytes([report[1], report[2], report[3], report[4]]);
         let err = std::io::Error::from_raw_os_error(errno);
         return Err(if report[0] == FAILED_EXEC {

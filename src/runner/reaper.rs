@@ -23,10 +23,10 @@
 //! group among the daemon's children and reaps it before the next job can start.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Condvar, Mutex, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
-/// How often the reaper thread looks for orphans when nothing wakes it.
+/// How often the reaper thread looks for orphans that came after their job's end.
 const SCAN_EVERY: Duration = Duration::from_millis(500);
 /// How long [`end_job_group`] waits for a killed group's members to die.
 const GROUP_GRACE: Duration = Duration::from_secs(2);
@@ -44,8 +44,6 @@ struct Reaper {
     own: Mutex<HashSet<i32>>,
     /// Process groups of jobs: their pgid and, once the job ended, when.
     groups: Mutex<HashMap<i32, Option<Instant>>>,
-    /// Set to wake the thread early.
-    wake: (Mutex<bool>, Condvar),
     /// Orphans reaped since the start, for tests and logs.
     reaped: std::sync::atomic::AtomicU64,
 }
@@ -102,6 +100,12 @@ pub fn job_group(pgid: i32) {
     lock(&state().groups).insert(pgid, None);
 }
 
+/// The job of group `pgid` never ran (its process failed before exec and was reaped by its
+/// owner): nothing can be left of it.
+pub fn forget_job_group(pgid: i32) {
+    lock(&state().groups).remove(&pgid);
+}
+
 /// Orphans reaped by this process since it started.
 pub fn reaped() -> u64 {
     state().reaped.load(std::sync::atomic::Ordering::Relaxed)
@@ -124,26 +128,9 @@ pub fn end_job_group(pgid: i32) {
     }
 }
 
-/// Wakes the reaper thread for a scan now.
-pub fn wake() {
-    let (flag, cv) = &state().wake;
-    *lock(flag) = true;
-    cv.notify_one();
-}
-
 fn run() {
-    let (flag, cv) = &state().wake;
     loop {
-        {
-            let mut woken = lock(flag);
-            if !*woken {
-                woken = cv
-                    .wait_timeout(woken, SCAN_EVERY)
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|e| e.into_inner().0);
-            }
-            *woken = false;
-        }
+        std::thread::sleep(SCAN_EVERY);
         scan(None);
         forget_old_groups();
     }

@@ -96,7 +96,7 @@ impl Interpreter {
         let Some(blocked) = blocked else {
             return Ok(self);
         };
-        let copy =
+        let (prefix, copy) =
             super::relocate::copy_interpreter(&self.prefix, &self.path, &self.version, system_dir)
                 .map_err(|source| PythonError::Copy {
                     uid,
@@ -104,11 +104,6 @@ impl Interpreter {
                     blocked: blocked.clone(),
                     source,
                 })?;
-        let prefix = copy
-            .ancestors()
-            .find(|a| a.join(".hybrid-worker-copy").is_file())
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| system_dir.to_path_buf());
         tracing::info!(
             interpreter = %self.path.display(),
             copy = %copy.display(),

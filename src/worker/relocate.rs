@@ -42,13 +42,14 @@ const DONE: &str = ".hybrid-worker-copy";
 const MAX_WORKER_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Copies the interpreter prefix `prefix` (whose executable is `executable`) under `base` and
-/// returns the copy's executable. An existing finished copy of the same prefix is reused.
+/// returns the copy's prefix and executable. An existing finished copy of the same prefix is
+/// reused.
 pub fn copy_interpreter(
     prefix: &Path,
     executable: &Path,
     version: &str,
     base: &Path,
-) -> Result<PathBuf, RelocateError> {
+) -> Result<(PathBuf, PathBuf), RelocateError> {
     let relative = executable.strip_prefix(prefix).map_err(|_| {
         RelocateError::Refused(format!(
             "the interpreter {} is not inside its prefix {}",
@@ -67,7 +68,7 @@ pub fn copy_interpreter(
     let dest = base.join("python").join(name);
     let result = dest.join(relative);
     if dest.join(DONE).is_file() {
-        return Ok(result);
+        return Ok((dest, result));
     }
     let skip = |rel: &Path| {
         let parts: Vec<_> = rel.components().collect();
@@ -93,7 +94,7 @@ pub fn copy_interpreter(
         }
         Ok(())
     })?;
-    Ok(result)
+    Ok((dest, result))
 }
 
 /// Copies the worker folder `dir` under `base` (named by a hash of its contents) and returns
