@@ -55,6 +55,9 @@ pub struct Settings {
     pub sandbox: crate::sandbox::SandboxSettings,
     /// Claim-check Blob Storage for large inputs and results; see [`crate::storage`].
     pub storage: crate::storage::StorageSettings,
+    /// The folder of secrets jobs may be handed; see [`crate::secrets`].
+    #[serde(default)]
+    pub secrets: crate::secrets::SecretsSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -56,6 +56,8 @@ pub(super) fn classify(
             let kind = match kind.as_str() {
                 "InvalidInput" => ErrorKind::InvalidInput,
                 "MemoryLimit" => ErrorKind::MemoryLimit,
+                // An undeclared secret or scope (`hybrid_worker.PolicyDenied`).
+                "PolicyDenied" => ErrorKind::PolicyDenied,
                 _ => ErrorKind::HandlerError,
             };
             let mut error = JobError::new(kind, message);

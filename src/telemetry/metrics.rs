@@ -75,6 +75,10 @@ pub struct Metrics {
     /// Jobs the daemon could not start through its own fault, by stage (cgroup, temp_folder,
     /// sandbox, start, warm_parent); each such job was abandoned, not blamed.
     pub daemon_faults: Family<StageLabel, Counter>,
+    /// Entra ID tokens handed to jobs (docs/secrets.md), by worker (cache hits included).
+    pub tokens_issued: Family<WorkerLabel, Counter>,
+    /// Token requests of jobs refused (a scope their worker does not declare), by worker.
+    pub tokens_denied: Family<WorkerLabel, Counter>,
 }
 
 impl Metrics {
@@ -93,6 +97,8 @@ impl Metrics {
             broker_connects: Counter::default(),
             process_start: Family::new_with_constructor(start_histogram),
             daemon_faults: Family::default(),
+            tokens_issued: Family::default(),
+            tokens_denied: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -151,6 +157,16 @@ impl Metrics {
             "Jobs the daemon could not start through its own fault, by stage",
             m.daemon_faults.clone(),
         );
+        registry.register(
+            "token_issued",
+            "Entra ID tokens handed to jobs, by worker",
+            m.tokens_issued.clone(),
+        );
+        registry.register(
+            "token_denied",
+            "Token requests of jobs refused by their worker's azure_scopes, by worker",
+            m.tokens_denied.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -159,6 +175,24 @@ impl Metrics {
         self.daemon_faults
             .get_or_create(&StageLabel {
                 stage: stage.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A token was handed to a job of `worker`.
+    pub fn token_issued(&self, worker: &str) {
+        self.tokens_issued
+            .get_or_create(&WorkerLabel {
+                worker: worker.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A job of `worker` asked for a token it may not have.
+    pub fn token_denied(&self, worker: &str) {
+        self.tokens_denied
+            .get_or_create(&WorkerLabel {
+                worker: worker.to_owned(),
             })
             .inc();
     }
