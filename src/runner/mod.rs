@@ -293,6 +293,12 @@ impl Runner {
         }
     }
 
+    /// The sandbox of `worker`'s jobs (what they may read, whom they run as).
+    pub fn policy(&self, worker: &Worker, python: &Path) -> crate::sandbox::SandboxPolicy {
+        self.sandbox
+            .policy(worker, python, &self.runtime.dir, &self.temp_base)
+    }
+
     /// What the sandbox enforces for `worker`'s jobs on this kernel, for start-up reports.
     pub fn enforcement(&self, worker: &Worker, python: &Path) -> Vec<Enforced> {
         self.sandbox

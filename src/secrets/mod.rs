@@ -8,6 +8,7 @@
 //! scrubbed of those values ([`scrub`]); tokens are obtained with the daemon's own identity
 //! ([`tokens`]), only for declared scopes.
 
+pub mod audit;
 pub mod scrub;
 pub mod tokens;
 
@@ -147,7 +148,7 @@ pub fn read_for_job(dir: Option<&Path>, names: &[String]) -> Result<JobSecrets, 
 
 /// The granted path through which a job's sandbox would reach `dir` (the folder lies under
 /// it, or it under the folder), if any: the secrets folder must be outside everything
-/// Landlock grants a job, and outside the base of the jobs' temp folders.
+/// Landlock grants a job.
 pub fn exposed_by<'a>(
     dir: &Path,
     granted: impl IntoIterator<Item = &'a PathBuf>,

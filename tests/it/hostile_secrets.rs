@@ -295,3 +295,126 @@ crate::in_both_modes!(
     an_undeclared_scope_is_policy_denied,
     flooding_token_requests_stalls_no_one_but_the_job,
 );
+
+/// A workers folder holding copies of the named fixtures (their venvs are built first).
+fn fixtures_folder(names: &[&str]) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let only = tempfile::tempdir().expect("tmp");
+    std::fs::set_permissions(only.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    for name in names {
+        hostile_worker(name);
+        let to = only.path().join(name);
+        std::fs::create_dir(&to).expect("mkdir");
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        for entry in std::fs::read_dir(hostile_home().join("workers").join(name)).expect("fixture")
+        {
+            let entry = entry.expect("entry");
+            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+        }
+    }
+    only
+}
+
+fn hybrid(args: &[&str], envs: &[(&str, String)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_hybrid-worker"));
+    cmd.args(args)
+        .env_remove("HYBRID_CONFIG")
+        .env("HYBRID__LOG__FORMAT", "text")
+        .env(
+            "HYBRID__WORKERS__VENV_ROOT",
+            hostile_home().join("venvs").display().to_string(),
+        )
+        .env(
+            "HYBRID__WORKERS__PYTHON",
+            sandbox_interpreter().path.display().to_string(),
+        )
+        .env("HYBRID__SANDBOX__USER", "230000");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run hybrid-worker")
+}
+
+#[test]
+fn workers_verify_shows_secrets_and_scopes_and_audits_the_folder() {
+    use std::os::unix::fs::PermissionsExt;
+    let workers = fixtures_folder(&["secret-leaker", "token-user"]);
+    let dir = workers.path().display().to_string();
+    let secrets = tempfile::tempdir().expect("tmp");
+    std::fs::write(secrets.path().join("api-key"), SECRET).expect("write");
+    std::fs::set_permissions(secrets.path(), std::fs::Permissions::from_mode(0o700))
+        .expect("chmod");
+    let verify = |secrets_dir: String| {
+        let out = hybrid(
+            &["workers", "verify", "--workers-dir", &dir],
+            &[("HYBRID__SECRETS__DIR", secrets_dir)],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.code(), text)
+    };
+    let (code, text) = verify(secrets.path().display().to_string());
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("secrets             api-key (from "),
+        "{text}"
+    );
+    assert!(
+        text.contains("azure_scopes        https://storage.azure.com/.default"),
+        "{text}"
+    );
+    assert!(!text.contains(SECRET), "{text}");
+
+    // No folder while a worker declares secrets: an error, naming the variable.
+    let (code, text) = verify(String::new());
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("secrets ERROR") && text.contains("HYBRID__SECRETS__DIR"),
+        "{text}"
+    );
+
+    // A folder inside the worker's own folder, which its jobs may read: an error.
+    let inside = workers.path().join("secret-leaker").join("keys");
+    std::fs::create_dir(&inside).expect("mkdir");
+    std::fs::write(inside.join("api-key"), SECRET).expect("write");
+    let (code, text) = verify(inside.display().to_string());
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("overlaps"), "{text}");
+}
+
+#[test]
+fn exec_hands_a_job_its_secret_and_scrubs_the_result_and_the_daemons_log() {
+    use std::os::unix::fs::PermissionsExt;
+    let workers = fixtures_folder(&["secret-leaker"]);
+    let secrets = tempfile::tempdir().expect("tmp");
+    std::fs::write(secrets.path().join("api-key"), SECRET).expect("write");
+    let temp = tempfile::tempdir().expect("tmp");
+    std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let input = temp.path().join("input.json");
+    std::fs::write(&input, r#"{"mode": "all"}"#).expect("input");
+    let out = hybrid(
+        &[
+            "exec",
+            "secret-leaker",
+            "--workers-dir",
+            &workers.path().display().to_string(),
+            "--input",
+            &input.display().to_string(),
+        ],
+        &[
+            ("HYBRID__SECRETS__DIR", secrets.path().display().to_string()),
+            (
+                "HYBRID__ENGINE__TEMP_DIR",
+                temp.path().display().to_string(),
+            ),
+            ("HYBRID__LOG__LEVEL", "debug".into()),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let result: Value = serde_json::from_str(&stdout).expect("a result");
+    assert_eq!(result["output"]["plain"], REDACTED, "{stdout}");
+    assert_clean("exec's stdout", &stdout);
+    assert_clean("the daemon's log", &stderr);
+    assert!(stderr.contains(REDACTED), "the job's log lines: {stderr}");
+}
