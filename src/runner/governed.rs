@@ -3,19 +3,22 @@
 //! its process starts), the fields of the job document that carry them, and the scrubbing of
 //! everything the job sent back.
 
+use std::sync::{Arc, Mutex};
+
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
-use super::output::Captured;
+use super::output::{Captured, LogRecord};
 use super::{RunOutcome, RunRequest};
 use crate::job::{ErrorKind, JobError};
-use crate::secrets::scrub::Scrubber;
+use crate::secrets::scrub::{Scrubber, SharedScrubber};
 use crate::secrets::tokens::{ASKS_IN_FLIGHT, JobTokens, TokenAsk, TokenService};
 use crate::secrets::{Governance, read_for_job};
 
 /// One job's share of the daemon's governance.
 pub(super) struct JobGovernance {
-    pub scrubber: Scrubber,
+    /// The values of the job's secrets, and of each token handed to it.
+    scrubber: SharedScrubber,
     /// `secrets` and `tokens` of the job document.
     pub fields: Map<String, Value>,
     /// The token service of a job whose worker declares scopes.
@@ -29,7 +32,7 @@ impl JobGovernance {
         let spec = &request.worker.spec;
         let secrets = read_for_job(governance.secrets_dir.as_deref(), &spec.secrets)
             .map_err(|e| JobError::new(ErrorKind::PolicyDenied, e.to_string()).permanent())?;
-        let scrubber = Scrubber::new(&secrets);
+        let scrubber = Arc::new(Mutex::new(Scrubber::new(&secrets)));
         let mut fields = Map::new();
         let values: Map<String, Value> = secrets
             .values
@@ -46,6 +49,7 @@ impl JobGovernance {
             job_id: request.job_id.to_owned(),
             worker: request.worker.name.clone(),
             allowed: spec.azure_scopes.clone(),
+            scrubber: Some(scrubber.clone()),
         });
         Ok(Self {
             scrubber,
@@ -66,14 +70,30 @@ impl JobGovernance {
         }
     }
 
+    /// The scrubber as it is now (tokens are added to it as they are handed out).
+    fn scrubber(&self) -> std::sync::MutexGuard<'_, Scrubber> {
+        self.scrubber.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A log record with the values replaced.
+    pub fn log(&self, mut record: LogRecord) -> LogRecord {
+        let scrubber = self.scrubber();
+        if !scrubber.is_empty() {
+            record.msg = scrubber.message(&record.msg);
+            record.logger = scrubber.text(&record.logger).into_owned();
+        }
+        record
+    }
+
     /// Captured output with the values replaced (a value cut at the cap included).
     pub fn captured(&self, captured: Captured) -> Captured {
-        if self.scrubber.is_empty() {
+        let scrubber = self.scrubber();
+        if scrubber.is_empty() {
             return captured;
         }
         let cut = captured.truncated();
         let dropped = captured.total - captured.kept.len() as u64;
-        let kept = self.scrubber.bytes(&captured.kept, cut);
+        let kept = scrubber.bytes(&captured.kept, cut);
         // What was dropped stays counted as dropped, whatever the replacements' lengths.
         Captured {
             total: kept.len() as u64 + dropped,
@@ -83,12 +103,13 @@ impl JobGovernance {
 
     /// The outcome with the values replaced in the result and the error message.
     pub fn outcome(&self, outcome: RunOutcome) -> RunOutcome {
-        if self.scrubber.is_empty() {
+        let scrubber = self.scrubber();
+        if scrubber.is_empty() {
             return outcome;
         }
         match outcome {
-            RunOutcome::Succeeded(value) => RunOutcome::Succeeded(self.scrubber.value(value)),
-            RunOutcome::Failed(error) => RunOutcome::Failed(self.scrubber.error(error)),
+            RunOutcome::Succeeded(value) => RunOutcome::Succeeded(scrubber.value(value)),
+            RunOutcome::Failed(error) => RunOutcome::Failed(scrubber.error(error)),
             other => other,
         }
     }

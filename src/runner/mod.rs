@@ -423,14 +423,8 @@ impl Runner {
 
         let (asks, token_service) = governed.token_channel();
         let write_job = crate::secrets::tokens::serve(pipes.job, job_bytes, token_service);
-        let scrubber = &governed.scrubber;
-        let on_scrubbed_log = |mut record: LogRecord| {
-            if !scrubber.is_empty() {
-                record.msg = scrubber.message(&record.msg);
-                record.logger = scrubber.text(&record.logger).into_owned();
-            }
-            on_log(record);
-        };
+        let governed = &governed;
+        let on_scrubbed_log = |record: LogRecord| on_log(governed.log(record));
         let stdout = output::capture(pipes.stdout, output_cap);
         let stderr = output::capture(pipes.stderr, output_cap);
         let channel = output::read_channel(

@@ -88,35 +88,44 @@ fn python_repr(value: &str) -> String {
     out
 }
 
+/// A job's scrubber, shared by its channel reader and its token service (each token handed to
+/// the job is scrubbed too, as `[redacted:token]`).
+pub type SharedScrubber = std::sync::Arc<std::sync::Mutex<Scrubber>>;
+
 impl Scrubber {
     /// The scrubber of a job holding `secrets` (an empty value is never looked for).
     pub fn new(secrets: &JobSecrets) -> Self {
-        let mut needles: Vec<(String, String)> = Vec::new();
+        let mut scrubber = Self::default();
         for (name, value) in &secrets.values {
-            if value.is_empty() {
-                continue;
-            }
-            let replacement = format!("[redacted:{name}]");
-            let quoted = serde_json::to_string(value).unwrap_or_default();
-            let escaped = quoted
-                .strip_prefix('"')
-                .and_then(|q| q.strip_suffix('"'))
-                .unwrap_or_default()
-                .to_owned();
-            let forms = [
-                value.clone(),
-                escaped,
-                ascii_json(value),
-                python_repr(value),
-            ];
-            for form in forms {
-                if !form.is_empty() && !needles.iter().any(|(n, _)| *n == form) {
-                    needles.push((form, replacement.clone()));
-                }
+            scrubber.add(name, value);
+        }
+        scrubber
+    }
+
+    /// Looks for `value` too, replacing it by `[redacted:<name>]`.
+    pub fn add(&mut self, name: &str, value: &str) {
+        if value.is_empty() {
+            return;
+        }
+        let replacement = format!("[redacted:{name}]");
+        let quoted = serde_json::to_string(value).unwrap_or_default();
+        let escaped = quoted
+            .strip_prefix('"')
+            .and_then(|q| q.strip_suffix('"'))
+            .unwrap_or_default()
+            .to_owned();
+        let forms = [
+            value.to_owned(),
+            escaped,
+            ascii_json(value),
+            python_repr(value),
+        ];
+        for form in forms {
+            if !form.is_empty() && !self.needles.iter().any(|(n, _)| *n == form) {
+                self.needles.push((form, replacement.clone()));
             }
         }
-        needles.sort_by_key(|n| std::cmp::Reverse(n.0.len()));
-        Self { needles }
+        self.needles.sort_by_key(|n| std::cmp::Reverse(n.0.len()));
     }
 
     /// Whether there is nothing to scrub.

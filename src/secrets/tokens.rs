@@ -141,6 +141,8 @@ pub struct JobTokens {
     pub worker: String,
     /// The worker's `azure_scopes`.
     pub allowed: Vec<String>,
+    /// The job's scrubber: each token handed to it is added.
+    pub scrubber: Option<crate::secrets::scrub::SharedScrubber>,
 }
 
 impl JobTokens {
@@ -175,6 +177,12 @@ impl JobTokens {
         };
         match broker.token(&ask.scopes).await {
             Ok((issued, cached)) => {
+                if let Some(scrubber) = &self.scrubber {
+                    scrubber
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .add("token", &issued.token);
+                }
                 metrics().token_issued(&self.worker);
                 tracing::info!(job_id = %self.job_id, worker = %self.worker, scope = %scope, cached, expires_on = issued.expires_on, "Issued an Entra ID token to a job.");
                 Ok(issued)
@@ -256,6 +264,7 @@ mod tests {
             job_id: "j1".into(),
             worker: "w".into(),
             allowed: vec!["https://storage.azure.com/.default".into()],
+            scrubber: None,
         }
     }
 
