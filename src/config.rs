@@ -525,6 +525,14 @@ mod tests {
     }
 
     #[test]
+    fn the_secrets_folder_comes_from_the_environment_and_is_off_by_default() {
+        let s = load_env(&[]).expect("valid");
+        assert_eq!(s.secrets.dir(), None);
+        let s = load_env(&[("HYBRID__SECRETS__DIR", "/mnt/secrets")]).expect("valid");
+        assert_eq!(s.secrets.dir(), Some(Path::new("/mnt/secrets")));
+    }
+
+    #[test]
     fn storage_loads_from_the_environment_and_its_key_is_redacted() {
         let s = load_env(&[
             ("HYBRID__STORAGE__INPUT_CONTAINERS", "uploads,exports"),

@@ -222,20 +222,24 @@ impl Scrubber {
 }
 
 fn replace_bytes(haystack: &[u8], needle: &[u8], replacement: &[u8]) -> Vec<u8> {
-    if needle.is_empty() || haystack.len() < needle.len() {
+    let Some(&first) = needle.first() else {
         return haystack.to_vec();
-    }
+    };
     let mut out = Vec::with_capacity(haystack.len());
     let mut i = 0;
-    while i < haystack.len() {
-        if haystack[i..].starts_with(needle) {
+    // Jump from one occurrence of the needle's first byte to the next.
+    while let Some(offset) = haystack[i..].iter().position(|&b| b == first) {
+        let at = i + offset;
+        if haystack[at..].starts_with(needle) {
+            out.extend_from_slice(&haystack[i..at]);
             out.extend_from_slice(replacement);
-            i += needle.len();
+            i = at + needle.len();
         } else {
-            out.push(haystack[i]);
-            i += 1;
+            out.extend_from_slice(&haystack[i..=at]);
+            i = at + 1;
         }
     }
+    out.extend_from_slice(&haystack[i..]);
     out
 }
 
