@@ -205,7 +205,7 @@ async fn an_undeclared_secret_is_policy_denied(mode: Isolation) {
     let (kind, message) = failure(&report);
     assert_eq!(kind, ErrorKind::PolicyDenied, "{message}");
     assert!(
-        message.contains("'not-declared' is not declared"),
+        message.starts_with("secret 'not-declared' is not declared"),
         "{message}"
     );
 }

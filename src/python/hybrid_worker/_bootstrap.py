@@ -147,7 +147,9 @@ def main() -> None:
         return
     except PolicyDenied as exc:
         traceback.print_exc()
-        _error("PolicyDenied", _describe(exc), True, type(exc).__name__)
+        # The kind already says what happened; the message says which secret or scope.
+        message = str(exc).strip()[:MESSAGE_LIMIT] or "the worker's policy does not allow this"
+        _error("PolicyDenied", message, True, type(exc).__name__)
         return
     except PermanentError as exc:
         traceback.print_exc()
