@@ -79,8 +79,10 @@ impl JobGovernance {
     pub fn log(&self, mut record: LogRecord) -> LogRecord {
         let scrubber = self.scrubber();
         if !scrubber.is_empty() {
+            // Every field: a job may write its channel's lines itself.
             record.msg = scrubber.message(&record.msg);
             record.logger = scrubber.text(&record.logger).into_owned();
+            record.level = scrubber.text(&record.level).into_owned();
         }
         record
     }

@@ -145,10 +145,32 @@ pub struct JobTokens {
     pub scrubber: Option<crate::secrets::scrub::SharedScrubber>,
 }
 
+/// Longest text of a job's request the daemon writes into its log.
+const SHOWN_CHARS: usize = 300;
+
 impl JobTokens {
+    /// `text` from the job (a scope it asked for), as the daemon may log it: cut to
+    /// [`SHOWN_CHARS`] and scrubbed of the job's secrets and tokens, so that a job cannot get a
+    /// secret into the daemon's log by asking for it as a scope.
+    fn shown(&self, text: &str) -> String {
+        let cut: String = text.chars().take(SHOWN_CHARS).collect();
+        let was_cut = cut.len() < text.len();
+        match &self.scrubber {
+            Some(scrubber) => {
+                let scrubber = scrubber.lock().unwrap_or_else(|e| e.into_inner());
+                if was_cut {
+                    scrubber.cut_text(&cut)
+                } else {
+                    scrubber.text(&cut).into_owned()
+                }
+            }
+            None => cut,
+        }
+    }
+
     /// Answers one ask: the policy check, then the broker; logs and counts either way.
     pub async fn answer(&self, ask: &TokenAsk) -> Result<Issued, TokenError> {
-        let scope = ask.scopes.join(" ");
+        let scope = self.shown(&ask.scopes.join(" "));
         let denied = if ask.scopes.is_empty() || ask.scopes.len() > MAX_SCOPES_PER_ASK {
             Some(format!(
                 "a token request must name 1 to {MAX_SCOPES_PER_ASK} scopes"
@@ -159,14 +181,16 @@ impl JobTokens {
                 .find(|s| !self.allowed.contains(s))
                 .map(|s| {
                     format!(
-                        "scope {s:?} is not declared in worker {:?}'s azure_scopes (declared: {:?})",
-                        self.worker, self.allowed
+                        "scope {:?} is not declared in worker {:?}'s azure_scopes (declared: {:?})",
+                        self.shown(s),
+                        self.worker,
+                        self.allowed
                     )
                 })
         };
         if let Some(why) = denied {
             metrics().token_denied(&self.worker);
-            tracing::warn!(job_id = %self.job_id, worker = %self.worker, scope = %scope.chars().take(600).collect::<String>(), "Refused a job a token: {why}");
+            tracing::warn!(job_id = %self.job_id, worker = %self.worker, scope = %scope, "Refused a job a token: {why}");
             return Err(TokenError::Denied(why));
         }
         let Some(broker) = &self.broker else {

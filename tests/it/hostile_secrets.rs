@@ -162,12 +162,19 @@ async fn printing_logging_and_returning_the_secret_is_scrubbed(mode: Isolation) 
     let stderr = report.stderr.text();
     assert_clean("stderr", &stderr);
     assert!(stderr.contains(&format!("stderr {REDACTED}")), "{stderr}");
-    let messages: Vec<&str> = logs.iter().map(|r| r.msg.as_str()).collect();
-    assert_eq!(messages.len(), 2, "{messages:?}");
-    for msg in &messages {
-        assert_clean("a log record", msg);
-        assert!(msg.contains(REDACTED), "{msg}");
+    let (raw, handler): (Vec<&LogRecord>, Vec<&LogRecord>) =
+        logs.iter().partition(|r| r.msg == "raw");
+    assert_eq!(handler.len(), 2, "{logs:?}");
+    for record in handler {
+        assert_clean("a log record", &record.msg);
+        assert!(record.msg.contains(REDACTED), "{record:?}");
     }
+    // The line the job wrote on its channel itself: every field is scrubbed.
+    assert_eq!(raw.len(), 1, "{logs:?}");
+    assert_eq!(
+        (raw[0].level.as_str(), raw[0].logger.as_str()),
+        (REDACTED, REDACTED)
+    );
 }
 
 async fn raising_the_secret_is_scrubbed_from_the_error_and_traceback(mode: Isolation) {
@@ -385,20 +392,21 @@ fn workers_verify_shows_secrets_and_scopes_and_audits_the_folder() {
     assert!(text.contains("overlaps"), "{text}");
 }
 
-#[test]
-fn exec_hands_a_job_its_secret_and_scrubs_the_result_and_the_daemons_log() {
+/// `exec WORKER` of a fixture with `{"mode": mode}`, its secrets folder holding `api-key`, the
+/// daemon logging at debug: the exit code, stdout and stderr (the daemon's log).
+fn exec_fixture(worker: &str, mode: &str) -> (Option<i32>, String, String) {
     use std::os::unix::fs::PermissionsExt;
-    let workers = fixtures_folder(&["secret-leaker"]);
+    let workers = fixtures_folder(&[worker]);
     let secrets = tempfile::tempdir().expect("tmp");
     std::fs::write(secrets.path().join("api-key"), SECRET).expect("write");
     let temp = tempfile::tempdir().expect("tmp");
     std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let input = temp.path().join("input.json");
-    std::fs::write(&input, r#"{"mode": "all"}"#).expect("input");
+    std::fs::write(&input, json!({"mode": mode}).to_string()).expect("input");
     let out = hybrid(
         &[
             "exec",
-            "secret-leaker",
+            worker,
             "--workers-dir",
             &workers.path().display().to_string(),
             "--input",
@@ -413,12 +421,34 @@ fn exec_hands_a_job_its_secret_and_scrubs_the_result_and_the_daemons_log() {
             ("HYBRID__LOG__LEVEL", "debug".into()),
         ],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn exec_hands_a_job_its_secret_and_scrubs_the_result_and_the_daemons_log() {
+    let (code, stdout, stderr) = exec_fixture("secret-leaker", "all");
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     let result: Value = serde_json::from_str(&stdout).expect("a result");
     assert_eq!(result["output"]["plain"], REDACTED, "{stdout}");
     assert_clean("exec's stdout", &stdout);
     assert_clean("the daemon's log", &stderr);
     assert!(stderr.contains(REDACTED), "the job's log lines: {stderr}");
+}
+
+#[test]
+fn a_secret_asked_for_as_a_scope_stays_out_of_the_daemons_log() {
+    let (code, stdout, stderr) = exec_fixture("token-user", "secret-as-scope");
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    let result: Value = serde_json::from_str(&stdout).expect("a result");
+    assert_eq!(result["error"]["kind"], "PolicyDenied", "{stdout}");
+    assert_clean("exec's stdout", &stdout);
+    assert_clean("the daemon's log", &stderr);
+    assert!(
+        stderr.contains("Refused a job a token") && stderr.contains(REDACTED),
+        "{stderr}"
+    );
 }
