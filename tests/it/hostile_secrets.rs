@@ -452,3 +452,32 @@ fn a_secret_asked_for_as_a_scope_stays_out_of_the_daemons_log() {
         "{stderr}"
     );
 }
+
+#[test]
+fn exec_refuses_to_start_when_jobs_could_read_the_secrets_folder() {
+    let workers = fixtures_folder(&["secret-leaker"]);
+    // Inside the worker's own folder, which its jobs may read.
+    let inside = workers.path().join("secret-leaker").join("keys");
+    std::fs::create_dir(&inside).expect("mkdir");
+    std::fs::write(inside.join("api-key"), SECRET).expect("write");
+    let input = workers.path().join("input.json");
+    std::fs::write(&input, r#"{"mode": "all"}"#).expect("input");
+    let out = hybrid(
+        &[
+            "exec",
+            "secret-leaker",
+            "--workers-dir",
+            &workers.path().display().to_string(),
+            "--input",
+            &input.display().to_string(),
+        ],
+        &[("HYBRID__SECRETS__DIR", inside.display().to_string())],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("jobs could read the secrets folder") && stderr.contains("overlaps"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "a job ran");
+}
