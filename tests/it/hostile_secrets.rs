@@ -481,3 +481,65 @@ fn exec_refuses_to_start_when_jobs_could_read_the_secrets_folder() {
     );
     assert!(out.stdout.is_empty(), "a job ran");
 }
+
+/// Whether `needle` is anywhere in the readable memory of process `pid` (read as root through
+/// `/proc/<pid>/mem`).
+fn memory_holds(pid: i32, needle: &[u8]) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("mem");
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (start, end) = (
+            u64::from_str_radix(start, 16).expect("hex"),
+            u64::from_str_radix(end, 16).expect("hex"),
+        );
+        let mut region = vec![0u8; usize::try_from(end - start).expect("size")];
+        if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut region).is_err() {
+            continue;
+        }
+        if region.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+    }
+    false
+}
+
+#[tokio::test]
+async fn the_warm_parent_never_holds_a_jobs_secret() {
+    let _serial = SERIAL.lock().await;
+    let daemon = Daemon::new(Isolation::Fork);
+    for _ in 0..2 {
+        let (report, _) = daemon
+            .run("secret-leaker", json!({"mode": "reversed"}))
+            .await;
+        let reversed: String = SECRET.chars().rev().collect();
+        assert_eq!(output(&report)["reversed"], reversed);
+    }
+    let pid = daemon
+        .runner
+        .warm_pool()
+        .parent_pid("secret-leaker")
+        .await
+        .expect("the warm parent runs");
+    // The scan finds what is there: this test's own memory holds the constant, and the
+    // parent's its handler's source name.
+    assert!(memory_holds(
+        i32::try_from(std::process::id()).expect("pid"),
+        SECRET.as_bytes()
+    ));
+    assert!(memory_holds(pid, b"secret_leaker.py"));
+    assert!(
+        !memory_holds(pid, SECRET.as_bytes()),
+        "the warm parent {pid} holds a job's secret"
+    );
+}
