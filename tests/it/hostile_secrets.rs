@@ -395,6 +395,15 @@ fn workers_verify_shows_secrets_and_scopes_and_audits_the_folder() {
 /// `exec WORKER` of a fixture with `{"mode": mode}`, its secrets folder holding `api-key`, the
 /// daemon logging at debug: the exit code, stdout and stderr (the daemon's log).
 fn exec_fixture(worker: &str, mode: &str) -> (Option<i32>, String, String) {
+    exec_fixture_with(worker, mode, &[])
+}
+
+/// [`exec_fixture`] with more variables for the daemon.
+fn exec_fixture_with(
+    worker: &str,
+    mode: &str,
+    more: &[(&str, String)],
+) -> (Option<i32>, String, String) {
     use std::os::unix::fs::PermissionsExt;
     let workers = fixtures_folder(&[worker]);
     let secrets = tempfile::tempdir().expect("tmp");
@@ -403,6 +412,15 @@ fn exec_fixture(worker: &str, mode: &str) -> (Option<i32>, String, String) {
     std::fs::set_permissions(temp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let input = temp.path().join("input.json");
     std::fs::write(&input, json!({"mode": mode}).to_string()).expect("input");
+    let mut envs = vec![
+        ("HYBRID__SECRETS__DIR", secrets.path().display().to_string()),
+        (
+            "HYBRID__ENGINE__TEMP_DIR",
+            temp.path().display().to_string(),
+        ),
+        ("HYBRID__LOG__LEVEL", "debug".into()),
+    ];
+    envs.extend(more.iter().cloned());
     let out = hybrid(
         &[
             "exec",
@@ -412,14 +430,7 @@ fn exec_fixture(worker: &str, mode: &str) -> (Option<i32>, String, String) {
             "--input",
             &input.display().to_string(),
         ],
-        &[
-            ("HYBRID__SECRETS__DIR", secrets.path().display().to_string()),
-            (
-                "HYBRID__ENGINE__TEMP_DIR",
-                temp.path().display().to_string(),
-            ),
-            ("HYBRID__LOG__LEVEL", "debug".into()),
-        ],
+        &envs,
     );
     (
         out.status.code(),
@@ -541,5 +552,91 @@ async fn the_warm_parent_never_holds_a_jobs_secret() {
     assert!(
         !memory_holds(pid, SECRET.as_bytes()),
         "the warm parent {pid} holds a job's secret"
+    );
+}
+
+/// A local managed-identity endpoint (the App Service protocol `azure_identity` speaks when
+/// `IDENTITY_ENDPOINT` and `IDENTITY_HEADER` are set) on 127.0.0.1: answers every request with
+/// `token`, valid an hour, and keeps each request's head.
+fn local_token_issuer(token: &'static str) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let url = format!("http://{}/msi/token", listener.local_addr().expect("addr"));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut head = String::new();
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            log.lock().expect("lock").push(head);
+            let expires = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("time")
+                .as_secs()
+                + 3600;
+            let body = json!({"access_token": token, "expires_on": expires.to_string(),
+                              "token_type": "Bearer", "resource": "https://storage.azure.com"})
+            .to_string();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, seen)
+}
+
+#[test]
+fn exec_gets_a_jobs_token_with_the_daemons_own_credential_from_a_local_issuer() {
+    const TOKEN: &str = "local-managed-identity-token-230k";
+    let (url, seen) = local_token_issuer(TOKEN);
+    let (code, stdout, stderr) = exec_fixture_with(
+        "token-user",
+        "declared",
+        &[
+            ("HYBRID__SERVICEBUS__CREDENTIAL", "managed".into()),
+            ("IDENTITY_ENDPOINT", url),
+            ("IDENTITY_HEADER", "local-identity-header".into()),
+        ],
+    );
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let result: Value = serde_json::from_str(&stdout).expect("a result");
+    use sha2::Digest;
+    let expected = hex::encode(sha2::Sha256::digest(TOKEN));
+    assert_eq!(result["output"]["sha256"], expected.as_str(), "{stdout}");
+    assert_eq!(result["output"]["info_sha256"], expected.as_str());
+    assert_eq!(result["output"]["token"], "[redacted:token]");
+    // Two asks of the job, one request to the issuer: the second came from the cache.
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let head = seen[0].to_ascii_lowercase();
+    assert!(
+        head.contains("resource=https%3a%2f%2fstorage.azure.com")
+            && head.contains("x-identity-header: local-identity-header"),
+        "{head}"
+    );
+    // The log's text form colours its fields: compare without the escapes.
+    let plain = stderr.replace("\u{1b}[2m", "").replace("\u{1b}[0m", "");
+    let issued: Vec<&str> = plain
+        .lines()
+        .filter(|l| l.contains("Issued an Entra ID token to a job."))
+        .collect();
+    assert_eq!(issued.len(), 2, "{plain}");
+    assert!(issued[0].contains("cached=false") && issued[1].contains("cached=true"));
+    assert!(issued.iter().all(|l| l.contains("worker=token-user")
+        && l.contains("scope=https://storage.azure.com/.default")
+        && l.contains("job_id=exec-")));
+    assert!(
+        !stderr.contains(TOKEN) && !stdout.contains(TOKEN),
+        "{stderr}"
     );
 }
