@@ -123,6 +123,7 @@ pub async fn read_channel(
     let mut log_bytes = 0usize;
     let mut dropped_logs = 0u64;
     let mut report: Option<Report> = None;
+    let mut warned_asks = false;
     loop {
         let n = rx.read(&mut buf).await?;
         if n == 0 {
@@ -145,20 +146,21 @@ pub async fn read_channel(
                         dropped_logs += 1;
                     }
                 }
-                Ok(Line::Token(ask)) => match &asks {
-                    Some(asks) => {
-                        if asks.try_send(ask).is_err() {
-                            tracing::warn!(
-                                "A job asked for more tokens at once than are served; the ask was dropped."
-                            );
-                        }
+                Ok(Line::Token(ask)) => {
+                    let refused = match &asks {
+                        Some(asks) => asks.try_send(ask).is_err().then_some(
+                            "A job asked for more tokens at once than are served; such asks are dropped.",
+                        ),
+                        None => Some(
+                            "A job whose worker declares no azure_scopes asked for a token; it gets none.",
+                        ),
+                    };
+                    // Said once per job: a job cannot flood the daemon's log this way.
+                    if let Some(why) = refused.filter(|_| !warned_asks) {
+                        warned_asks = true;
+                        tracing::warn!("{why}");
                     }
-                    None => {
-                        tracing::warn!(
-                            "A job whose worker declares no azure_scopes asked for a token; it gets none."
-                        );
-                    }
-                },
+                }
                 Ok(Line::Result { output }) if report.is_none() => {
                     report = Some(Report::Output(output));
                 }

@@ -8,7 +8,7 @@
 //! by [`crate::runner::output::read_channel`], whose line limit bounds it), and the daemon
 //! answers one JSON line on the job's input pipe, which stays open for jobs of workers that
 //! declare scopes. Asks are queued at most [`ASKS_IN_FLIGHT`] deep (more are dropped and
-//! logged); each answer is written within [`REPLY_WRITE_TIMEOUT`] or the pipe is closed, and
+//! logged), at most [`MAX_ASKS_PER_JOB`] are answered; each answer is written within [`REPLY_WRITE_TIMEOUT`] or the pipe is closed, and
 //! each token is fetched within [`FETCH_TIMEOUT`]: a job that floods, or never reads its
 //! answers, only stalls itself.
 
@@ -27,6 +27,9 @@ use crate::telemetry::metrics::metrics;
 
 /// How many asks of one job may wait for an answer.
 pub const ASKS_IN_FLIGHT: usize = 4;
+/// Most asks one job is answered (each is logged): past it the daemon stops answering, so a
+/// job cannot flood the daemon's log.
+pub const MAX_ASKS_PER_JOB: usize = 256;
 /// Most scopes one ask may name.
 pub const MAX_SCOPES_PER_ASK: usize = 8;
 /// How long writing one answer to the job may take.
@@ -238,7 +241,13 @@ pub async fn serve(pipe: OwnedFd, mut document: Vec<u8>, asks: Option<TokenServi
     let Some((mut asks, tokens)) = asks else {
         return;
     };
+    let mut answered = 0;
     while let Some(ask) = asks.recv().await {
+        answered += 1;
+        if answered > MAX_ASKS_PER_JOB {
+            tracing::warn!(job_id = %tokens.job_id, worker = %tokens.worker, "A job asked for more than {MAX_ASKS_PER_JOB} tokens; no more are answered.");
+            return;
+        }
         let reply = match tokens.answer(&ask).await {
             Ok(t) => json!({"id": ask.id, "token": t.token, "expires_on": t.expires_on}),
             Err(TokenError::Denied(why)) => json!({"id": ask.id, "denied": why}),
@@ -290,6 +299,32 @@ mod tests {
             allowed: vec!["https://storage.azure.com/.default".into()],
             scrubber: None,
         }
+    }
+
+    #[tokio::test]
+    async fn one_job_is_answered_a_bounded_number_of_times_then_its_pipe_closes() {
+        use tokio::io::AsyncReadExt;
+        let (read, write) = nix::unistd::pipe().expect("pipe");
+        let (tx, rx) = mpsc::channel(ASKS_IN_FLIGHT);
+        let tokens = job(Arc::new(TokenBroker::new(Arc::new(Issuer::default()))));
+        let service = tokio::spawn(serve(write, b"{}".to_vec(), Some((rx, tokens))));
+        let asker = tokio::spawn(async move {
+            for id in 0..(MAX_ASKS_PER_JOB as u64 + 50) {
+                let scopes = vec!["https://storage.azure.com/.default".to_owned()];
+                if tx.send(TokenAsk { id, scopes }).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut answers = String::new();
+        let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(read).expect("receiver");
+        rx.read_to_string(&mut answers).await.expect("read");
+        service.await.expect("service");
+        asker.await.expect("asker");
+        let lines: Vec<&str> = answers.lines().collect();
+        assert_eq!(lines[0], "{}", "the job document comes first");
+        assert_eq!(lines.len() - 1, MAX_ASKS_PER_JOB);
+        assert!(lines[1].contains("\"token\""), "{}", lines[1]);
     }
 
     #[tokio::test]
