@@ -259,6 +259,9 @@ async fn a_declared_scope_gets_a_cached_token_from_the_daemon(mode: Isolation) {
     assert_eq!(out["expires_on"], out["info_expires_on"]);
     let (report, _) = daemon.run("token-user", json!({"mode": "declared"})).await;
     assert_eq!(output(&report)["sha256"], expected.as_str());
+    // The asynchronous credential, from an executor thread of the job's event loop.
+    let (report, _) = daemon.run("token-user", json!({"mode": "async"})).await;
+    assert_eq!(output(&report)["sha256"], expected.as_str());
     assert_eq!(daemon.issuer.0.load(Ordering::SeqCst), 1, "cached");
 }
 

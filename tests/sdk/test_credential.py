@@ -18,8 +18,11 @@ from azure.core.pipeline import PipelineRequest, PipelineContext  # noqa: E402
 from azure.core.pipeline.policies import BearerTokenCredentialPolicy  # noqa: E402
 from azure.core.rest import HttpRequest  # noqa: E402
 
+from azure.core.credentials_async import AsyncSupportsTokenInfo, AsyncTokenCredential  # noqa: E402
+from azure.core.pipeline.policies import AsyncBearerTokenCredentialPolicy  # noqa: E402
+
 from hybrid_worker import PolicyDenied  # noqa: E402
-from hybrid_worker._tokens import DaemonCredential  # noqa: E402
+from hybrid_worker._tokens import AsyncDaemonCredential, DaemonCredential  # noqa: E402
 
 STORAGE = "https://storage.azure.com/.default"
 
@@ -88,3 +91,23 @@ def test_a_worker_without_scopes_asks_nothing():
     with pytest.raises(PolicyDenied, match="declares no azure_scopes"):
         cred.get_token(STORAGE)
     assert sent == []
+
+
+def test_the_async_credential_serves_an_async_sdk_pipeline(credential):
+    import asyncio
+
+    cred, daemon = credential
+    async_cred = AsyncDaemonCredential(cred)
+    assert isinstance(async_cred, AsyncTokenCredential)
+    assert isinstance(async_cred, AsyncSupportsTokenInfo)
+
+    async def authorize():
+        policy = AsyncBearerTokenCredentialPolicy(async_cred, STORAGE)
+        request = PipelineRequest(HttpRequest("GET", "https://example.blob.core.windows.net/c/b"),
+                                  PipelineContext(None))
+        await policy.on_request(request)
+        return request.http_request.headers["Authorization"]
+
+    assert asyncio.run(authorize()) == "Bearer tok-abc"
+    with pytest.raises(PolicyDenied):
+        asyncio.run(async_cred.get_token("https://vault.azure.net/.default"))

@@ -14,7 +14,9 @@ import logging
 import time
 from typing import Any, Dict, Optional
 
-__all__ = ["Context", "InvalidInput", "PermanentError", "PolicyDenied"]
+from hybrid_worker._tokens import AsyncDaemonCredential, CredentialUnavailable
+
+__all__ = ["Context", "CredentialUnavailable", "InvalidInput", "PermanentError", "PolicyDenied"]
 
 
 class PermanentError(Exception):
@@ -88,6 +90,11 @@ class Context:
         scopes the worker declares in ``azure_scopes``; another scope raises
         :class:`PolicyDenied`."""
         return self._credential
+
+    def async_credential(self) -> Any:
+        """:meth:`credential` for Azure's asynchronous clients (``azure.*.aio``): azure-core's
+        ``AsyncTokenCredential`` and ``AsyncSupportsTokenInfo`` protocols."""
+        return AsyncDaemonCredential(self._credential)
 
     def remaining(self) -> float:
         """Seconds left before the deadline (never negative)."""

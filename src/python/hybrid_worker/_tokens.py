@@ -121,3 +121,41 @@ class DaemonCredential:
             self._pending += chunk
             if len(self._pending) > ANSWER_LIMIT:
                 raise CredentialUnavailable("the daemon's answer is too long")
+
+
+class AsyncDaemonCredential:
+    """The same credential for Azure's asynchronous clients (``azure.*.aio``): azure-core's
+    ``AsyncTokenCredential`` and ``AsyncSupportsTokenInfo`` protocols. Each request to the
+    daemon runs in the event loop's default executor, so a slow first token (the daemon's
+    identity asking Entra ID) never blocks the loop."""
+
+    def __init__(self, credential: DaemonCredential) -> None:
+        self._credential = credential
+
+    def __repr__(self) -> str:
+        return f"Async{self._credential!r}"
+
+    async def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        import asyncio
+        import functools
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(method, *args, **kwargs))
+
+    async def get_token(self, *scopes: str, claims: Optional[str] = None,
+                        tenant_id: Optional[str] = None, enable_cae: bool = False,
+                        **kwargs: Any) -> AccessToken:
+        return await self._call(self._credential.get_token, *scopes)
+
+    async def get_token_info(self, *scopes: str, options: Optional[Dict[str, Any]] = None
+                             ) -> AccessTokenInfo:
+        return await self._call(self._credential.get_token_info, *scopes)
+
+    async def close(self) -> None:
+        pass
+
+    async def __aenter__(self) -> "AsyncDaemonCredential":
+        return self
+
+    async def __aexit__(self, *args: Any) -> None:
+        pass
