@@ -2,7 +2,7 @@
 //! start-up log, `workers verify` and `sandbox.require`. Nothing is skipped silently.
 
 use super::cgroup::{self, Cgroups};
-use super::{JobUser, MAX_FILE_BYTES, MAX_OPEN_FILES, SandboxPolicy, landlock, seccomp};
+use super::{JobUser, MAX_FILE_BYTES, MAX_OPEN_FILES, NetAccess, SandboxPolicy, landlock, seccomp};
 use crate::worker::NetworkPolicy;
 
 /// One mechanism's state on this daemon, for start-up logs and `workers verify`.
@@ -132,9 +132,10 @@ impl SandboxPolicy {
                 format!(
                     "EPERM for {} calls (ptrace, mount, bpf, unshare, keyctl, setsid, io_uring…); sockets: {}",
                     seccomp::denied_names().count(),
-                    match l.network {
-                        NetworkPolicy::Deny => "AF_UNIX only",
-                        NetworkPolicy::Allow => "all but AF_PACKET",
+                    match self.net_access() {
+                        NetAccess::Deny => "AF_UNIX only",
+                        NetAccess::Allow => "all but AF_PACKET",
+                        NetAccess::Proxy { .. } => "AF_UNIX and IPv4 TCP only (no UDP)",
                     }
                 ),
             ),
@@ -148,6 +149,55 @@ impl SandboxPolicy {
             (true, Ok(abi)) => on("landlock", landlock::features(*abi)),
         });
         out.extend(cgroup::enforcement(&self.cgroups, l, m.cgroup));
+        out.push(self.netns_enforcement());
         out
+    }
+
+    /// The `netns` line: for a worker with an egress list, whether its jobs get a network
+    /// namespace holding only loopback (where the kernel gives them no route but to the
+    /// proxy), or what narrows them instead; with the list itself, for audits.
+    fn netns_enforcement(&self) -> Enforced {
+        let rules = match &self.limits.network {
+            NetworkPolicy::List(_) => self.limits.network.to_string(),
+            other => {
+                return Enforced {
+                    mechanism: "netns",
+                    on: self.mechanisms.netns,
+                    detail: if self.mechanisms.netns {
+                        format!("not needed: network = \"{other}\"")
+                    } else {
+                        "turned off".into()
+                    },
+                };
+            }
+        };
+        let support = if self.mechanisms.netns {
+            crate::egress::netns::support().clone()
+        } else {
+            Err("turned off".into())
+        };
+        match support {
+            Ok(()) => Enforced {
+                mechanism: "netns",
+                on: true,
+                detail: format!(
+                    "jobs reach only the daemon's egress proxy, from a network namespace holding only loopback; allowed: {rules}"
+                ),
+            },
+            Err(why) => {
+                let landlock_tcp = self.mechanisms.landlock
+                    && matches!(&self.support.landlock_abi, Ok(abi) if *abi >= 4);
+                let instead = if landlock_tcp {
+                    "Landlock lets jobs connect over TCP only to the proxy's port (of any address), seccomp only TCP sockets"
+                } else {
+                    "NOTHING in the kernel keeps jobs from dialling around the proxy (no Landlock ABI 4)"
+                };
+                Enforced {
+                    mechanism: "netns",
+                    on: false,
+                    detail: format!("{why}; instead {instead}; allowed: {rules}"),
+                }
+            }
+        }
     }
 }

@@ -57,10 +57,11 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::child::{ChildPipes, ExitInfo};
+use crate::egress::Egress;
 use crate::python_runtime::ZYGOTE_STUB;
 use crate::sandbox::cgroup::JobCgroup;
 use crate::sandbox::{Sandbox, SandboxPolicy};
-use crate::worker::Worker;
+use crate::worker::{NetworkPolicy, Worker};
 use protocol::{Control, Reply};
 
 mod protocol;
@@ -247,15 +248,24 @@ pub struct WarmPool {
     runtime_dir: PathBuf,
     temp_base: PathBuf,
     sandbox: Sandbox,
+    /// The egress proxies: a worker with a `network` list has its warm parent (and so every
+    /// child) in its proxy's network namespace.
+    egress: Arc<Egress>,
     parents: tokio::sync::Mutex<HashMap<String, Arc<WarmParent>>>,
 }
 
 impl WarmPool {
-    pub fn new(runtime_dir: PathBuf, temp_base: PathBuf, sandbox: Sandbox) -> Self {
+    pub fn new(
+        runtime_dir: PathBuf,
+        temp_base: PathBuf,
+        sandbox: Sandbox,
+        egress: Arc<Egress>,
+    ) -> Self {
         Self {
             runtime_dir,
             temp_base,
             sandbox,
+            egress,
             parents: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -315,9 +325,16 @@ impl WarmPool {
             .prefix(&format!("hybrid-warm-{}-", worker.name))
             .tempdir_in(&self.temp_base)
             .map_err(|e| start_err("its private folder", &e))?;
-        let policy = self
+        let mut policy = self
             .sandbox
             .policy(worker, python, &self.runtime_dir, &self.temp_base);
+        if let NetworkPolicy::List(_) = &worker.limits().network {
+            let gateway = self
+                .egress
+                .gateway(&worker.name)
+                .map_err(|e| start_err("its egress proxy", &e))?;
+            policy.egress = Some(gateway.sandbox());
+        }
         if let Some(why) = policy.would_stay_root() {
             return Err(WarmError::Start(why));
         }
