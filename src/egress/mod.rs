@@ -57,19 +57,29 @@ pub struct EgressSandbox {
 }
 
 /// The gateways of one runner, one per worker with an allow-list, made at its first use.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Egress {
+    /// Whether to try a network namespace per gateway (the sandbox's `netns` mechanism).
+    netns: bool,
     gateways: Mutex<HashMap<String, Arc<Gateway>>>,
 }
 
 impl Egress {
+    /// No gateway yet; each will have a namespace of its own if `netns` and the daemon may.
+    pub fn new(netns: bool) -> Self {
+        Self {
+            netns,
+            gateways: Mutex::new(HashMap::new()),
+        }
+    }
+
     /// The gateway of `worker`, started now if it has none. Must run inside a tokio runtime.
     pub fn gateway(&self, worker: &str) -> Result<Arc<Gateway>, EgressError> {
         let mut gateways = self.gateways.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(g) = gateways.get(worker) {
             return Ok(g.clone());
         }
-        let gateway = Arc::new(Gateway::start(worker)?);
+        let gateway = Arc::new(Gateway::start(worker, self.netns)?);
         gateways.insert(worker.to_owned(), gateway.clone());
         Ok(gateway)
     }
@@ -118,12 +128,17 @@ impl Drop for Gateway {
 impl Gateway {
     /// Starts `worker`'s proxy: in a namespace of its own where the daemon may make one, in the
     /// daemon's otherwise (logged).
-    fn start(worker: &str) -> Result<Gateway, EgressError> {
+    fn start(worker: &str, use_netns: bool) -> Result<Gateway, EgressError> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(EgressError::NoRuntime);
         }
         let started = std::time::Instant::now();
-        let (listener, netns) = match netns::create() {
+        let namespace = if use_netns {
+            netns::create()
+        } else {
+            Err("the netns mechanism is turned off".into())
+        };
+        let (listener, netns) = match namespace {
             Ok(ns) => (ns.listener, Some(Arc::new(ns.fd))),
             Err(why) => {
                 tracing::warn!(worker, reason = %why, "No network namespace for the worker's jobs: the egress allow-list is enforced by Landlock's connect-port rule and seccomp only (see docs/egress.md).");

@@ -251,7 +251,7 @@ impl Runner {
         if let Err(why) = reaper::install() {
             tracing::warn!(reason = %why, "This process cannot be a child subreaper; orphans of jobs go to PID 1.");
         }
-        let egress = Arc::new(Egress::default());
+        let egress = Arc::new(Egress::new(sandbox.mechanisms.netns));
         let warm = Arc::new(warm::WarmPool::new(
             runtime.dir.clone(),
             temp_base.clone(),
