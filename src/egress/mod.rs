@@ -264,3 +264,107 @@ async fn accept_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// Sends `bytes` to the proxy and returns its whole answer.
+    async fn ask(port: u16, bytes: &[u8]) -> String {
+        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .expect("the proxy listens");
+        // The proxy may answer and close before reading everything (an oversized head).
+        let _ = s.write_all(bytes).await;
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    fn connect_head(target: &str, password: &str) -> Vec<u8> {
+        use base64::Engine;
+        let creds = base64::engine::general_purpose::STANDARD.encode(format!("job:{password}"));
+        format!("CONNECT {target} HTTP/1.1\r\nProxy-Authorization: Basic {creds}\r\n\r\n")
+            .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn hostile_requests_get_an_answer_and_no_connection() {
+        // Without a namespace: the test reaches the listener on its own 127.0.0.1.
+        let egress = Egress::new(false);
+        let gateway = egress.gateway("w").expect("starts");
+        let port = gateway.sandbox().port;
+        let upstream = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("listen");
+        let up_port = upstream.local_addr().expect("addr").port();
+        let rules = [format!("127.0.0.1:{up_port}").parse().expect("rule")];
+        let pass = gateway.register("job-1", &rules);
+        let password = pass.password.clone();
+
+        let huge = format!(
+            "CONNECT a:1 HTTP/1.1\r\nX: {}\r\n\r\n",
+            "x".repeat(head::MAX_HEAD)
+        );
+        let too_large = ask(port, huge.as_bytes()).await;
+        assert!(too_large.starts_with("HTTP/1.1 431"), "{too_large:?}");
+        assert!(
+            ask(port, b"\x16\x03\x01garbage\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 400")
+        );
+        assert!(
+            ask(port, b"GET /x HTTP/1.1\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 400")
+        );
+        let target = format!("127.0.0.1:{up_port}");
+        let no_auth = ask(port, &connect_head(&target, "wrong")).await;
+        assert!(no_auth.starts_with("HTTP/1.1 407"), "{no_auth}");
+        let denied = ask(port, &connect_head("127.0.0.1:1", &password)).await;
+        assert!(denied.starts_with("HTTP/1.1 403"), "{denied}");
+
+        // Allowed: the tunnel opens, and bytes sent right behind the head are relayed.
+        let mut job = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .expect("c");
+        let mut request = connect_head(&target, &password);
+        request.extend_from_slice(b"hello");
+        job.write_all(&request).await.expect("write");
+        let (mut peer, _) = upstream.accept().await.expect("the proxy connects");
+        let mut hello = [0u8; 5];
+        peer.read_exact(&mut hello).await.expect("read");
+        assert_eq!(&hello, b"hello");
+        let mut established = [0u8; 39];
+        job.read_exact(&mut established).await.expect("read");
+        assert_eq!(&established, b"HTTP/1.1 200 Connection established\r\n\r\n");
+
+        // Over the job's limit of connections at once: 429.
+        let mut held = Vec::new();
+        for _ in 1..MAX_CONNECTIONS_PER_JOB {
+            let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+                .await
+                .expect("c");
+            s.write_all(&connect_head(&target, &password))
+                .await
+                .expect("w");
+            let mut ok = [0u8; 39];
+            s.read_exact(&mut ok).await.expect("200");
+            held.push(s);
+        }
+        let limited = ask(port, &connect_head(&target, &password)).await;
+        assert!(limited.starts_with("HTTP/1.1 429"), "{limited}");
+
+        // The job ends: its tunnels close, and its credential is no longer accepted.
+        drop(pass);
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), job.read_to_end(&mut rest))
+            .await
+            .expect("the tunnel closes at the job's end")
+            .expect("read");
+        let after = ask(port, &connect_head(&target, &password)).await;
+        assert!(after.starts_with("HTTP/1.1 407"), "{after}");
+    }
+}

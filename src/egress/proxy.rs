@@ -19,8 +19,11 @@ use crate::telemetry::metrics::metrics;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the proxy tries to reach a destination (DNS included).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an error answer may take to write to a job that does not read.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an error answer may take to write to a job that does not read (and to drain what
+/// it still sends).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most bytes read and dropped after an error answer.
+const LINGER_BYTES: usize = 64 * 1024;
 
 /// One connection attempt, as logged and counted.
 #[derive(Debug, Default)]
@@ -296,9 +299,13 @@ async fn read_head(client: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>), HeadRea
             return Err(HeadRead::Closed("end of stream".into()));
         }
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = head::head_end(&buf) {
-            let rest = buf.split_off(end);
-            return Ok((buf, rest));
+        match head::head_end(&buf) {
+            Some(end) if end <= MAX_HEAD => {
+                let rest = buf.split_off(end);
+                return Ok((buf, rest));
+            }
+            Some(_) => return Err(HeadRead::TooLarge),
+            None => {}
         }
         if buf.len() > MAX_HEAD {
             return Err(HeadRead::TooLarge);
@@ -315,7 +322,18 @@ async fn reply(client: &mut TcpStream, status: &str, extra: &str, body: &str) {
     );
     let _ = tokio::time::timeout(REPLY_TIMEOUT, async {
         client.write_all(text.as_bytes()).await?;
-        client.shutdown().await
+        client.shutdown().await?;
+        // A lingering close: closing with unread input would reset the connection, and the
+        // job could lose the answer. What it still sends is read and dropped, within bounds.
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            match client.read(&mut sink).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        Ok::<(), std::io::Error>(())
     })
     .await;
 }
