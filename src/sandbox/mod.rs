@@ -545,6 +545,49 @@ mod tests {
     }
 
     #[test]
+    fn the_netns_line_shows_the_egress_list_and_the_fallback() {
+        let root = tempfile::tempdir().expect("tmp");
+        let dir = root.path().join("w");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let toml = "entrypoint = \"m:f\"\nnetwork = [\"*.blob.core.windows.net:443\"]\n";
+        std::fs::write(dir.join("worker.toml"), toml).expect("toml");
+        std::fs::write(dir.join("requirements.txt"), "").expect("reqs");
+        let worker = Worker::load(&dir).expect("worker");
+        let dir = root.path();
+        let python = dir.join("venv/bin/python");
+        let line = |mechanisms| {
+            let sandbox = Sandbox::new(SandboxSettings::default())
+                .expect("auto never fails")
+                .with_mechanisms(mechanisms);
+            let policy = sandbox.policy(&worker, &python, dir, dir);
+            assert_eq!(policy.net_access(), NetAccess::Proxy { port: 0 });
+            policy
+                .enforcement()
+                .into_iter()
+                .find(|e| e.mechanism == "netns")
+                .expect("a netns line")
+        };
+        let full = line(Mechanisms::ALL);
+        assert!(
+            full.detail
+                .ends_with("allowed: *.blob.core.windows.net:443"),
+            "{}",
+            full.detail
+        );
+        assert_eq!(full.on, crate::egress::netns::support().is_ok());
+        let without = line(Mechanisms {
+            netns: false,
+            ..Mechanisms::ALL
+        });
+        assert!(!without.on);
+        assert!(
+            without.detail.contains("instead") && without.detail.contains("*.blob"),
+            "{}",
+            without.detail
+        );
+    }
+
+    #[test]
     fn every_mechanism_is_reported() {
         let root = tempfile::tempdir().expect("tmp");
         let dir = root.path().join("w");
