@@ -25,6 +25,7 @@
 //! | seccomp | the job's filter, but `setpgid` allowed | the difference stacked on top: `setpgid` denied again, signals to the parent's pid and group denied |
 //! | process group | its own | its own (`setpgid(0, 0)` before the job's filter) |
 //! | job cgroup | the daemon's | the job's own, entered first of all (as a spare) through a descriptor of its `cgroup.procs` the daemon opened and sent ahead |
+//! | network namespace (egress list) | the worker's egress proxy's, entered before the uid drop | inherited |
 //!
 //! So the job's code runs under exactly the spawn-mode sandbox, intersected with the parent's
 //! (which is no wider). Descriptors: the daemon makes the job's four pipes (and its Landlock
