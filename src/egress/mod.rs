@@ -101,6 +101,7 @@ struct Shared {
     worker: String,
     /// Running jobs, by the password of their proxy URL.
     jobs: Mutex<HashMap<String, Arc<JobEntry>>>,
+    log_budget: Mutex<proxy::LogBudget>,
 }
 
 impl Shared {
@@ -154,6 +155,7 @@ impl Gateway {
         let shared = Arc::new(Shared {
             worker: worker.to_owned(),
             jobs: Mutex::new(HashMap::new()),
+            log_budget: Mutex::new(proxy::LogBudget::default()),
         });
         let stop = CancellationToken::new();
         tokio::spawn(accept_loop(listener, shared.clone(), stop.clone()));
@@ -252,7 +254,7 @@ async fn accept_loop(
                     tokio::spawn(proxy::serve(stream, shared.clone(), permit));
                 }
                 Err(_) => proxy::record(
-                    &shared.worker,
+                    &shared,
                     &proxy::Attempt::refused("too many connections waiting to authenticate"),
                 ),
             },

@@ -49,10 +49,51 @@ impl Attempt {
     }
 }
 
-/// Logs `attempt` (denials at warning level) and counts it in `/metrics`.
-pub(super) fn record(worker: &str, attempt: &Attempt) {
-    let m = metrics();
-    m.egress_connection(worker, attempt.decision);
+/// Refused attempts logged per worker and second at most; the rest are counted, and how many
+/// were left out is logged with the next one logged.
+const REFUSALS_LOGGED_PER_SECOND: u32 = 50;
+
+/// The budget of refusal log lines of one worker: a job opening connections in a loop must not
+/// flood the daemon's log (the metrics count every attempt).
+#[derive(Debug)]
+pub(super) struct LogBudget {
+    window: Instant,
+    logged: u32,
+    skipped: u64,
+}
+
+impl Default for LogBudget {
+    fn default() -> Self {
+        LogBudget {
+            window: Instant::now(),
+            logged: 0,
+            skipped: 0,
+        }
+    }
+}
+
+impl LogBudget {
+    /// Whether one more refusal may be logged now, and how many were skipped before it.
+    fn take(&mut self) -> Option<u64> {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            self.window = Instant::now();
+            self.logged = 0;
+        }
+        if self.logged < REFUSALS_LOGGED_PER_SECOND {
+            self.logged += 1;
+            Some(std::mem::take(&mut self.skipped))
+        } else {
+            self.skipped += 1;
+            None
+        }
+    }
+}
+
+/// Logs `attempt` (refusals at warning level, within the worker's budget) and counts it in
+/// `/metrics`.
+pub(super) fn record(shared: &Shared, attempt: &Attempt) {
+    let worker = shared.worker.as_str();
+    metrics().egress_connection(worker, attempt.decision);
     let job_id = attempt.job_id.as_deref().unwrap_or("-");
     let (host, port) = match &attempt.target {
         Some(t) => (t.host.to_string(), t.port),
@@ -61,21 +102,35 @@ pub(super) fn record(worker: &str, attempt: &Attempt) {
     let ms = attempt
         .started
         .map_or(0, |s| s.elapsed().as_millis() as u64);
-    if attempt.decision == "allowed" {
+    let (sent, received) = (attempt.sent, attempt.received);
+    let decision = attempt.decision;
+    if decision == "allowed" {
         tracing::info!(
             worker,
             job_id,
             host,
             port,
-            decision = attempt.decision,
-            bytes_sent = attempt.sent,
-            bytes_received = attempt.received,
+            decision,
+            bytes_sent = sent,
+            bytes_received = received,
             ms,
             "Egress connection."
         );
-    } else {
-        tracing::warn!(worker, job_id, host, port, decision = attempt.decision, detail = %attempt.detail, bytes_sent = attempt.sent, bytes_received = attempt.received, ms, "Egress connection refused.");
+        return;
     }
+    let budget = shared
+        .log_budget
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    let Some(skipped) = budget else { return };
+    let detail = &attempt.detail;
+    let message = if decision == "failed" {
+        "Egress connection failed."
+    } else {
+        "Egress connection refused."
+    };
+    tracing::warn!(worker, job_id, host, port, decision, detail = %detail, bytes_sent = sent, bytes_received = received, ms, not_logged_before = skipped, "{message}");
 }
 
 /// Serves one accepted connection to its end; never panics on what the job sends.
@@ -93,7 +148,7 @@ pub(super) async fn serve(
     if let Some((job, request, rest)) = job {
         connect_and_relay(client, &shared, &job, request, rest, &mut attempt).await;
     }
-    record(&shared.worker, &attempt);
+    record(&shared, &attempt);
 }
 
 /// Reads and checks the head; answers and returns `None` when the connection goes no further.
@@ -206,7 +261,11 @@ async fn connect_and_relay(
         }
     };
     let connecting = tokio::select! {
-        () = job.ended.cancelled() => return,
+        () = job.ended.cancelled() => {
+            attempt.decision = "failed";
+            attempt.detail = "the job ended while the proxy connected".into();
+            return;
+        }
         c = tokio::time::timeout(CONNECT_TIMEOUT, dial(&target)) => c,
     };
     let mut upstream = match connecting {
@@ -359,4 +418,26 @@ async fn pump(
         total.inc_by(n as u64);
     }
     let _ = to.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_within_a_budget_and_the_rest_counted() {
+        let mut budget = LogBudget::default();
+        for _ in 0..REFUSALS_LOGGED_PER_SECOND {
+            assert_eq!(budget.take(), Some(0));
+        }
+        assert_eq!(budget.take(), None);
+        assert_eq!(budget.take(), None);
+        budget.window -= Duration::from_secs(1);
+        assert_eq!(
+            budget.take(),
+            Some(2),
+            "the next line says how many were left out"
+        );
+        assert_eq!(budget.take(), Some(0));
+    }
 }
