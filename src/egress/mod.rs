@@ -46,6 +46,8 @@ pub enum EgressError {
     NoRuntime,
     #[error("the egress proxy cannot listen: {0}")]
     Listen(String),
+    #[error("cannot make the egress proxy's network namespace: {0}")]
+    Namespace(String),
 }
 
 /// What the sandbox of a gateway's jobs needs: the proxy's port (Landlock's one allowed
@@ -134,14 +136,21 @@ impl Gateway {
             return Err(EgressError::NoRuntime);
         }
         let started = std::time::Instant::now();
-        let namespace = if use_netns {
-            netns::create()
-        } else {
-            Err("the netns mechanism is turned off".into())
+        // The fallback only where the report said so (the mechanism off, or this process may
+        // not make namespaces): a namespace that fails here after the start-up probe made one
+        // fails the job instead, so that what runs is what `workers verify` and
+        // `sandbox.require` saw.
+        let namespace = match (use_netns, netns::support()) {
+            (true, Ok(())) => Some(netns::create().map_err(EgressError::Namespace)?),
+            _ => None,
         };
         let (listener, netns) = match namespace {
-            Ok(ns) => (ns.listener, Some(Arc::new(ns.fd))),
-            Err(why) => {
+            Some(ns) => (ns.listener, Some(Arc::new(ns.fd))),
+            None => {
+                let why = match netns::support() {
+                    Err(why) if use_netns => why.clone(),
+                    _ => "the netns mechanism is turned off".to_owned(),
+                };
                 tracing::warn!(worker, reason = %why, "No network namespace for the worker's jobs: the egress allow-list is enforced by Landlock's connect-port rule and seccomp only (see docs/egress.md).");
                 let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
                     .map_err(|e| EgressError::Listen(e.to_string()))?;
