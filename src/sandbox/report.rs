@@ -22,21 +22,37 @@ impl SandboxPolicy {
 
     /// Each mechanism, and whether and how it is enforced for this worker on this kernel.
     pub fn enforcement(&self) -> Vec<Enforced> {
-        let on = |mechanism, detail: String| Enforced {
-            mechanism,
-            on: true,
-            detail,
-        };
-        let off = |mechanism, detail: String| Enforced {
-            mechanism,
-            on: false,
-            detail,
-        };
-        let l = &self.limits;
-        let m = &self.mechanisms;
-        let mut out = Vec::new();
+        let mut out = vec![
+            self.user_line(),
+            self.rlimits_line(),
+            self.processes_line(),
+            on(
+                "oom_score_adj",
+                "1000: the OOM killer picks the job, never the daemon".into(),
+            ),
+            if self.mechanisms.no_new_privs {
+                on(
+                    "no_new_privs",
+                    "exec gains no privilege (setuid files and file capabilities are ignored)"
+                        .into(),
+                )
+            } else {
+                off("no_new_privs", "turned off".into())
+            },
+            self.seccomp_line(),
+            self.landlock_line(),
+        ];
+        out.extend(cgroup::enforcement(
+            &self.cgroups,
+            &self.limits,
+            self.mechanisms.cgroup,
+        ));
+        out
+    }
+
+    fn user_line(&self) -> Enforced {
         let missing = &self.support.missing_root_capabilities;
-        out.push(if m.user {
+        if self.mechanisms.user {
             match &self.user {
                 JobUser::Drop { .. } if !missing.is_empty() => off(
                     "user",
@@ -67,8 +83,12 @@ impl SandboxPolicy {
             }
         } else {
             off("user", "turned off".into())
-        });
-        out.push(if m.rlimits {
+        }
+    }
+
+    fn rlimits_line(&self) -> Enforced {
+        let l = &self.limits;
+        if self.mechanisms.rlimits {
             on(
                 "rlimits",
                 format!(
@@ -80,8 +100,12 @@ impl SandboxPolicy {
             )
         } else {
             off("rlimits", "turned off".into())
-        });
-        out.push(if m.rlimits && self.dedicated_user() {
+        }
+    }
+
+    fn processes_line(&self) -> Enforced {
+        let (l, m) = (&self.limits, &self.mechanisms);
+        if m.rlimits && self.dedicated_user() {
             on(
                 "processes",
                 if self.users > 1 {
@@ -97,34 +121,28 @@ impl SandboxPolicy {
                 },
             )
         } else {
-            let pids_max = matches!(&self.cgroups, Cgroups::On(root) if root.pids.is_on())
-                && m.cgroup;
+            let pids_max =
+                matches!(&self.cgroups, Cgroups::On(root) if root.pids.is_on()) && m.cgroup;
             let instead = if pids_max {
                 "; the job cgroup's pids.max bounds them instead"
             } else {
                 ""
             };
             off(
-                "processes",
-                match self.user {
-                    JobUser::Same { .. } if pids_max => format!(
-                        "jobs share the daemon's uid, whose threads RLIMIT_NPROC would count{instead}"
-                    ),
-                    JobUser::Same { .. } => "jobs share the daemon's uid, whose threads RLIMIT_NPROC would count; set a pids limit on the pod".into(),
-                    _ => format!("jobs run as uid 0, which RLIMIT_NPROC does not limit{instead}"),
-                },
-            )
-        });
-        out.push(on(
-            "oom_score_adj",
-            "1000: the OOM killer picks the job, never the daemon".into(),
-        ));
-        out.push(if !m.no_new_privs {
-            off("no_new_privs", "turned off".into())
-        } else {
-            on("no_new_privs", "on".into())
-        });
-        out.push(match (m.seccomp, self.support.seccomp) {
+            "processes",
+            match self.user {
+                JobUser::Same { .. } if pids_max => format!(
+                    "jobs share the daemon's uid, whose threads RLIMIT_NPROC would count{instead}"
+                ),
+                JobUser::Same { .. } => "jobs share the daemon's uid, whose threads RLIMIT_NPROC would count; set a pids limit on the pod".into(),
+                _ => format!("jobs run as uid 0, which RLIMIT_NPROC does not limit{instead}"),
+            },
+        )
+        }
+    }
+
+    fn seccomp_line(&self) -> Enforced {
+        match (self.mechanisms.seccomp, self.support.seccomp) {
             (false, _) => off("seccomp", "turned off".into()),
             (true, false) => off("seccomp", "the kernel has no seccomp".into()),
             (true, true) => on(
@@ -132,22 +150,39 @@ impl SandboxPolicy {
                 format!(
                     "EPERM for {} calls (ptrace, mount, bpf, unshare, keyctl, setsid, io_uring…); sockets: {}",
                     seccomp::denied_names().count(),
-                    match l.network {
+                    match self.limits.network {
                         NetworkPolicy::Deny => "AF_UNIX only",
                         NetworkPolicy::Allow => "all but AF_PACKET",
                     }
                 ),
             ),
-        });
-        out.push(match (m.landlock, &self.support.landlock_abi) {
+        }
+    }
+
+    fn landlock_line(&self) -> Enforced {
+        match (self.mechanisms.landlock, &self.support.landlock_abi) {
             (false, _) => off("landlock", "turned off".into()),
             (true, Err(why)) => off(
                 "landlock",
                 format!("{why}: the job can read and write whatever its uid can"),
             ),
             (true, Ok(abi)) => on("landlock", landlock::features(*abi)),
-        });
-        out.extend(cgroup::enforcement(&self.cgroups, l, m.cgroup));
-        out
+        }
+    }
+}
+
+fn on(mechanism: &'static str, detail: String) -> Enforced {
+    Enforced {
+        mechanism,
+        on: true,
+        detail,
+    }
+}
+
+fn off(mechanism: &'static str, detail: String) -> Enforced {
+    Enforced {
+        mechanism,
+        on: false,
+        detail,
     }
 }
