@@ -303,7 +303,11 @@ async fn connect_and_relay(
         }
         upstream.write_all(&first).await
     };
-    if let Err(e) = ready.await {
+    let ready = tokio::select! {
+        () = job.ended.cancelled() => Err(std::io::Error::other("the job ended")),
+        ready = ready => ready,
+    };
+    if let Err(e) = ready {
         attempt.decision = "failed";
         attempt.detail = format!("before the relay: {e}");
         return;
