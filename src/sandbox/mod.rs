@@ -555,17 +555,22 @@ mod tests {
         let worker = Worker::load(&dir).expect("worker");
         let dir = root.path();
         let python = dir.join("venv/bin/python");
+        let required = ["netns".to_owned()];
         let line = |mechanisms| {
             let sandbox = Sandbox::new(SandboxSettings::default())
                 .expect("auto never fails")
                 .with_mechanisms(mechanisms);
             let policy = sandbox.policy(&worker, &python, dir, dir);
             assert_eq!(policy.net_access(), NetAccess::Proxy { port: 0 });
-            policy
-                .enforcement()
-                .into_iter()
+            let enforcement = policy.enforcement();
+            let line = enforcement
+                .iter()
                 .find(|e| e.mechanism == "netns")
                 .expect("a netns line")
+                .clone();
+            // sandbox.require = ["netns"] refuses exactly when the line is off.
+            assert_eq!(unmet(&required, &enforcement).is_empty(), line.on);
+            line
         };
         let full = line(Mechanisms::ALL);
         assert!(
