@@ -2,7 +2,7 @@
 //! start-up log, `workers verify` and `sandbox.require`. Nothing is skipped silently.
 
 use super::cgroup::{self, Cgroups};
-use super::{JobUser, MAX_FILE_BYTES, MAX_OPEN_FILES, SandboxPolicy, landlock, seccomp};
+use super::{JobUser, MAX_FILE_BYTES, MAX_OPEN_FILES, NetAccess, SandboxPolicy, landlock, seccomp};
 use crate::worker::NetworkPolicy;
 
 /// One mechanism's state on this daemon, for start-up logs and `workers verify`.
@@ -47,6 +47,7 @@ impl SandboxPolicy {
             &self.limits,
             self.mechanisms.cgroup,
         ));
+        out.push(self.netns_line());
         out
     }
 
@@ -150,9 +151,10 @@ impl SandboxPolicy {
                 format!(
                     "EPERM for {} calls (ptrace, mount, bpf, unshare, keyctl, setsid, io_uring…); sockets: {}",
                     seccomp::denied_names().count(),
-                    match self.limits.network {
-                        NetworkPolicy::Deny => "AF_UNIX only",
-                        NetworkPolicy::Allow => "all but AF_PACKET",
+                    match self.net_access() {
+                        NetAccess::Deny => "AF_UNIX only",
+                        NetAccess::Allow => "all but AF_PACKET",
+                        NetAccess::Proxy { .. } => "AF_UNIX and IPv4 TCP only (no UDP)",
                     }
                 ),
             ),
@@ -167,6 +169,44 @@ impl SandboxPolicy {
                 format!("{why}: the job can read and write whatever its uid can"),
             ),
             (true, Ok(abi)) => on("landlock", landlock::features(*abi)),
+        }
+    }
+
+    /// The `netns` line: for a worker with an egress list, whether its jobs get a network
+    /// namespace holding only loopback (where the kernel gives them no route but to the
+    /// proxy), or what narrows them instead; with the list itself, for audits.
+    fn netns_line(&self) -> Enforced {
+        let on_here = self.mechanisms.netns;
+        let rules = match &self.limits.network {
+            NetworkPolicy::List(_) => self.limits.network.to_string(),
+            _ if !on_here => return off("netns", "turned off".into()),
+            other => return on("netns", format!("not needed: network = \"{other}\"")),
+        };
+        let support = if on_here {
+            crate::egress::netns::support().clone()
+        } else {
+            Err("turned off".into())
+        };
+        match support {
+            Ok(()) => on(
+                "netns",
+                format!(
+                    "jobs reach only the daemon's egress proxy, from a network namespace holding only loopback; allowed: {rules}"
+                ),
+            ),
+            Err(why) => {
+                let landlock_tcp = self.mechanisms.landlock
+                    && matches!(&self.support.landlock_abi, Ok(abi) if *abi >= 4);
+                let instead = if landlock_tcp {
+                    "Landlock lets jobs connect over TCP only to the proxy's port (of any address), seccomp only TCP sockets"
+                } else {
+                    "NOTHING in the kernel keeps jobs from dialling around the proxy (no Landlock ABI 4)"
+                };
+                off(
+                    "netns",
+                    format!("{why}; instead {instead}; allowed: {rules}"),
+                )
+            }
         }
     }
 }
