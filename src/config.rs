@@ -259,6 +259,28 @@ impl Settings {
 
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_engine()?;
+        self.validate_queues()?;
+        self.validate_workers()?;
+        self.validate_sandbox()?;
+        self.validate_listeners()?;
+        self.validate_servicebus()?;
+        self.storage.validate().map_err(|e| ConfigError::Invalid {
+            key: e.key,
+            value: e.value,
+            reason: e.reason,
+        })?;
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                &self.log.level,
+                "must be a tracing filter such as info or hybrid_worker=debug",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_engine(&self) -> Result<(), ConfigError> {
         let e = &self.engine;
         if !(1..=1024).contains(&e.concurrency) {
             return Err(invalid(
@@ -288,6 +310,10 @@ impl Settings {
                 "must be at least 1",
             ));
         }
+        Ok(())
+    }
+
+    fn validate_queues(&self) -> Result<(), ConfigError> {
         for (key, name) in [
             ("queues.jobs", &self.queues.jobs),
             ("queues.results", &self.queues.results),
@@ -317,6 +343,10 @@ impl Settings {
                 ));
             }
         }
+        Ok(())
+    }
+
+    fn validate_workers(&self) -> Result<(), ConfigError> {
         for name in &self.workers.allow {
             if !crate::job::is_valid_worker_name(name) {
                 return Err(invalid(
@@ -326,6 +356,13 @@ impl Settings {
                 ));
             }
         }
+        if self.workers.python.trim().is_empty() {
+            return Err(invalid("workers.python", "", "must name an interpreter"));
+        }
+        Ok(())
+    }
+
+    fn validate_sandbox(&self) -> Result<(), ConfigError> {
         let sb = &self.sandbox;
         if sb.user == 0 || sb.group == 0 {
             return Err(invalid(
@@ -358,6 +395,11 @@ impl Settings {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// The embedded emulator's and the HTTP endpoint's listeners.
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
         let em = &self.emulator;
         if em.key.is_empty() {
             return Err(invalid("emulator.key", "", "must not be empty"));
@@ -369,9 +411,6 @@ impl Settings {
             1,
             1 << 20,
         )?;
-        if self.workers.python.trim().is_empty() {
-            return Err(invalid("workers.python", "", "must name an interpreter"));
-        }
         for (key, addr) in [
             ("emulator.listen", &self.emulator.listen),
             ("http.listen", &self.http.listen),
@@ -380,6 +419,10 @@ impl Settings {
                 return Err(invalid(key, addr, "must be an address like 127.0.0.1:5672"));
             }
         }
+        Ok(())
+    }
+
+    fn validate_servicebus(&self) -> Result<(), ConfigError> {
         if !self.servicebus.connection_string.is_empty()
             && !self
                 .servicebus
@@ -405,18 +448,6 @@ impl Settings {
                 "servicebus.namespace",
                 &self.servicebus.namespace,
                 "must be a host name like contoso.servicebus.windows.net, without a scheme",
-            ));
-        }
-        self.storage.validate().map_err(|e| ConfigError::Invalid {
-            key: e.key,
-            value: e.value,
-            reason: e.reason,
-        })?;
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
-            return Err(invalid(
-                "log.level",
-                &self.log.level,
-                "must be a tracing filter such as info or hybrid_worker=debug",
             ));
         }
         Ok(())

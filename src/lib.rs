@@ -29,6 +29,7 @@ pub mod broker;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod egress;
 pub mod engine;
 pub mod job;
 pub mod python_runtime;

@@ -30,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import image_smoke as smoke  # noqa: E402
 
 CLONE_NEWUSER = 0x10000000
-HOST_BASE = 200000
+# Above the uids the test suite gives its jobs (200000-239999), so a smoke run beside the suite
+# cannot count or kill the suite's processes.
+HOST_BASE = 1000000
 IDS = 65536
 # Capability numbers (linux/capability.h) of those an overlay may add.
 CAPABILITY_NUMBERS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "KILL": 5, "SETGID": 6, "SETUID": 7}

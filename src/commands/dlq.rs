@@ -20,7 +20,6 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 
-use super::connect::{Target, client};
 use super::{EXIT_FAILED, UsageError};
 use crate::broker::Broker;
 use crate::cli::{DlqArgs, DlqCommand, DlqFilter};
@@ -28,6 +27,7 @@ use crate::config::Settings;
 use crate::job::{JOB_ID_PROPERTY, one_line};
 use crate::servicebus::client::ServiceBusBroker;
 use crate::servicebus::message::Peeked;
+use crate::servicebus::target::{Target, client};
 use copy::{DESCRIPTION, REASON, replay_copy};
 
 /// Widest `dlq list` cells: whatever senders put in ids and descriptions, one row stays one
@@ -344,15 +344,52 @@ async fn act(
             UsageError("--rate must be a positive number of messages per second".into()).into(),
         );
     }
+    let tally = apply(sb, queue, &entries, opts.rate, &action).await?;
+    eprintln!(
+        "{name}: {} done, {} failed{}",
+        tally.done,
+        tally.failed,
+        if tally.missing > 0 {
+            format!(
+                ", {} no longer found (settled by someone else?)",
+                tally.missing
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(if tally.failed == 0 && tally.missing == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    })
+}
+
+/// What [`apply`] did to the selected dead letters.
+#[derive(Debug, Default)]
+struct Tally {
+    done: u64,
+    failed: u64,
+    /// Selected, but no longer on the dead-letter queue when received.
+    missing: usize,
+}
+
+/// Receives the dead-letter queue with peek-lock and applies `action` to each selected entry
+/// (at most `rate` per second), unlocking what was not selected or failed.
+async fn apply(
+    sb: &ServiceBusBroker,
+    queue: &str,
+    entries: &[Entry],
+    rate: Option<f64>,
+    action: &Action,
+) -> anyhow::Result<Tally> {
     let mut wanted: BTreeSet<i64> = entries.iter().map(|e| e.sequence).collect();
     let by_seq: std::collections::BTreeMap<i64, &Entry> =
         entries.iter().map(|e| (e.sequence, e)).collect();
     let bar = indicatif::ProgressBar::new(wanted.len() as u64);
     bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-    let mut pace = opts
-        .rate
-        .map(|r| tokio::time::interval(Duration::from_secs_f64(1.0 / r)));
-    let (mut done, mut failed) = (0u64, 0u64);
+    let mut pace = rate.map(|r| tokio::time::interval(Duration::from_secs_f64(1.0 / r)));
+    let mut tally = Tally::default();
     let mut passed_over = Vec::new();
     let mut empty_rounds = 0;
     while !wanted.is_empty() && empty_rounds < 3 {
@@ -373,39 +410,23 @@ async fn act(
             if let Some(p) = pace.as_mut() {
                 p.tick().await;
             }
-            let outcome = match &action {
-                Action::Replay(edited) => match replay(sb, queue, entry, edited.as_ref()).await {
-                    Ok(()) => sb
-                        .complete(delivery.lock_token)
-                        .await
-                        .map(|()| "moved".to_owned())
-                        .map_err(|e| {
-                            format!("copy sent, but completing the dead letter failed: {e}")
-                        }),
-                    Err(why) => Err(format!("{why}; dead letter kept")),
-                },
-                Action::Purge { .. } => sb
-                    .complete(delivery.lock_token)
-                    .await
-                    .map(|()| "purged".to_owned())
-                    .map_err(|e| e.to_string()),
-            };
+            let outcome = act_on_one(sb, queue, entry, delivery.lock_token, action).await;
             wanted.remove(&seq);
             bar.inc(1);
             match outcome {
                 Ok(result) => {
-                    done += 1;
-                    audit(name, queue, entry, &result);
+                    tally.done += 1;
+                    audit(action.name(), queue, entry, &result);
                 }
                 Err(why) => {
-                    failed += 1;
+                    tally.failed += 1;
                     if sb.abandon(delivery.lock_token).await.is_err() {
                         tracing::warn!(
                             sequence_number = seq,
                             "Could not unlock a dead letter; it unlocks when its lock expires."
                         );
                     }
-                    audit(name, queue, entry, &format!("failed: {why}"));
+                    audit(action.name(), queue, entry, &format!("failed: {why}"));
                 }
             }
         }
@@ -415,18 +436,31 @@ async fn act(
         // Unlock what was received but not selected, so it is visible again at once.
         let _ = sb.abandon(token).await;
     }
-    let missing = wanted.len();
-    eprintln!(
-        "{name}: {done} done, {failed} failed{}",
-        if missing > 0 {
-            format!(", {missing} no longer found (settled by someone else?)")
-        } else {
-            String::new()
-        }
-    );
-    Ok(if failed == 0 && missing == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_FAILED)
-    })
+    tally.missing = wanted.len();
+    Ok(tally)
+}
+
+/// Replays or purges one locked dead letter: the audit line's result, or why it failed.
+async fn act_on_one(
+    sb: &ServiceBusBroker,
+    queue: &str,
+    entry: &Entry,
+    lock_token: uuid::Uuid,
+    action: &Action,
+) -> Result<String, String> {
+    match action {
+        Action::Replay(edited) => match replay(sb, queue, entry, edited.as_ref()).await {
+            Ok(()) => sb
+                .complete(lock_token)
+                .await
+                .map(|()| "moved".to_owned())
+                .map_err(|e| format!("copy sent, but completing the dead letter failed: {e}")),
+            Err(why) => Err(format!("{why}; dead letter kept")),
+        },
+        Action::Purge { .. } => sb
+            .complete(lock_token)
+            .await
+            .map(|()| "purged".to_owned())
+            .map_err(|e| e.to_string()),
+    }
 }

@@ -2,7 +2,6 @@
 //! when it is the user's to fix (usage, configuration, a missing venv), else 1.
 
 pub mod config_show;
-pub mod connect;
 pub mod dlq;
 pub mod exec;
 pub mod run;
@@ -36,6 +35,7 @@ pub fn exit_code_for(error: &anyhow::Error) -> ExitCode {
             || cause.is::<crate::worker::python::PythonError>()
             || cause.is::<crate::worker::VenvError>()
             || cause.is::<crate::emulator::entities::EntitiesError>()
+            || cause.is::<crate::servicebus::target::TargetError>()
     });
     ExitCode::from(if usage { EXIT_USAGE } else { EXIT_FAILED })
 }

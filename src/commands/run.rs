@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 
 use tokio_util::sync::CancellationToken;
 
-use super::connect::{Target, client, start_emulator};
 use super::{UsageError, build_command, scan};
 use crate::broker::BrokerError;
 use crate::config::Settings;
@@ -16,6 +15,7 @@ use crate::engine::executor::{ProcessExecutor, ReadyWorker};
 use crate::engine::settle::Queues;
 use crate::engine::{Engine, EngineOptions};
 use crate::servicebus::connection_string::ConnectionString;
+use crate::servicebus::target::{Target, client, start_emulator};
 use crate::worker::Catalog;
 use crate::worker::venv::{VenvPlan, VenvState};
 

@@ -7,11 +7,11 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use super::connect::{Target, client};
 use super::{EXIT_FAILED, UsageError};
 use crate::broker::{Broker, OutgoingMessage};
 use crate::cli::SubmitArgs;
 use crate::config::Settings;
+use crate::servicebus::target::{Target, client};
 use crate::storage::BlobRef;
 use crate::storage::reference::safe_file_name;
 use crate::storage::results::content_type_for;

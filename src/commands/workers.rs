@@ -63,7 +63,7 @@ fn list(settings: &Settings, dir: &Path) -> anyhow::Result<ExitCode> {
             limits.timeout_s,
             limits.memory_mb,
             limits.max_attempts,
-            format!("{:?}", limits.network).to_lowercase(),
+            limits.network.to_string(),
             worker.spec.description
         );
     }

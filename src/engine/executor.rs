@@ -59,6 +59,9 @@ impl ProcessExecutor {
     /// Logs, for each worker, each sandbox mechanism that is not enforced on this machine.
     pub fn new(ready: Vec<ReadyWorker>, catalog: &Catalog, runner: Runner) -> Self {
         for r in &ready {
+            if let crate::worker::NetworkPolicy::List(_) = &r.worker.limits().network {
+                tracing::info!(worker = %r.worker.name, egress = %r.worker.limits().network, "The worker's jobs may reach only these destinations, through the daemon's egress proxy.");
+            }
             for e in runner.enforcement(&r.worker, &r.python) {
                 if e.on {
                     tracing::debug!(worker = %r.worker.name, mechanism = e.mechanism, detail = %e.detail, "Sandbox mechanism enforced.");

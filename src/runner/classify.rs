@@ -19,40 +19,66 @@ pub(super) fn classify(
     oom_killed: bool,
 ) -> RunOutcome {
     let limits = request.worker.limits();
-    let fail = |kind, message: String| RunOutcome::Failed(JobError::new(kind, message));
-    match killed {
-        Some(KillReason::Stopped) => return RunOutcome::Stopped,
-        Some(KillReason::Timeout) => {
-            // A result that was complete before the deadline fired still counts.
-            if let ChannelEnd::Report(Report::Output(output)) = channel {
-                return RunOutcome::Succeeded(output);
-            }
-            return fail(
+    if let Some(reason) = killed {
+        return by_kill(request, reason, channel);
+    }
+    let detail = match channel {
+        ChannelEnd::Report(report) => return by_report(report),
+        ChannelEnd::TooLarge { .. } => return too_large(limits.max_result_kb),
+        ChannelEnd::Garbled(why) => format!(" ({why})"),
+        ChannelEnd::Nothing => String::new(),
+    };
+    if oom_killed {
+        return fail(
+            ErrorKind::MemoryLimit,
+            format!(
+                "the job was killed by the kernel at its cgroup memory limit of {} MiB",
+                limits.memory_mb
+            ),
+        );
+    }
+    by_exit(request, exit, stderr, &detail)
+}
+
+fn fail(kind: ErrorKind, message: String) -> RunOutcome {
+    RunOutcome::Failed(JobError::new(kind, message))
+}
+
+fn too_large(max_result_kb: u64) -> RunOutcome {
+    fail(
+        ErrorKind::ResultTooLarge,
+        format!("the result is larger than the worker's limit of {max_result_kb} KiB"),
+    )
+}
+
+/// The runner stopped the job: a stop, its deadline (a result complete before the deadline
+/// fired still counts), or a result over the limit.
+fn by_kill(request: &RunRequest<'_>, reason: KillReason, channel: ChannelEnd) -> RunOutcome {
+    match reason {
+        KillReason::Stopped => RunOutcome::Stopped,
+        KillReason::Timeout => match channel {
+            ChannelEnd::Report(Report::Output(output)) => RunOutcome::Succeeded(output),
+            _ => fail(
                 ErrorKind::Timeout,
                 format!(
                     "the job ran past its deadline of {:.1}s and was stopped",
                     request.timeout.as_secs_f64()
                 ),
-            );
-        }
-        Some(KillReason::ResultTooLarge) => {
-            return fail(
-                ErrorKind::ResultTooLarge,
-                format!(
-                    "the result is larger than the worker's limit of {} KiB",
-                    limits.max_result_kb
-                ),
-            );
-        }
-        None => {}
+            ),
+        },
+        KillReason::ResultTooLarge => too_large(request.worker.limits().max_result_kb),
     }
-    match channel {
-        ChannelEnd::Report(Report::Output(output)) => return RunOutcome::Succeeded(output),
-        ChannelEnd::Report(Report::Error {
+}
+
+/// The runtime reported a result or the handler's error.
+fn by_report(report: Report) -> RunOutcome {
+    match report {
+        Report::Output(output) => RunOutcome::Succeeded(output),
+        Report::Error {
             kind,
             message,
             permanent,
-        }) => {
+        } => {
             let kind = match kind.as_str() {
                 "InvalidInput" => ErrorKind::InvalidInput,
                 "MemoryLimit" => ErrorKind::MemoryLimit,
@@ -64,32 +90,20 @@ pub(super) fn classify(
             if permanent {
                 error = error.permanent();
             }
-            return RunOutcome::Failed(error);
+            RunOutcome::Failed(error)
         }
-        ChannelEnd::TooLarge { .. } => {
-            return fail(
-                ErrorKind::ResultTooLarge,
-                format!(
-                    "the result is larger than the worker's limit of {} KiB",
-                    limits.max_result_kb
-                ),
-            );
-        }
-        ChannelEnd::Nothing | ChannelEnd::Garbled(_) => {}
     }
-    let detail = match &channel {
-        ChannelEnd::Garbled(why) => format!(" ({why})"),
-        _ => String::new(),
-    };
-    if oom_killed {
-        return fail(
-            ErrorKind::MemoryLimit,
-            format!(
-                "the job was killed by the kernel at its cgroup memory limit of {} MiB",
-                limits.memory_mb
-            ),
-        );
-    }
+}
+
+/// No report: the exit status says what happened (a CPU limit, a kill at the memory limit, a
+/// `MemoryError` on the way out, or a crash).
+fn by_exit(
+    request: &RunRequest<'_>,
+    exit: Option<ExitInfo>,
+    stderr: &Captured,
+    detail: &str,
+) -> RunOutcome {
+    let limits = request.worker.limits();
     let ran_out_of_memory = String::from_utf8_lossy(&stderr.kept).contains("MemoryError");
     match exit {
         Some(ExitInfo {

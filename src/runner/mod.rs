@@ -28,13 +28,14 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::egress::{Egress, EgressSandbox, JobPass};
 use crate::job::{ErrorKind, JobError, Resources};
 use crate::python_runtime::{Runtime, STUB};
 use crate::sandbox::cgroup::{CgroupError, CgroupUsage, JobCgroup};
 use crate::sandbox::{Enforced, Sandbox, SandboxSettings};
 use crate::secrets::Governance;
 use crate::telemetry::metrics::metrics;
-use crate::worker::{Isolation, Worker};
+use crate::worker::{Isolation, NetworkPolicy, Worker};
 use child::{ChildHandle, ChildPipes, ChildSpec, ExitInfo};
 pub use files::JobFiles;
 use files::{OUTPUT_DIR, TakeError, hand_input, take_outputs};
@@ -205,6 +206,8 @@ pub struct Runner {
     warm: Arc<warm::WarmPool>,
     /// The secrets folder and the token source of jobs (docs/secrets.md).
     governance: Governance,
+    /// The egress proxies of workers with a `network` list, shared with the warm parents.
+    egress: Arc<Egress>,
 }
 
 /// A started job's process, whichever way it was started.
@@ -252,10 +255,12 @@ impl Runner {
         if let Err(why) = reaper::install() {
             tracing::warn!(reason = %why, "This process cannot be a child subreaper; orphans of jobs go to PID 1.");
         }
+        let egress = Arc::new(Egress::new(sandbox.mechanisms.netns));
         let warm = Arc::new(warm::WarmPool::new(
             runtime.dir.clone(),
             temp_base.clone(),
             sandbox.clone(),
+            egress.clone(),
         ));
         Self {
             runtime,
@@ -263,6 +268,7 @@ impl Runner {
             sandbox,
             warm,
             governance: Governance::default(),
+            egress,
         }
     }
 
@@ -348,6 +354,16 @@ impl Runner {
                 };
             }
         };
+        // For a worker with an egress list: its proxy, and this job's pass to it, held until
+        // the job has ended (its connections close then).
+        let egress = match self.egress_pass(&request) {
+            Ok(egress) => egress,
+            Err(fault) => return failed(fault),
+        };
+        let proxy_env = egress
+            .as_ref()
+            .map(|(_, pass)| pass.environment())
+            .unwrap_or_default();
         // Made before the process, which enters it before it runs anything (in fork mode the
         // warm parent's spare child entered it ahead, and the job takes it over).
         let (cgroup, started_job) = match request.worker.isolation() {
@@ -356,10 +372,11 @@ impl Runner {
                     Ok(cgroup) => cgroup,
                     Err(e) => return failed(DaemonFault::new(FaultStage::Cgroup, e.to_string())),
                 };
-                let started_job = self.spawn(&request, cgroup.as_ref());
+                let sandbox = egress.as_ref().map(|(sandbox, _)| sandbox.clone());
+                let started_job = self.spawn(&request, cgroup.as_ref(), sandbox, &proxy_env);
                 (cgroup, started_job)
             }
-            Isolation::Fork => match self.fork(&request).await {
+            Isolation::Fork => match self.fork(&request, &proxy_env).await {
                 Ok((started_job, cgroup)) => (cgroup, Ok(started_job)),
                 Err(e) => (None, Err(e)),
             },
@@ -504,6 +521,7 @@ impl Runner {
             )
         });
         drop(process);
+        drop(egress);
         let kept = files
             .keep_outputs
             .map(|dest| take_outputs(workdir.path(), dest));
@@ -553,12 +571,33 @@ impl Runner {
         }
     }
 
+    /// The worker's egress proxy (started at its first job) and this job's pass to it, when
+    /// the worker has a `network` list.
+    fn egress_pass(
+        &self,
+        request: &RunRequest<'_>,
+    ) -> Result<Option<(EgressSandbox, JobPass)>, DaemonFault> {
+        let NetworkPolicy::List(rules) = &request.worker.limits().network else {
+            return Ok(None);
+        };
+        let gateway = self
+            .egress
+            .gateway(&request.worker.name)
+            .map_err(|e| DaemonFault::new(FaultStage::Sandbox, e.to_string()))?;
+        Ok(Some((
+            gateway.sandbox(),
+            gateway.register(request.job_id, rules),
+        )))
+    }
+
     /// Spawn mode: a fresh interpreter, sandboxed between fork and exec (where it enters
-    /// `cgroup` first).
+    /// `cgroup` first, then the egress proxy's namespace when the worker has one).
     fn spawn(
         &self,
         request: &RunRequest<'_>,
         cgroup: Option<&JobCgroup>,
+        egress: Option<EgressSandbox>,
+        proxy_env: &[(String, String)],
     ) -> Result<Started, DaemonFault> {
         let workdir = tempfile::Builder::new()
             .prefix("hybrid-job-")
@@ -572,14 +611,15 @@ impl Runner {
                     ),
                 )
             })?;
-        let spec = self.child_spec(request, workdir.path());
+        let spec = self.child_spec(request, workdir.path(), proxy_env);
         // `uid` is held until the process is reaped: the uid is the job's alone while it runs.
-        let (policy, uid) = self.sandbox.policy_for_job(
+        let (mut policy, uid) = self.sandbox.policy_for_job(
             request.worker,
             &request.python,
             &self.runtime.dir,
             &self.temp_base,
         );
+        policy.egress = egress;
         refuse_root(&policy)?;
         let mut prepared = policy.prepare(workdir.path()).map_err(|e| {
             DaemonFault::new(
@@ -651,8 +691,9 @@ impl Runner {
     async fn fork(
         &self,
         request: &RunRequest<'_>,
+        proxy_env: &[(String, String)],
     ) -> Result<(Started, Option<JobCgroup>), DaemonFault> {
-        let env = |workdir: &Path| self.child_spec(request, workdir).env;
+        let env = |workdir: &Path| self.child_spec(request, workdir, proxy_env).env;
         let forking = std::time::Instant::now();
         let (job, pipes, workdir, exited, cgroup) = self
             .warm
@@ -675,12 +716,21 @@ impl Runner {
         ))
     }
 
-    fn child_spec(&self, request: &RunRequest<'_>, workdir: &Path) -> ChildSpec {
+    /// The job's process: `proxy_env` points its HTTP clients at its worker's egress proxy.
+    fn child_spec(
+        &self,
+        request: &RunRequest<'_>,
+        workdir: &Path,
+        proxy_env: &[(String, String)],
+    ) -> ChildSpec {
         let ids = [
             ("HYBRID_JOB_ID".to_owned(), request.job_id.to_owned()),
             ("HYBRID_ATTEMPT".to_owned(), request.attempt.to_string()),
         ];
-        let job_env = ids.into_iter().chain(request.extra_env.iter().cloned());
+        let job_env = ids
+            .into_iter()
+            .chain(request.extra_env.iter().cloned())
+            .chain(proxy_env.iter().cloned());
         ChildSpec {
             program: request.python.clone(),
             args: env::arguments(STUB, &self.runtime.dir, request.worker),

@@ -41,6 +41,9 @@ pub struct Prepared {
     pub(super) daemon_pid: i32,
     /// The job cgroup's `cgroup.procs`, which the child enters first of all.
     pub(super) cgroup: Option<OwnedFd>,
+    /// The network namespace of its worker's egress proxy, entered before the uid drop
+    /// (`setns` needs the daemon's `CAP_SYS_ADMIN`).
+    pub(super) netns: Option<OwnedFd>,
 }
 
 /// The first descriptor number a child's own descriptors never reach: it puts stdin, stdout,
@@ -78,6 +81,9 @@ impl Prepared {
         // program it becomes) can start anything.
         if let Some(procs) = &self.cgroup {
             cgroup::enter(procs.as_fd())?;
+        }
+        if let Some(netns) = &self.netns {
+            crate::egress::netns::enter(netns)?;
         }
         // The daemon is not dumpable (so same-uid jobs cannot read its /proc files), and a
         // forked child inherits that until exec: its own /proc/self files then belong to root

@@ -9,11 +9,11 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 
 use landlock::{
-    ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, Ruleset, RulesetAttr,
+    ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, NetPort, Ruleset, RulesetAttr,
     RulesetCreatedAttr, Scope, path_beneath_rules,
 };
 
-use crate::worker::NetworkPolicy;
+use super::NetAccess;
 
 /// The newest Landlock ABI this code was written and tested against. A newer kernel is asked
 /// for no more than this (the crate's compatibility contract); an older one gets what it has.
@@ -34,7 +34,7 @@ pub struct FsRules {
 pub struct LandlockError(String);
 
 /// Builds the ruleset. `None` when the kernel has no Landlock (already reported at start).
-pub fn build(rules: &FsRules, network: NetworkPolicy) -> Result<Option<OwnedFd>, LandlockError> {
+pub fn build(rules: &FsRules, network: NetAccess) -> Result<Option<OwnedFd>, LandlockError> {
     let err = |e: landlock::RulesetError| LandlockError(e.to_string());
     let read = AccessFs::from_read(TARGET_ABI);
     let all = AccessFs::from_all(TARGET_ABI);
@@ -45,8 +45,9 @@ pub fn build(rules: &FsRules, network: NetworkPolicy) -> Result<Option<OwnedFd>,
         .map_err(err)?
         .scope(Scope::from_all(TARGET_ABI))
         .map_err(err)?;
-    if network == NetworkPolicy::Deny {
-        // Handled with no rule at all: every TCP bind and connect is refused.
+    if network != NetAccess::Allow {
+        // Handled: every TCP bind and connect is refused but the rules' (for an egress list,
+        // connect to the proxy's port; docs/egress.md).
         ruleset = ruleset
             .handle_access(AccessNet::from_all(TARGET_ABI))
             .map_err(err)?;
@@ -61,6 +62,12 @@ pub fn build(rules: &FsRules, network: NetworkPolicy) -> Result<Option<OwnedFd>,
         .map_err(err)?
         .add_rules(path_beneath_rules(existing(&rules.read_write), write))
         .map_err(err)?;
+    let created = match network {
+        NetAccess::Proxy { port } if port != 0 => created
+            .add_rule(NetPort::new(port, AccessNet::ConnectTcp))
+            .map_err(err)?,
+        _ => created,
+    };
     Option::<OwnedFd>::from(created)
         .map(|fd| super::above_job_descriptors(fd.as_fd()))
         .transpose()
@@ -144,7 +151,7 @@ mod tests {
             ],
             read_write: vec![root.join("work")],
         };
-        let Some(ruleset) = build(&rules, NetworkPolicy::Allow).expect("the ruleset builds") else {
+        let Some(ruleset) = build(&rules, NetAccess::Allow).expect("the ruleset builds") else {
             eprintln!("no Landlock on this kernel: nothing to check");
             return;
         };

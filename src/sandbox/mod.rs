@@ -27,12 +27,13 @@ pub use settings::{MECHANISMS, SandboxSettings, is_required, unmet};
 use users::UidPool;
 pub use users::{JobUser, UidLease, unreachable_part};
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::sys::resource::Resource;
 
-use crate::worker::{Limits, Worker};
+use crate::egress::EgressSandbox;
+use crate::worker::{Limits, NetworkPolicy, Worker};
 use cgroup::{CgroupError, Cgroups, JobCgroup};
 use landlock::FsRules;
 use probe::KernelSupport;
@@ -88,6 +89,8 @@ pub struct Mechanisms {
     pub landlock: bool,
     pub seccomp: bool,
     pub cgroup: bool,
+    /// A network namespace holding only loopback for workers with an egress list.
+    pub netns: bool,
 }
 
 impl Mechanisms {
@@ -98,6 +101,7 @@ impl Mechanisms {
         landlock: true,
         seccomp: true,
         cgroup: true,
+        netns: true,
     };
     pub const NONE: Mechanisms = Mechanisms {
         rlimits: false,
@@ -106,6 +110,7 @@ impl Mechanisms {
         landlock: false,
         seccomp: false,
         cgroup: false,
+        netns: false,
     };
 }
 
@@ -232,6 +237,7 @@ impl Sandbox {
             mechanisms: self.mechanisms,
             support: self.support.clone(),
             cgroups: self.cgroups.clone(),
+            egress: None,
         }
     }
 }
@@ -247,6 +253,22 @@ pub struct SandboxPolicy {
     pub mechanisms: Mechanisms,
     pub support: KernelSupport,
     pub cgroups: Cgroups,
+    /// For a worker with an egress list: its proxy's port and namespace (set by the runner;
+    /// `None` in reports made before the proxy runs).
+    pub egress: Option<EgressSandbox>,
+}
+
+/// What the kernel lets a job's sockets do, from the worker's `network` and its proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetAccess {
+    /// Only local (AF_UNIX) sockets.
+    Deny,
+    /// Everything but raw packet sockets.
+    Allow,
+    /// Local sockets and TCP over IPv4, connecting only to `port` (the egress proxy's; 0 when
+    /// it is not known yet). In a network namespace of its own the job reaches nothing else
+    /// anyway; without one, this is what narrows it (`docs/egress.md`).
+    Proxy { port: u16 },
 }
 
 /// Preparing a job's sandbox failed; the job does not start.
@@ -256,6 +278,8 @@ pub enum SandboxError {
     Seccomp(#[from] seccomp::SeccompError),
     #[error(transparent)]
     Landlock(#[from] landlock::LandlockError),
+    #[error("cannot hand the job its network namespace: {0}")]
+    Netns(std::io::Error),
     #[error("cannot hand the job's temp folder {path} to uid {uid}: {source}")]
     Chown {
         path: PathBuf,
@@ -265,6 +289,28 @@ pub enum SandboxError {
 }
 
 impl SandboxPolicy {
+    /// What the kernel lets the job's sockets do.
+    pub fn net_access(&self) -> NetAccess {
+        match &self.limits.network {
+            NetworkPolicy::Deny => NetAccess::Deny,
+            NetworkPolicy::Allow => NetAccess::Allow,
+            NetworkPolicy::List(_) => NetAccess::Proxy {
+                port: self.egress.as_ref().map_or(0, |e| e.port),
+            },
+        }
+    }
+
+    /// The namespace the job enters, when its worker has an egress list and the daemon made
+    /// one (a copy numbered above the job's descriptors, closed at exec).
+    fn netns(&self) -> Result<Option<OwnedFd>, SandboxError> {
+        match self.egress.as_ref().and_then(|e| e.netns.as_ref()) {
+            Some(fd) if self.mechanisms.netns => above_job_descriptors(fd.as_fd())
+                .map(Some)
+                .map_err(SandboxError::Netns),
+            _ => Ok(None),
+        }
+    }
+
     /// Why a job of this policy would keep uid 0 (a root daemon whose job user cannot reach
     /// what the job needs); the runner then refuses to start it. `None` otherwise.
     pub fn would_stay_root(&self) -> Option<String> {
@@ -309,7 +355,7 @@ impl SandboxPolicy {
         // The parent's own filter (the job's, with `setpgid` allowed and the daemon protected)
         // is inherited; the child adds the difference.
         let filters = seccomp::compile_for(
-            self.limits.network,
+            self.net_access(),
             &[parent_pid],
             seccomp::FilterKind::ForkChild,
         )?;
@@ -329,7 +375,7 @@ impl SandboxPolicy {
             (true, Ok(_)) => {
                 let mut rules = self.fs.clone();
                 rules.read_write.push(workdir.to_path_buf());
-                Ok(landlock::build(&rules, self.limits.network)?)
+                Ok(landlock::build(&rules, self.net_access())?)
             }
             _ => Ok(None),
         }
@@ -378,12 +424,12 @@ impl SandboxPolicy {
             (true, Ok(_)) => {
                 let mut rules = self.fs.clone();
                 rules.read_write.push(workdir.to_path_buf());
-                landlock::build(&rules, l.network)?
+                landlock::build(&rules, self.net_access())?
             }
             _ => None,
         };
         let seccomp = if m.seccomp && self.support.seccomp {
-            seccomp::compile_for(l.network, &[std::process::id()], filter)?
+            seccomp::compile_for(self.net_access(), &[std::process::id()], filter)?
         } else {
             Vec::new()
         };
@@ -395,6 +441,7 @@ impl SandboxPolicy {
             seccomp,
             daemon_pid: nix::unistd::getpid().as_raw(),
             cgroup: None,
+            netns: self.netns()?,
         })
     }
 }
@@ -441,7 +488,6 @@ fn interpreter_prefixes(python: &Path, venv: &Path) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::worker::NetworkPolicy;
     use std::os::unix::fs::PermissionsExt;
 
     fn chmod(path: &Path, mode: u32) {
@@ -473,7 +519,11 @@ mod tests {
 
     #[test]
     fn the_filters_compile_for_both_network_policies() {
-        for network in [NetworkPolicy::Deny, NetworkPolicy::Allow] {
+        for network in [
+            NetAccess::Deny,
+            NetAccess::Allow,
+            NetAccess::Proxy { port: 3128 },
+        ] {
             let filters = seccomp::compile(network, 4242).expect("compiles");
             assert_eq!(filters.len(), 2);
             assert!(filters.iter().all(|f| !f.is_empty()));
@@ -482,16 +532,63 @@ mod tests {
 
     #[test]
     fn a_forked_child_adds_a_small_filter_to_its_parents() {
-        let job = seccomp::compile(NetworkPolicy::Deny, 4242).expect("compiles");
-        let delta =
-            seccomp::compile_for(NetworkPolicy::Deny, &[4243], seccomp::FilterKind::ForkChild)
-                .expect("compiles");
+        let job = seccomp::compile(NetAccess::Deny, 4242).expect("compiles");
+        let delta = seccomp::compile_for(NetAccess::Deny, &[4243], seccomp::FilterKind::ForkChild)
+            .expect("compiles");
         assert_eq!(delta.len(), 1, "the parent's clone3 filter is inherited");
         assert!(
             delta[0].len() * 5 < job[0].len(),
             "{} instructions against the job's {}",
             delta[0].len(),
             job[0].len()
+        );
+    }
+
+    #[test]
+    fn the_netns_line_shows_the_egress_list_and_the_fallback() {
+        let root = tempfile::tempdir().expect("tmp");
+        let dir = root.path().join("w");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let toml = "entrypoint = \"m:f\"\nnetwork = [\"*.blob.core.windows.net:443\"]\n";
+        std::fs::write(dir.join("worker.toml"), toml).expect("toml");
+        std::fs::write(dir.join("requirements.txt"), "").expect("reqs");
+        let worker = Worker::load(&dir).expect("worker");
+        let dir = root.path();
+        let python = dir.join("venv/bin/python");
+        let required = ["netns".to_owned()];
+        let line = |mechanisms| {
+            let sandbox = Sandbox::new(SandboxSettings::default())
+                .expect("auto never fails")
+                .with_mechanisms(mechanisms);
+            let policy = sandbox.policy(&worker, &python, dir, dir);
+            assert_eq!(policy.net_access(), NetAccess::Proxy { port: 0 });
+            let enforcement = policy.enforcement();
+            let line = enforcement
+                .iter()
+                .find(|e| e.mechanism == "netns")
+                .expect("a netns line")
+                .clone();
+            // sandbox.require = ["netns"] refuses exactly when the line is off.
+            assert_eq!(unmet(&required, &enforcement).is_empty(), line.on);
+            line
+        };
+        let full = line(Mechanisms::ALL);
+        assert!(
+            full.detail
+                .ends_with("allowed: *.blob.core.windows.net:443"),
+            "{}",
+            full.detail
+        );
+        assert_eq!(full.on, crate::egress::netns::support().is_ok());
+        let without = line(Mechanisms {
+            netns: false,
+            ..Mechanisms::ALL
+        });
+        assert!(!without.on);
+        assert!(
+            without.detail.contains("instead") && without.detail.contains("*.blob"),
+            "{}",
+            without.detail
         );
     }
 

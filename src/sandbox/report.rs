@@ -2,7 +2,7 @@
 //! start-up log, `workers verify` and `sandbox.require`. Nothing is skipped silently.
 
 use super::cgroup::{self, Cgroups};
-use super::{JobUser, MAX_FILE_BYTES, MAX_OPEN_FILES, SandboxPolicy, landlock, seccomp};
+use super::{JobUser, MAX_FILE_BYTES, MAX_OPEN_FILES, NetAccess, SandboxPolicy, landlock, seccomp};
 use crate::worker::NetworkPolicy;
 
 /// One mechanism's state on this daemon, for start-up logs and `workers verify`.
@@ -22,21 +22,38 @@ impl SandboxPolicy {
 
     /// Each mechanism, and whether and how it is enforced for this worker on this kernel.
     pub fn enforcement(&self) -> Vec<Enforced> {
-        let on = |mechanism, detail: String| Enforced {
-            mechanism,
-            on: true,
-            detail,
-        };
-        let off = |mechanism, detail: String| Enforced {
-            mechanism,
-            on: false,
-            detail,
-        };
-        let l = &self.limits;
-        let m = &self.mechanisms;
-        let mut out = Vec::new();
+        let mut out = vec![
+            self.user_line(),
+            self.rlimits_line(),
+            self.processes_line(),
+            on(
+                "oom_score_adj",
+                "1000: the OOM killer picks the job, never the daemon".into(),
+            ),
+            if self.mechanisms.no_new_privs {
+                on(
+                    "no_new_privs",
+                    "exec gains no privilege (setuid files and file capabilities are ignored)"
+                        .into(),
+                )
+            } else {
+                off("no_new_privs", "turned off".into())
+            },
+            self.seccomp_line(),
+            self.landlock_line(),
+        ];
+        out.extend(cgroup::enforcement(
+            &self.cgroups,
+            &self.limits,
+            self.mechanisms.cgroup,
+        ));
+        out.push(self.netns_line());
+        out
+    }
+
+    fn user_line(&self) -> Enforced {
         let missing = &self.support.missing_root_capabilities;
-        out.push(if m.user {
+        if self.mechanisms.user {
             match &self.user {
                 JobUser::Drop { .. } if !missing.is_empty() => off(
                     "user",
@@ -67,8 +84,12 @@ impl SandboxPolicy {
             }
         } else {
             off("user", "turned off".into())
-        });
-        out.push(if m.rlimits {
+        }
+    }
+
+    fn rlimits_line(&self) -> Enforced {
+        let l = &self.limits;
+        if self.mechanisms.rlimits {
             on(
                 "rlimits",
                 format!(
@@ -80,8 +101,12 @@ impl SandboxPolicy {
             )
         } else {
             off("rlimits", "turned off".into())
-        });
-        out.push(if m.rlimits && self.dedicated_user() {
+        }
+    }
+
+    fn processes_line(&self) -> Enforced {
+        let (l, m) = (&self.limits, &self.mechanisms);
+        if m.rlimits && self.dedicated_user() {
             on(
                 "processes",
                 if self.users > 1 {
@@ -97,34 +122,28 @@ impl SandboxPolicy {
                 },
             )
         } else {
-            let pids_max = matches!(&self.cgroups, Cgroups::On(root) if root.pids.is_on())
-                && m.cgroup;
+            let pids_max =
+                matches!(&self.cgroups, Cgroups::On(root) if root.pids.is_on()) && m.cgroup;
             let instead = if pids_max {
                 "; the job cgroup's pids.max bounds them instead"
             } else {
                 ""
             };
             off(
-                "processes",
-                match self.user {
-                    JobUser::Same { .. } if pids_max => format!(
-                        "jobs share the daemon's uid, whose threads RLIMIT_NPROC would count{instead}"
-                    ),
-                    JobUser::Same { .. } => "jobs share the daemon's uid, whose threads RLIMIT_NPROC would count; set a pids limit on the pod".into(),
-                    _ => format!("jobs run as uid 0, which RLIMIT_NPROC does not limit{instead}"),
-                },
-            )
-        });
-        out.push(on(
-            "oom_score_adj",
-            "1000: the OOM killer picks the job, never the daemon".into(),
-        ));
-        out.push(if !m.no_new_privs {
-            off("no_new_privs", "turned off".into())
-        } else {
-            on("no_new_privs", "on".into())
-        });
-        out.push(match (m.seccomp, self.support.seccomp) {
+            "processes",
+            match self.user {
+                JobUser::Same { .. } if pids_max => format!(
+                    "jobs share the daemon's uid, whose threads RLIMIT_NPROC would count{instead}"
+                ),
+                JobUser::Same { .. } => "jobs share the daemon's uid, whose threads RLIMIT_NPROC would count; set a pids limit on the pod".into(),
+                _ => format!("jobs run as uid 0, which RLIMIT_NPROC does not limit{instead}"),
+            },
+        )
+        }
+    }
+
+    fn seccomp_line(&self) -> Enforced {
+        match (self.mechanisms.seccomp, self.support.seccomp) {
             (false, _) => off("seccomp", "turned off".into()),
             (true, false) => off("seccomp", "the kernel has no seccomp".into()),
             (true, true) => on(
@@ -132,22 +151,78 @@ impl SandboxPolicy {
                 format!(
                     "EPERM for {} calls (ptrace, mount, bpf, unshare, keyctl, setsid, io_uring…); sockets: {}",
                     seccomp::denied_names().count(),
-                    match l.network {
-                        NetworkPolicy::Deny => "AF_UNIX only",
-                        NetworkPolicy::Allow => "all but AF_PACKET",
+                    match self.net_access() {
+                        NetAccess::Deny => "AF_UNIX only",
+                        NetAccess::Allow => "all but AF_PACKET",
+                        NetAccess::Proxy { .. } => "AF_UNIX and IPv4 TCP only (no UDP)",
                     }
                 ),
             ),
-        });
-        out.push(match (m.landlock, &self.support.landlock_abi) {
+        }
+    }
+
+    fn landlock_line(&self) -> Enforced {
+        match (self.mechanisms.landlock, &self.support.landlock_abi) {
             (false, _) => off("landlock", "turned off".into()),
             (true, Err(why)) => off(
                 "landlock",
                 format!("{why}: the job can read and write whatever its uid can"),
             ),
             (true, Ok(abi)) => on("landlock", landlock::features(*abi)),
-        });
-        out.extend(cgroup::enforcement(&self.cgroups, l, m.cgroup));
-        out
+        }
+    }
+
+    /// The `netns` line: for a worker with an egress list, whether its jobs get a network
+    /// namespace holding only loopback (where the kernel gives them no route but to the
+    /// proxy), or what narrows them instead; with the list itself, for audits.
+    fn netns_line(&self) -> Enforced {
+        let on_here = self.mechanisms.netns;
+        let rules = match &self.limits.network {
+            NetworkPolicy::List(_) => self.limits.network.to_string(),
+            _ if !on_here => return off("netns", "turned off".into()),
+            other => return on("netns", format!("not needed: network = \"{other}\"")),
+        };
+        let support = if on_here {
+            crate::egress::netns::support().clone()
+        } else {
+            Err("turned off".into())
+        };
+        match support {
+            Ok(()) => on(
+                "netns",
+                format!(
+                    "jobs reach only the daemon's egress proxy, from a network namespace holding only loopback; allowed: {rules}"
+                ),
+            ),
+            Err(why) => {
+                let landlock_tcp = self.mechanisms.landlock
+                    && matches!(&self.support.landlock_abi, Ok(abi) if *abi >= 4);
+                let instead = if landlock_tcp {
+                    "Landlock lets jobs connect over TCP only to the proxy's port (of any address), seccomp only TCP sockets"
+                } else {
+                    "NOTHING in the kernel keeps jobs from dialling around the proxy (no Landlock ABI 4)"
+                };
+                off(
+                    "netns",
+                    format!("{why}; instead {instead}; allowed: {rules}"),
+                )
+            }
+        }
+    }
+}
+
+fn on(mechanism: &'static str, detail: String) -> Enforced {
+    Enforced {
+        mechanism,
+        on: true,
+        detail,
+    }
+}
+
+fn off(mechanism: &'static str, detail: String) -> Enforced {
+    Enforced {
+        mechanism,
+        on: false,
+        detail,
     }
 }

@@ -12,7 +12,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-use crate::worker::NetworkPolicy;
+use super::NetAccess;
 
 /// A filter that could not be built (an unsupported architecture, mostly).
 #[derive(Debug, thiserror::Error)]
@@ -109,14 +109,14 @@ pub enum FilterKind {
 
 /// The compiled filters, in the order they are installed. `protected` are the pids a job may
 /// not signal: the daemon's, and in fork mode also its warm parent's.
-pub fn compile(network: NetworkPolicy, daemon_pid: u32) -> Result<Vec<BpfProgram>, SeccompError> {
+pub fn compile(network: NetAccess, daemon_pid: u32) -> Result<Vec<BpfProgram>, SeccompError> {
     compile_for(network, &[daemon_pid], FilterKind::Job)
 }
 
 /// [`compile`] for the given kind of process, protecting every pid of `protected` (the first is
 /// the daemon's; its process group is protected too).
 pub fn compile_for(
-    network: NetworkPolicy,
+    network: NetAccess,
     protected: &[u32],
     kind: FilterKind,
 ) -> Result<Vec<BpfProgram>, SeccompError> {
@@ -158,12 +158,38 @@ pub fn compile_for(
         }
         rules.insert(*nr, Vec::new());
     }
-    // Network: with "deny" only local (AF_UNIX) sockets; with "allow" no raw packet sockets.
-    let socket_rule = match network {
-        NetworkPolicy::Deny => rule(vec![arg(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?])?,
-        NetworkPolicy::Allow => rule(vec![arg(0, SeccompCmpOp::Eq, libc::AF_PACKET as u64)?])?,
+    // Network: with "deny" only local (AF_UNIX) sockets; with "allow" no raw packet sockets;
+    // with an egress list local sockets and IPv4 TCP (to reach the proxy), nothing else: no
+    // UDP, so that without a namespace of its own a job cannot send datagrams anywhere.
+    let socket_rules = match network {
+        NetAccess::Deny => vec![rule(vec![arg(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?])?],
+        NetAccess::Allow => vec![rule(vec![arg(
+            0,
+            SeccompCmpOp::Eq,
+            libc::AF_PACKET as u64,
+        )?])?],
+        NetAccess::Proxy { .. } => {
+            let stream = libc::SOCK_STREAM as u64;
+            let flags = [
+                0,
+                libc::SOCK_CLOEXEC as u64,
+                libc::SOCK_NONBLOCK as u64,
+                (libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) as u64,
+            ];
+            let mut not_tcp = vec![arg(0, SeccompCmpOp::Eq, libc::AF_INET as u64)?];
+            for f in flags {
+                not_tcp.push(arg(1, SeccompCmpOp::Ne, stream | f)?);
+            }
+            vec![
+                rule(vec![
+                    arg(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?,
+                    arg(0, SeccompCmpOp::Ne, libc::AF_INET as u64)?,
+                ])?,
+                rule(not_tcp)?,
+            ]
+        }
     };
-    rules.insert(libc::SYS_socket, vec![socket_rule]);
+    rules.insert(libc::SYS_socket, socket_rules);
     let mut clone_rules = Vec::new();
     for flag in NAMESPACE_FLAGS {
         clone_rules.push(rule(vec![arg(0, SeccompCmpOp::MaskedEq(*flag), *flag)?])?);

@@ -41,6 +41,7 @@ pub const MECHANISMS: &[&str] = &[
     "cgroup",
     "cgroup_memory",
     "cgroup_pids",
+    "netns",
 ];
 
 /// Whether `sandbox.require` (`required`) names `mechanism` (as [`Enforced`] spells it).

@@ -8,4 +8,5 @@ pub mod credential;
 pub mod management;
 pub mod message;
 pub mod peek;
+pub mod target;
 pub mod tcp;

@@ -40,6 +40,18 @@ pub struct ModeLabel {
     pub mode: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerDecision {
+    pub worker: String,
+    pub decision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerDirection {
+    pub worker: String,
+    pub direction: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn seconds_histogram() -> Histogram {
@@ -75,6 +87,10 @@ pub struct Metrics {
     /// Jobs the daemon could not start through its own fault, by stage (cgroup, temp_folder,
     /// sandbox, start, warm_parent); each such job was abandoned, not blamed.
     pub daemon_faults: Family<StageLabel, Counter>,
+    /// Connections to the egress proxy, by worker and decision (`docs/egress.md`).
+    pub egress_connections: Family<WorkerDecision, Counter>,
+    /// Bytes relayed by the egress proxy, by worker and direction (`out`: job to destination).
+    pub egress_bytes: Family<WorkerDirection, Counter>,
     /// Entra ID tokens handed to jobs (docs/secrets.md), by worker (cache hits included).
     pub tokens_issued: Family<WorkerLabel, Counter>,
     /// Token requests of jobs refused (a scope their worker does not declare), by worker.
@@ -97,6 +113,8 @@ impl Metrics {
             broker_connects: Counter::default(),
             process_start: Family::new_with_constructor(start_histogram),
             daemon_faults: Family::default(),
+            egress_connections: Family::default(),
+            egress_bytes: Family::default(),
             tokens_issued: Family::default(),
             tokens_denied: Family::default(),
             registry: Registry::default(),
@@ -158,6 +176,16 @@ impl Metrics {
             m.daemon_faults.clone(),
         );
         registry.register(
+            "egress_connections",
+            "Connections to the egress proxy, by worker and decision",
+            m.egress_connections.clone(),
+        );
+        registry.register(
+            "egress_bytes",
+            "Bytes relayed by the egress proxy, by worker and direction (out: job to destination)",
+            m.egress_bytes.clone(),
+        );
+        registry.register(
             "token_issued",
             "Entra ID tokens handed to jobs, by worker",
             m.tokens_issued.clone(),
@@ -177,6 +205,26 @@ impl Metrics {
                 stage: stage.to_owned(),
             })
             .inc();
+    }
+
+    /// Counts one connection to the egress proxy.
+    pub fn egress_connection(&self, worker: &str, decision: &str) {
+        self.egress_connections
+            .get_or_create(&WorkerDecision {
+                worker: worker.to_owned(),
+                decision: decision.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The counter of bytes the egress proxy relays for `worker` in `direction`.
+    pub fn egress_bytes_counter(&self, worker: &str, direction: &str) -> Counter {
+        self.egress_bytes
+            .get_or_create(&WorkerDirection {
+                worker: worker.to_owned(),
+                direction: direction.to_owned(),
+            })
+            .clone()
     }
 
     /// A token was handed to a job of `worker`.

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::egress::rules::EgressRule;
 pub use venv::{VenvError, VenvState};
 
 /// A worker that cannot be loaded, with the file and the reason.
@@ -46,13 +47,71 @@ pub enum WorkerError {
     },
 }
 
-/// Whether a worker's job may open network connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+/// Whether a worker's job may open network connections: none (`"deny"`), any (`"allow"`), or
+/// only to the `host:port` entries of a list, through the daemon's egress proxy
+/// (`docs/egress.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(try_from = "RawNetwork", into = "RawNetwork")]
 pub enum NetworkPolicy {
     #[default]
     Deny,
     Allow,
+    List(Vec<EgressRule>),
+}
+
+/// `network` as written in `worker.toml`: a word or a list of entries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum RawNetwork {
+    Word(String),
+    List(Vec<String>),
+}
+
+impl TryFrom<RawNetwork> for NetworkPolicy {
+    type Error = String;
+
+    fn try_from(raw: RawNetwork) -> Result<Self, String> {
+        match raw {
+            RawNetwork::Word(w) if w == "deny" => Ok(NetworkPolicy::Deny),
+            RawNetwork::Word(w) if w == "allow" => Ok(NetworkPolicy::Allow),
+            RawNetwork::Word(w) => Err(format!(
+                "network = {w:?} must be \"deny\", \"allow\" or a list of \"host:port\" entries"
+            )),
+            RawNetwork::List(entries) if entries.is_empty() => {
+                Err("network = [] lists no destination: write network = \"deny\"".into())
+            }
+            RawNetwork::List(entries) => entries
+                .iter()
+                .map(|e| e.parse())
+                .collect::<Result<_, _>>()
+                .map(NetworkPolicy::List),
+        }
+    }
+}
+
+impl From<NetworkPolicy> for RawNetwork {
+    fn from(policy: NetworkPolicy) -> Self {
+        match policy {
+            NetworkPolicy::Deny => RawNetwork::Word("deny".into()),
+            NetworkPolicy::Allow => RawNetwork::Word("allow".into()),
+            NetworkPolicy::List(rules) => {
+                RawNetwork::List(rules.iter().map(ToString::to_string).collect())
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for NetworkPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NetworkPolicy::Deny => f.write_str("deny"),
+            NetworkPolicy::Allow => f.write_str("allow"),
+            NetworkPolicy::List(rules) => {
+                let entries: Vec<String> = rules.iter().map(ToString::to_string).collect();
+                f.write_str(&entries.join(", "))
+            }
+        }
+    }
 }
 
 /// How each job of a worker gets its fresh process.
@@ -449,8 +508,14 @@ mod tests {
             (
                 "d",
                 "entrypoint = \"m:f\"\nnetwork = \"maybe\"\n",
-                "unknown variant",
+                "network = \"maybe\" must be",
             ),
+            (
+                "d2",
+                "entrypoint = \"m:f\"\nnetwork = [\"https://example.com:443\"]\n",
+                "no scheme",
+            ),
+            ("d3", "entrypoint = \"m:f\"\nnetwork = []\n", "network = []"),
             (
                 "e",
                 "entrypoint = \"m:f\"\nmax_attempts = 0\n",
@@ -493,6 +558,34 @@ mod tests {
             assert!(err.contains(expected), "{name}: {err}");
             assert!(err.contains("worker.toml"), "{err}");
         }
+    }
+
+    #[test]
+    fn network_takes_a_list_of_host_port_entries() {
+        let root = tempfile::tempdir().expect("tmp");
+        let dir = write_worker(
+            root.path(),
+            "w",
+            "entrypoint = \"m:f\"\nnetwork = [\"*.blob.core.windows.net:443\", \"127.0.0.1:8080\"]\n",
+        );
+        let w = Worker::load(&dir).expect("loads");
+        let NetworkPolicy::List(rules) = &w.limits().network else {
+            panic!("not a list: {:?}", w.limits().network);
+        };
+        assert_eq!(rules.len(), 2);
+        assert_eq!(
+            w.limits().network.to_string(),
+            "*.blob.core.windows.net:443, 127.0.0.1:8080"
+        );
+        let allow = write_worker(
+            root.path(),
+            "a",
+            "entrypoint = \"m:f\"\nnetwork = \"allow\"\n",
+        );
+        assert_eq!(
+            Worker::load(&allow).expect("loads").limits().network,
+            NetworkPolicy::Allow
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod emulator_limits;
 mod engine;
 mod helpers;
 mod hostile;
+mod hostile_egress;
 mod hostile_secrets;
 mod reply_policy;
 mod runner;

@@ -122,27 +122,9 @@ async fn run(
     let accepted = Instant::now();
     let evicted = pending.evicted.clone();
     let mut pending = Some(pending);
-    let open = match timeout(HANDSHAKE_TIMEOUT.min(shared.auth_timeout), rx.recv()).await {
-        Ok(Some(Ok(Some(AmqpFrame {
-            performative: Performative::Open(open),
-            ..
-        })))) => open,
-        _ => return Ok(()),
+    let Some(open) = open_handshake(wr, &mut rx, &shared).await? else {
+        return Ok(());
     };
-    let our_open = Open {
-        container_id: "hybrid-worker-emulator".into(),
-        hostname: None,
-        max_frame_size: MaxFrameSize(MAX_FRAME),
-        channel_max: ChannelMax(CHANNEL_MAX),
-        idle_time_out: Some(IDLE_TIMEOUT.as_millis() as u32),
-        outgoing_locales: None,
-        incoming_locales: None,
-        offered_capabilities: None,
-        desired_capabilities: None,
-        properties: None,
-    };
-    wr.write_all(&encode_amqp(0, &Performative::Open(our_open), &[])?)
-        .await?;
     let remote_idle = open
         .idle_time_out
         .filter(|ms| *ms > 0)
@@ -168,31 +150,16 @@ async fn run(
             _ = tokio::task::yield_now(), if more => {}
             item = rx.recv() => match item {
                 None => break,
-                Some(Err(FrameError::Io(_))) => break,
-                Some(Err(e)) => {
-                    let condition = match e {
-                        FrameError::Codec(_) => "amqp:decode-error",
-                        _ => "amqp:connection:framing-error",
-                    };
-                    conn.close(Some(amqp_error(condition, &e.to_string())));
-                    closing = true;
-                }
-                Some(Ok(frame)) => {
-                    last_recv = Instant::now();
-                    if let Some(frame) = frame {
-                        match conn.handle(frame) {
-                            Ok(Next::Continue) => {}
-                            Ok(Next::Closed) => closing = true,
-                            Err(Fatal(e)) => {
-                                conn.close(Some(e));
-                                closing = true;
-                            }
+                Some(item) => match conn.on_incoming(item) {
+                    Step::Lost => break,
+                    Step::Closing => closing = true,
+                    Step::Continue => {
+                        last_recv = Instant::now();
+                        if pending.is_some() && conn.authz.any() {
+                            pending = None;
                         }
                     }
-                    if pending.is_some() && conn.authz.any() {
-                        pending = None;
-                    }
-                }
+                },
             },
             r = changed.changed() => if r.is_err() { break },
             _ = tick.tick() => {
@@ -237,6 +204,74 @@ async fn run(
     conn.release();
     wr.flush().await?;
     Ok(())
+}
+
+/// Waits (briefly) for the peer's `open` and answers with ours; `None` when the peer sent
+/// anything else or nothing in time (the connection is dropped without a word).
+async fn open_handshake(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    rx: &mut mpsc::Receiver<Incoming>,
+    shared: &Shared,
+) -> Result<Option<Open>, FrameError> {
+    let open = match timeout(HANDSHAKE_TIMEOUT.min(shared.auth_timeout), rx.recv()).await {
+        Ok(Some(Ok(Some(AmqpFrame {
+            performative: Performative::Open(open),
+            ..
+        })))) => open,
+        _ => return Ok(None),
+    };
+    let our_open = Open {
+        container_id: "hybrid-worker-emulator".into(),
+        hostname: None,
+        max_frame_size: MaxFrameSize(MAX_FRAME),
+        channel_max: ChannelMax(CHANNEL_MAX),
+        idle_time_out: Some(IDLE_TIMEOUT.as_millis() as u32),
+        outgoing_locales: None,
+        incoming_locales: None,
+        offered_capabilities: None,
+        desired_capabilities: None,
+        properties: None,
+    };
+    wr.write_all(&encode_amqp(0, &Performative::Open(our_open), &[])?)
+        .await?;
+    Ok(Some(open))
+}
+
+/// What one item from the reader means for the connection loop.
+enum Step {
+    /// The socket is gone: stop without a `close`.
+    Lost,
+    /// A `close` was sent (or received): write what is pending and stop.
+    Closing,
+    /// A frame (or a heartbeat) was handled.
+    Continue,
+}
+
+impl Conn {
+    /// Handles one item from the reader: a frame, a heartbeat, or a read error (a codec or
+    /// framing error closes the connection with its AMQP condition).
+    fn on_incoming(&mut self, item: Incoming) -> Step {
+        match item {
+            Err(FrameError::Io(_)) => Step::Lost,
+            Err(e) => {
+                let condition = match e {
+                    FrameError::Codec(_) => "amqp:decode-error",
+                    _ => "amqp:connection:framing-error",
+                };
+                self.close(Some(amqp_error(condition, &e.to_string())));
+                Step::Closing
+            }
+            Ok(None) => Step::Continue,
+            Ok(Some(frame)) => match self.handle(frame) {
+                Ok(Next::Continue) => Step::Continue,
+                Ok(Next::Closed) => Step::Closing,
+                Err(Fatal(e)) => {
+                    self.close(Some(e));
+                    Step::Closing
+                }
+            },
+        }
+    }
 }
 
 impl Conn {

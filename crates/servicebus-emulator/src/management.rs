@@ -90,29 +90,7 @@ fn dispatch(
                 msgs.into_iter().map(|b| (None, b)).collect(),
             ))))
         }
-        "schedule-message" => {
-            let list = req
-                .field("messages")
-                .and_then(as_list)
-                .ok_or_else(|| missing("messages"))?;
-            let mut parts = Vec::new();
-            for item in list {
-                let bytes = map_entry(item, "message")
-                    .and_then(|v| match v {
-                        Value::Binary(b) => Some(b.to_vec()),
-                        _ => None,
-                    })
-                    .ok_or_else(|| missing("message"))?;
-                parts.push(
-                    MessageParts::parse(&bytes).map_err(|e| SbError::Argument(e.to_string()))?,
-                );
-            }
-            let seqs = broker.enqueue(e, parts)?;
-            Ok(Reply::ok(Some(map_body(vec![(
-                "sequence-numbers",
-                Value::Array(Array(seqs.into_iter().map(Value::Long).collect())),
-            )]))))
-        }
+        "schedule-message" => schedule(broker, e, req),
         "cancel-scheduled-message" => {
             broker.cancel_scheduled(e, &ints(req, "sequence-numbers")?)?;
             Ok(Reply::ok(None))
@@ -125,29 +103,7 @@ fn dispatch(
                 got.into_iter().map(|d| (d.token, d.bytes)).collect(),
             ))))
         }
-        "update-disposition" => {
-            let status = opt_str(req, "disposition-status").ok_or_else(|| missing("status"))?;
-            let props = props_to_modify(req);
-            let outcome = match status.as_str() {
-                "completed" => Outcome::Complete,
-                "abandoned" => Outcome::Abandon(props),
-                "defered" | "deferred" => Outcome::Defer(props),
-                "suspended" => Outcome::DeadLetter {
-                    reason: opt_str(req, "deadletter-reason"),
-                    description: opt_str(req, "deadletter-description"),
-                    props,
-                },
-                other => {
-                    return Err(SbError::Argument(format!(
-                        "unknown disposition-status {other}"
-                    )));
-                }
-            };
-            for token in uuids(req, "lock-tokens")? {
-                broker.settle(token, outcome.clone())?;
-            }
-            Ok(Reply::ok(None))
-        }
+        "update-disposition" => update_disposition(broker, req),
         "renew-session-lock" => {
             let sid = opt_str(req, "session-id").ok_or_else(|| missing("session-id"))?;
             let until = broker.renew_session_lock(e, &sid)?;
@@ -169,36 +125,89 @@ fn dispatch(
             broker.set_session_state(e, &sid, value)?;
             Ok(Reply::ok(None))
         }
-        "get-message-sessions" => {
-            let skip = req.field("skip").and_then(as_i64).unwrap_or(0).max(0) as usize;
-            let top = req.field("top").and_then(as_i64).unwrap_or(100).max(0) as usize;
-            // DateTime.MaxValue (year 10000) means "no filter" (Python and .NET send it).
-            let after = req
-                .field("last-updated-time")
-                .and_then(as_i64)
-                .filter(|ms| *ms < DATETIME_MAX_MS);
-            let ids: Vec<Value> = broker
-                .list_sessions(e, after)?
-                .into_iter()
-                .skip(skip)
-                .take(top)
-                .map(Value::String)
-                .collect();
-            if ids.is_empty() {
-                return Ok(Reply::no_content());
-            }
-            Ok(Reply::ok(Some(map_body(vec![
-                (
-                    "skip",
-                    Value::Int(i32::try_from(skip + ids.len()).unwrap_or(i32::MAX)),
-                ),
-                ("sessions-ids", Value::Array(Array(ids))),
-            ]))))
-        }
+        "get-message-sessions" => message_sessions(broker, e, req),
         other => Err(SbError::NotAllowed(format!(
             "operation {other} is not supported by this emulator"
         ))),
     }
+}
+
+/// `schedule-message`: enqueues each message (visible at its ScheduledEnqueueTimeUtc) and
+/// answers their sequence numbers.
+fn schedule(broker: &Broker, e: &EntityRef, req: &Request) -> Result<Reply, SbError> {
+    let list = req
+        .field("messages")
+        .and_then(as_list)
+        .ok_or_else(|| missing("messages"))?;
+    let mut parts = Vec::new();
+    for item in list {
+        let bytes = map_entry(item, "message")
+            .and_then(|v| match v {
+                Value::Binary(b) => Some(b.to_vec()),
+                _ => None,
+            })
+            .ok_or_else(|| missing("message"))?;
+        parts.push(MessageParts::parse(&bytes).map_err(|e| SbError::Argument(e.to_string()))?);
+    }
+    let seqs = broker.enqueue(e, parts)?;
+    Ok(Reply::ok(Some(map_body(vec![(
+        "sequence-numbers",
+        Value::Array(Array(seqs.into_iter().map(Value::Long).collect())),
+    )]))))
+}
+
+/// `update-disposition`: settles messages by lock token (the SDKs' path for deferred messages
+/// and after a reconnect).
+fn update_disposition(broker: &Broker, req: &Request) -> Result<Reply, SbError> {
+    let status = opt_str(req, "disposition-status").ok_or_else(|| missing("status"))?;
+    let props = props_to_modify(req);
+    let outcome = match status.as_str() {
+        "completed" => Outcome::Complete,
+        "abandoned" => Outcome::Abandon(props),
+        "defered" | "deferred" => Outcome::Defer(props),
+        "suspended" => Outcome::DeadLetter {
+            reason: opt_str(req, "deadletter-reason"),
+            description: opt_str(req, "deadletter-description"),
+            props,
+        },
+        other => {
+            return Err(SbError::Argument(format!(
+                "unknown disposition-status {other}"
+            )));
+        }
+    };
+    for token in uuids(req, "lock-tokens")? {
+        broker.settle(token, outcome.clone())?;
+    }
+    Ok(Reply::ok(None))
+}
+
+/// `get-message-sessions`: the ids of sessions with messages (or state), paged by skip/top.
+fn message_sessions(broker: &Broker, e: &EntityRef, req: &Request) -> Result<Reply, SbError> {
+    let skip = req.field("skip").and_then(as_i64).unwrap_or(0).max(0) as usize;
+    let top = req.field("top").and_then(as_i64).unwrap_or(100).max(0) as usize;
+    // DateTime.MaxValue (year 10000) means "no filter" (Python and .NET send it).
+    let after = req
+        .field("last-updated-time")
+        .and_then(as_i64)
+        .filter(|ms| *ms < DATETIME_MAX_MS);
+    let ids: Vec<Value> = broker
+        .list_sessions(e, after)?
+        .into_iter()
+        .skip(skip)
+        .take(top)
+        .map(Value::String)
+        .collect();
+    if ids.is_empty() {
+        return Ok(Reply::no_content());
+    }
+    Ok(Reply::ok(Some(map_body(vec![
+        (
+            "skip",
+            Value::Int(i32::try_from(skip + ids.len()).unwrap_or(i32::MAX)),
+        ),
+        ("sessions-ids", Value::Array(Array(ids))),
+    ]))))
 }
 
 /// .NET `DateTime.MaxValue` in Unix milliseconds, rounded down to the second.

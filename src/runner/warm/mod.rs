@@ -25,6 +25,7 @@
 //! | seccomp | the job's filter, but `setpgid` allowed | the difference stacked on top: `setpgid` denied again, signals to the parent's pid and group denied |
 //! | process group | its own | its own (`setpgid(0, 0)` before the job's filter) |
 //! | job cgroup | the daemon's | the job's own, entered first of all (as a spare) through a descriptor of its `cgroup.procs` the daemon opened and sent ahead |
+//! | network namespace (egress list) | the worker's egress proxy's, entered before the uid drop | inherited |
 //!
 //! So the job's code runs under exactly the spawn-mode sandbox, intersected with the parent's
 //! (which is no wider). Descriptors: the daemon makes the job's four pipes (and its Landlock
@@ -57,10 +58,11 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::child::{ChildPipes, ExitInfo};
+use crate::egress::Egress;
 use crate::python_runtime::ZYGOTE_STUB;
 use crate::sandbox::cgroup::JobCgroup;
 use crate::sandbox::{Sandbox, SandboxPolicy};
-use crate::worker::Worker;
+use crate::worker::{NetworkPolicy, Worker};
 use protocol::{Control, Reply};
 
 mod protocol;
@@ -247,15 +249,24 @@ pub struct WarmPool {
     runtime_dir: PathBuf,
     temp_base: PathBuf,
     sandbox: Sandbox,
+    /// The egress proxies: a worker with a `network` list has its warm parent (and so every
+    /// child) in its proxy's network namespace.
+    egress: Arc<Egress>,
     parents: tokio::sync::Mutex<HashMap<String, Arc<WarmParent>>>,
 }
 
 impl WarmPool {
-    pub fn new(runtime_dir: PathBuf, temp_base: PathBuf, sandbox: Sandbox) -> Self {
+    pub fn new(
+        runtime_dir: PathBuf,
+        temp_base: PathBuf,
+        sandbox: Sandbox,
+        egress: Arc<Egress>,
+    ) -> Self {
         Self {
             runtime_dir,
             temp_base,
             sandbox,
+            egress,
             parents: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -315,9 +326,16 @@ impl WarmPool {
             .prefix(&format!("hybrid-warm-{}-", worker.name))
             .tempdir_in(&self.temp_base)
             .map_err(|e| start_err("its private folder", &e))?;
-        let policy = self
+        let mut policy = self
             .sandbox
             .policy(worker, python, &self.runtime_dir, &self.temp_base);
+        if let NetworkPolicy::List(_) = &worker.limits().network {
+            let gateway = self
+                .egress
+                .gateway(&worker.name)
+                .map_err(|e| start_err("its egress proxy", &e))?;
+            policy.egress = Some(gateway.sandbox());
+        }
         if let Some(why) = policy.would_stay_root() {
             return Err(WarmError::Start(why));
         }
