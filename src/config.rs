@@ -55,6 +55,9 @@ pub struct Settings {
     pub sandbox: crate::sandbox::SandboxSettings,
     /// Claim-check Blob Storage for large inputs and results; see [`crate::storage`].
     pub storage: crate::storage::StorageSettings,
+    /// The folder of secrets jobs may be handed; see [`crate::secrets`].
+    #[serde(default)]
+    pub secrets: crate::secrets::SecretsSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -550,6 +553,14 @@ mod tests {
         assert_eq!(s.engine.concurrency, 9);
         assert_eq!(s.queues.jobs, "work");
         assert_eq!(s.workers.allow, vec!["a".to_string(), "b-c".to_string()]);
+    }
+
+    #[test]
+    fn the_secrets_folder_comes_from_the_environment_and_is_off_by_default() {
+        let s = load_env(&[]).expect("valid");
+        assert_eq!(s.secrets.dir(), None);
+        let s = load_env(&[("HYBRID__SECRETS__DIR", "/mnt/secrets")]).expect("valid");
+        assert_eq!(s.secrets.dir(), Some(Path::new("/mnt/secrets")));
     }
 
     #[test]

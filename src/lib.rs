@@ -35,6 +35,7 @@ pub mod job;
 pub mod python_runtime;
 pub mod runner;
 pub mod sandbox;
+pub mod secrets;
 pub mod servicebus;
 pub mod shutdown;
 pub mod storage;

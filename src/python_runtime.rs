@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 /// The files of the `hybrid_worker` package, relative to the runtime folder.
-const FILES: [(&str, &str); 3] = [
+const FILES: [(&str, &str); 4] = [
     (
         "hybrid_worker/__init__.py",
         include_str!("python/hybrid_worker/__init__.py"),
@@ -18,6 +18,10 @@ const FILES: [(&str, &str); 3] = [
     (
         "hybrid_worker/_bootstrap.py",
         include_str!("python/hybrid_worker/_bootstrap.py"),
+    ),
+    (
+        "hybrid_worker/_tokens.py",
+        include_str!("python/hybrid_worker/_tokens.py"),
     ),
     (
         "hybrid_worker/_zygote.py",

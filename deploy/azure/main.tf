@@ -139,3 +139,34 @@ resource "azurerm_role_assignment" "operator_sender" {
   role_definition_name = "Azure Service Bus Data Sender"
   principal_id         = each.value
 }
+
+# The jobs' secrets (docs/secrets.md): one Key Vault secret per name a worker declares, mounted
+# into the pod by the Secrets Store CSI driver (deploy/aks/base/secretproviderclass.yaml), which
+# reads them with the daemon's identity. RBAC, not access policies (rbac_authorization_enabled:
+# azurerm 4.42 or later; the lock file pins 4.81). The daemon's identity may read secret values
+# and nothing else; operators may write them.
+resource "azurerm_key_vault" "secrets" {
+  name                       = var.key_vault_name
+  location                   = local.location
+  resource_group_name        = data.azurerm_resource_group.this.name
+  tenant_id                  = data.azurerm_client_config.current.tenant_id
+  sku_name                   = "standard"
+  rbac_authorization_enabled = true
+  purge_protection_enabled   = true
+  soft_delete_retention_days = 90
+  tags                       = var.tags
+}
+
+resource "azurerm_role_assignment" "worker_secrets" {
+  scope                = azurerm_key_vault.secrets.id
+  role_definition_name = "Key Vault Secrets User"
+  principal_id         = azurerm_user_assigned_identity.worker.principal_id
+  principal_type       = "ServicePrincipal"
+}
+
+resource "azurerm_role_assignment" "operator_secrets" {
+  for_each             = toset(var.operator_principal_ids)
+  scope                = azurerm_key_vault.secrets.id
+  role_definition_name = "Key Vault Secrets Officer"
+  principal_id         = each.value
+}

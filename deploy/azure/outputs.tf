@@ -22,3 +22,8 @@ output "tenant_id" {
   description = "The identities' tenant."
   value       = azurerm_user_assigned_identity.worker.tenant_id
 }
+
+output "key_vault_name" {
+  description = "The SecretProviderClass's keyvaultName (deploy/aks overlay): the jobs' secrets."
+  value       = azurerm_key_vault.secrets.name
+}

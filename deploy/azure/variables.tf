@@ -129,6 +129,16 @@ variable "operator_principal_ids" {
   default     = []
 }
 
+variable "key_vault_name" {
+  description = "The Key Vault holding the jobs' secrets (3-24 letters, digits and hyphens, globally unique); the SecretProviderClass's keyvaultName (deploy/aks overlay)."
+  type        = string
+
+  validation {
+    condition     = can(regex("^[A-Za-z][A-Za-z0-9-]{1,22}[A-Za-z0-9]$", var.key_vault_name))
+    error_message = "key_vault_name must be 3-24 letters, digits and hyphens, starting with a letter and ending with a letter or digit."
+  }
+}
+
 variable "tags" {
   description = "Tags for every resource."
   type        = map(string)

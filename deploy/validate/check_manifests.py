@@ -3,7 +3,8 @@
 1. Kubernetes kinds: strict schema validation with kubernetes-validate (Kubernetes' own
    OpenAPI schemas, bundled in the package) for each Kubernetes version named with -k.
 2. KEDA kinds: deploy/schemas/keda-v1alpha1.json (jsonschema); the ScaledObject's HPA
-   behavior against autoscaling/v2 from (1).
+   behavior against autoscaling/v2 from (1). The Secrets Store CSI driver's
+   SecretProviderClass: deploy/schemas/secrets-store-v1.json (jsonschema).
 3. This project's rules, which tie the manifests to the code: the securityContext the
    sandbox is built for, probes on the `http` port the image listens on, the drain rule
    (terminationGracePeriodSeconds >= engine.drain_timeout_s + the longest worker timeout_s),
@@ -12,7 +13,9 @@
    daemon's; the pod's ephemeral storage >= that + the container logs), DNS egress that works
    with node-local resolvers, every reference (ServiceAccount, ConfigMap, KEDA
    target and authentication, selectors) resolving, the config file's keys existing in
-   config/default.toml, and (with --final) no placeholder left.
+   config/default.toml, the jobs' secrets (a read-only CSI volume of the SecretProviderClass
+   at HYBRID__SECRETS__DIR, read with the daemon's identity, holding every secret the
+   workers declare), and (with --final) no placeholder left.
 
 Usage: check_manifests.py [--final] [-k 1.31 ...] RENDERED.yaml
 """
@@ -102,6 +105,84 @@ def check_keda_schema(obj: dict, versions: list) -> None:
             except kubernetes_validate.ValidationError as e:
                 fail(where, f"advanced.horizontalPodAutoscalerConfig.behavior (autoscaling/v2, "
                             f"Kubernetes {version}): {'/'.join(str(p) for p in e.path)}: {e.message}")
+
+
+def check_secrets_store_schema(obj: dict) -> None:
+    where = f"{obj['kind']}/{obj['metadata']['name']}"
+    schema = json.loads((REPO / "deploy/schemas/secrets-store-v1.json").read_text())
+    if obj["kind"] not in schema["$defs"]:
+        fail(where, f"no schema for {obj['apiVersion']} {obj['kind']} in deploy/schemas/secrets-store-v1.json")
+        return
+    sub = dict(schema)
+    sub["$ref"] = f"#/$defs/{obj['kind']}"
+    for e in jsonschema.Draft202012Validator(sub).iter_errors(obj):
+        fail(where, f"Secrets Store schema: {'/'.join(str(p) for p in e.path)}: {e.message}")
+
+
+# A secret's file name as worker.toml's `secrets` accepts it (src/secrets/mod.rs, check_name).
+SECRET_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,126}")
+
+
+def secret_files(spc: dict, where: str) -> set:
+    """The file names the Azure provider writes for a SecretProviderClass: each object's
+    objectAlias, else its objectName."""
+    try:
+        objects = yaml.safe_load(spc["spec"]["parameters"]["objects"]) or {}
+        entries = [yaml.safe_load(e) for e in objects.get("array", [])]
+    except (yaml.YAMLError, KeyError, AttributeError, TypeError) as e:
+        fail(where, f"parameters.objects is not the provider's YAML array of objects: {e}")
+        return set()
+    names = set()
+    for entry in entries:
+        if not isinstance(entry, dict) or not entry.get("objectName"):
+            fail(where, f"an object without objectName: {entry!r}")
+            continue
+        if entry.get("objectType") != "secret":
+            fail(where, f"object {entry['objectName']!r}: objectType must be secret (keys and certificates are not handed to jobs)")
+        name = str(entry.get("objectAlias") or entry["objectName"])
+        if not SECRET_NAME.fullmatch(name):
+            fail(where, f"file name {name!r} is not a secret name worker.toml accepts")
+        names.add(name)
+    return names
+
+
+def check_secrets(where: str, pod: dict, main: dict, by_kind: dict, final: bool) -> None:
+    """The jobs' secrets (docs/secrets.md): a read-only CSI volume of a SecretProviderClass in
+    the manifests, mounted at HYBRID__SECRETS__DIR, read with the daemon's identity, and holding
+    every secret the image's workers declare."""
+    env = {e["name"]: e.get("value") for e in main.get("env", [])}
+    secrets_dir = env.get("HYBRID__SECRETS__DIR")
+    if not secrets_dir:
+        fail(where, "HYBRID__SECRETS__DIR is not set: workers declaring secrets would have every job refused")
+        return
+    mount = next((m for m in main.get("volumeMounts", []) if m["mountPath"].rstrip("/") == secrets_dir.rstrip("/")), None)
+    volume = next((v for v in pod.get("volumes", []) if mount and v["name"] == mount["name"]), None)
+    if mount is None or volume is None or "csi" not in volume:
+        fail(where, f"HYBRID__SECRETS__DIR={secrets_dir} is not the mount of a CSI volume")
+        return
+    if mount.get("readOnly") is not True or volume["csi"].get("readOnly") is not True:
+        fail(where, f"the secrets volume at {secrets_dir} must be read-only (mount and csi.readOnly)")
+    if volume["csi"].get("driver") != "secrets-store.csi.k8s.io":
+        fail(where, "the secrets volume's driver must be secrets-store.csi.k8s.io")
+    name = volume["csi"].get("volumeAttributes", {}).get("secretProviderClass")
+    spc = by_kind.get("SecretProviderClass", {}).get(name)
+    if spc is None:
+        fail(where, f"secretProviderClass {name!r} is not in the manifests")
+        return
+    sw = f"SecretProviderClass/{name}"
+    params = spc["spec"].get("parameters", {})
+    sa = by_kind.get("ServiceAccount", {}).get(pod.get("serviceAccountName"), {})
+    client_id = sa.get("metadata", {}).get("annotations", {}).get("azure.workload.identity/client-id")
+    if params.get("clientID") != client_id:
+        fail(sw, f"clientID {params.get('clientID')!r} is not the daemon's identity {client_id!r} (the ServiceAccount's client-id)")
+    if final and (params.get("tenantId") == PLACEHOLDER_UUID or params.get("keyvaultName") == "placeholder-vault"):
+        fail(sw, "tenantId or keyvaultName is still the base's placeholder")
+    files = secret_files(spc, sw)
+    if final:
+        for toml_path in sorted((REPO / "workers").glob("*/worker.toml")):
+            declared = tomllib.loads(toml_path.read_text()).get("secrets", [])
+            for missing in sorted(set(declared) - files):
+                fail(sw, f"no object for secret {missing!r}, which {toml_path.parent.name} declares")
 
 
 def labels_match(selector: dict, labels: dict) -> bool:
@@ -221,6 +302,7 @@ def check_project_rules(objects: list, final: bool) -> None:
         fail(where, "container must not be privileged")
     if userns:
         check_userns(where, main, by_kind)
+    check_secrets(where, pod, main, by_kind, final)
 
     ports = {p.get("name"): p["containerPort"] for p in main.get("ports", [])}
     if ports.get("http") != docker["http_port"]:
@@ -421,6 +503,8 @@ def main() -> int:
     for obj in objects:
         if obj.get("apiVersion", "").startswith("keda.sh/"):
             check_keda_schema(obj, versions)
+        elif obj.get("apiVersion", "").startswith("secrets-store.csi.x-k8s.io/"):
+            check_secrets_store_schema(obj)
         else:
             check_kubernetes_schema(obj, versions)
     check_project_rules(objects, args.final)

@@ -91,6 +91,12 @@ RESOURCES = {
         {"name", "location", "resource_group_name", "rule", "scopes"},
         {"cluster_name", "description", "rule_group_enabled", "interval", "tags"},
         {"id"}),
+    "azurerm_key_vault": (
+        {"name", "location", "resource_group_name", "tenant_id", "sku_name"},
+        {"rbac_authorization_enabled", "purge_protection_enabled", "soft_delete_retention_days",
+         "public_network_access_enabled", "network_acls", "enabled_for_deployment",
+         "enabled_for_disk_encryption", "enabled_for_template_deployment", "tags"},
+        {"id", "name", "vault_uri", "tenant_id"}),
     "azurerm_role_assignment": (
         {"scope", "principal_id"},
         {"role_definition_name", "role_definition_id", "principal_type", "name", "description", "condition",

@@ -38,6 +38,18 @@ MUTATIONS = {
     "an ephemeral-storage limit with no room for the container logs":
         ("limits:\n            memory: 2304Mi\n            ephemeral-storage: 4608Mi",
          "limits:\n            memory: 2304Mi\n            ephemeral-storage: 4352Mi", "ephemeral-storage limit 4352Mi <"),
+    "a secrets volume the daemon may write":
+        ("          driver: secrets-store.csi.k8s.io\n          readOnly: true",
+         "          driver: secrets-store.csi.k8s.io\n          readOnly: false", "must be read-only"),
+    "HYBRID__SECRETS__DIR elsewhere than the secrets mount":
+        ("value: /mnt/secrets", "value: /tmp/secrets", "is not the mount of a CSI volume"),
+    "a SecretProviderClass read with another identity than the daemon's":
+        ("clientID: 11111111-2222-3333-4444-555555555555", "clientID: 99999999-2222-3333-4444-555555555555",
+         "is not the daemon's identity"),
+    "a secret file name worker.toml refuses":
+        ("objectAlias: crm-api-key", "objectAlias: ../crm-api-key", "is not a secret name"),
+    "a misspelled provider parameter (Secrets Store schema)":
+        ("keyvaultName: contoso-hw-kv", "keyVaultName: contoso-hw-kv", "Secrets Store schema"),
     "DNS egress without NodeLocal DNSCache's address":
         ("cidr: 169.254.20.10/32", "cidr: 10.0.0.10/32", "node-local resolver 169.254.20.10/32"),
 }

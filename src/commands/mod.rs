@@ -159,7 +159,66 @@ pub fn runner_for(
         sandbox,
     );
     check_required_sandbox(settings, &runner, ready)?;
-    Ok(runner)
+    let governance = governance(settings, &runner, ready)?;
+    Ok(runner.with_governance(governance))
+}
+
+/// The secrets folder and token source of jobs (docs/secrets.md), after the start-up report
+/// of each worker's secrets and scopes. Refuses to start when jobs could read the secrets
+/// folder; builds the daemon's Entra ID credential (`servicebus.credential`) only when a
+/// worker declares `azure_scopes`.
+fn governance(
+    settings: &Settings,
+    runner: &crate::runner::Runner,
+    ready: &[crate::engine::executor::ReadyWorker],
+) -> Result<crate::secrets::Governance, UsageError> {
+    use crate::secrets::audit::{Level, audit};
+    let secrets_dir = settings.secrets.dir();
+    let mut refused = Vec::new();
+    for r in ready {
+        let spec = &r.worker.spec;
+        if spec.secrets.is_empty() && spec.azure_scopes.is_empty() {
+            continue;
+        }
+        tracing::info!(worker = %r.worker.name, secrets = ?spec.secrets, azure_scopes = ?spec.azure_scopes, "The worker's jobs are handed these secrets and may ask for tokens for these scopes.");
+        let policy = runner.policy(&r.worker, &r.python);
+        for f in audit(&r.worker, secrets_dir, &policy) {
+            match f.level {
+                Level::Refuse => refused.push(format!("worker {:?}: {}", r.worker.name, f.text)),
+                Level::Error | Level::Warning => {
+                    tracing::warn!(worker = %r.worker.name, "Secrets: {}", f.text);
+                }
+            }
+        }
+    }
+    if !refused.is_empty() {
+        return Err(UsageError(format!(
+            "jobs could read the secrets folder:\n  {}",
+            refused.join("\n  ")
+        )));
+    }
+    let tokens = match ready
+        .iter()
+        .find(|r| !r.worker.spec.azure_scopes.is_empty())
+    {
+        None => None,
+        Some(r) => {
+            let source = settings.servicebus.credential;
+            let credential = crate::servicebus::credential::entra_credential(source).map_err(|e| {
+                UsageError(format!(
+                    "worker {:?} declares azure_scopes, and the daemon's Entra ID credential (servicebus.credential = {source:?}) cannot be built: {e}",
+                    r.worker.name
+                ))
+            })?;
+            Some(std::sync::Arc::new(
+                crate::secrets::tokens::TokenBroker::new(credential),
+            ))
+        }
+    };
+    Ok(crate::secrets::Governance {
+        secrets_dir: secrets_dir.map(std::path::Path::to_path_buf),
+        tokens,
+    })
 }
 
 /// Refuses to start (exit 2) when a root daemon's jobs would stay root (their user cannot

@@ -182,6 +182,42 @@ fn print_sandbox(
     unmet
 }
 
+/// The secrets (names only) and Entra ID scopes of a worker's jobs (docs/secrets.md), and
+/// what the audit of the secrets folder found; returns how many findings fail `verify`.
+fn print_secrets(
+    settings: &Settings,
+    worker: &Worker,
+    policy: &crate::sandbox::SandboxPolicy,
+) -> usize {
+    use crate::secrets::audit::{Level, audit};
+    let list = |items: &[String]| {
+        if items.is_empty() {
+            "none".to_owned()
+        } else {
+            items.join(", ")
+        }
+    };
+    let spec = &worker.spec;
+    let from = match settings.secrets.dir() {
+        Some(dir) if !spec.secrets.is_empty() => format!(" (from {})", dir.display()),
+        _ => String::new(),
+    };
+    println!("        secrets             {}{from}", list(&spec.secrets));
+    println!("        azure_scopes        {}", list(&spec.azure_scopes));
+    let mut failing = 0;
+    for f in audit(worker, settings.secrets.dir(), policy) {
+        let mark = match f.level {
+            Level::Warning => "warning",
+            Level::Error | Level::Refuse => {
+                failing += 1;
+                "ERROR"
+            }
+        };
+        println!("        secrets {mark:<11} {}", f.text);
+    }
+    failing
+}
+
 fn verify(settings: &Settings, dir: &Path) -> anyhow::Result<ExitCode> {
     let catalog = scan(settings, dir)?;
     let python = super::interpreter(settings)?;
@@ -206,6 +242,8 @@ fn verify(settings: &Settings, dir: &Path) -> anyhow::Result<ExitCode> {
                     &temp_base,
                     &settings.sandbox.require,
                 );
+                let policy = sandbox.policy(worker, &venv_python, &runtime_dir, &temp_base);
+                bad += print_secrets(settings, worker, &policy);
             }
             Ok(VenvState::Missing { expected, stale }) => {
                 bad += 1;

@@ -82,6 +82,8 @@ fn by_report(report: Report) -> RunOutcome {
             let kind = match kind.as_str() {
                 "InvalidInput" => ErrorKind::InvalidInput,
                 "MemoryLimit" => ErrorKind::MemoryLimit,
+                // An undeclared secret or scope (`hybrid_worker.PolicyDenied`).
+                "PolicyDenied" => ErrorKind::PolicyDenied,
                 _ => ErrorKind::HandlerError,
             };
             let mut error = JobError::new(kind, message);

@@ -13,6 +13,7 @@ pub mod child;
 mod classify;
 mod env;
 pub mod files;
+mod governed;
 pub mod output;
 pub mod reaper;
 pub mod warm;
@@ -25,7 +26,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::egress::{Egress, EgressSandbox, JobPass};
@@ -33,11 +33,13 @@ use crate::job::{ErrorKind, JobError, Resources};
 use crate::python_runtime::{Runtime, STUB};
 use crate::sandbox::cgroup::{CgroupError, CgroupUsage, JobCgroup};
 use crate::sandbox::{Enforced, Sandbox, SandboxSettings};
+use crate::secrets::Governance;
 use crate::telemetry::metrics::metrics;
 use crate::worker::{Isolation, NetworkPolicy, Worker};
 use child::{ChildHandle, ChildPipes, ChildSpec, ExitInfo};
 pub use files::JobFiles;
 use files::{OUTPUT_DIR, TakeError, hand_input, take_outputs};
+use governed::JobGovernance;
 use output::{Captured, ChannelEnd, LogRecord};
 
 /// How long a job has between SIGTERM and SIGKILL when the runner stops it.
@@ -202,6 +204,8 @@ pub struct Runner {
     sandbox: Sandbox,
     /// The warm parents of fork-mode workers, shared by the runner's clones.
     warm: Arc<warm::WarmPool>,
+    /// The secrets folder and the token source of jobs (docs/secrets.md).
+    governance: Governance,
     /// The egress proxies of workers with a `network` list, shared with the warm parents.
     egress: Arc<Egress>,
 }
@@ -263,8 +267,21 @@ impl Runner {
             temp_base,
             sandbox,
             warm,
+            governance: Governance::default(),
             egress,
         }
+    }
+
+    /// This runner, handing jobs their secrets from `governance.secrets_dir` and tokens from
+    /// `governance.tokens`.
+    pub fn with_governance(mut self, governance: Governance) -> Self {
+        self.governance = governance;
+        self
+    }
+
+    /// The secrets folder and token source jobs are served from.
+    pub fn governance(&self) -> &Governance {
+        &self.governance
     }
 
     /// The warm parents of fork-mode workers.
@@ -280,6 +297,12 @@ impl Runner {
         {
             tracing::warn!(worker = %worker.name, error = %e, "Could not start the warm parent; the first job will try again.");
         }
+    }
+
+    /// The sandbox of `worker`'s jobs (what they may read, whom they run as).
+    pub fn policy(&self, worker: &Worker, python: &Path) -> crate::sandbox::SandboxPolicy {
+        self.sandbox
+            .policy(worker, python, &self.runtime.dir, &self.temp_base)
     }
 
     /// What the sandbox enforces for `worker`'s jobs on this kernel, for start-up reports.
@@ -321,6 +344,16 @@ impl Runner {
             ..RunReport::daemon_fault(fault)
         };
         let limits = request.worker.limits();
+        // Read at each job's start: a rotated secret is the next job's.
+        let mut governed = match JobGovernance::prepare(&self.governance, &request) {
+            Ok(governed) => governed,
+            Err(denied) => {
+                return RunReport {
+                    duration: started.elapsed(),
+                    ..RunReport::failed_to_start(denied)
+                };
+            }
+        };
         // For a worker with an egress list: its proxy, and this job's pass to it, held until
         // the job has ended (its connections close then).
         let egress = match self.egress_pass(&request) {
@@ -382,7 +415,7 @@ impl Runner {
             }
         };
         let deadline = SystemTime::now() + request.timeout;
-        let job_doc = json!({
+        let mut job_doc = json!({
             "job_id": request.job_id,
             "attempt": request.attempt,
             "deadline": deadline.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
@@ -392,7 +425,12 @@ impl Runner {
             "input_path": input_path,
             "output_dir": workdir.path().join(OUTPUT_DIR),
         });
+        if let Value::Object(doc) = &mut job_doc {
+            doc.append(&mut governed.fields);
+        }
+        // One line: the pipe stays open after it for a job that may ask for tokens.
         let job_bytes = serde_json::to_vec(&job_doc).unwrap_or_default();
+        drop(job_doc);
         let output_cap = usize::try_from(limits.max_output_kb * 1024).unwrap_or(usize::MAX);
         let result_limit = files
             .max_result_bytes
@@ -400,15 +438,19 @@ impl Runner {
         // The result line carries JSON framing around the output: allow for it.
         let line_limit = usize::try_from(result_limit).unwrap_or(usize::MAX) + 64;
 
-        let write_job = async move {
-            if let Ok(mut tx) = tokio::net::unix::pipe::Sender::from_owned_fd(pipes.job) {
-                // A job that exits without reading its input is judged by its exit, not here.
-                let _ = tx.write_all(&job_bytes).await;
-            }
-        };
+        let (asks, token_service) = governed.token_channel();
+        let write_job = crate::secrets::tokens::serve(pipes.job, job_bytes, token_service);
+        let governed = &governed;
+        let on_scrubbed_log = |record: LogRecord| on_log(governed.log(record));
         let stdout = output::capture(pipes.stdout, output_cap);
         let stderr = output::capture(pipes.stderr, output_cap);
-        let channel = output::read_channel(pipes.channel, line_limit, output_cap, on_log);
+        let channel = output::read_channel(
+            pipes.channel,
+            line_limit,
+            output_cap,
+            asks,
+            &on_scrubbed_log,
+        );
         let mut exit = exit;
 
         let io = async { tokio::join!(write_job, stdout, stderr, channel) };
@@ -470,8 +512,8 @@ impl Runner {
                 ),
             },
         };
-        let stdout = stdout.unwrap_or_default();
-        let stderr = stderr.unwrap_or_default();
+        let stdout = governed.captured(stdout.unwrap_or_default());
+        let stderr = governed.captured(stderr.unwrap_or_default());
         let (channel, dropped_logs) = channel.unwrap_or_else(|e| {
             (
                 ChannelEnd::Garbled(format!("reading the channel failed: {e}")),
@@ -497,8 +539,9 @@ impl Runner {
             None => None,
         };
         let oom_killed = usage.is_some_and(|u| u.oom_killed());
-        let mut outcome =
-            classify::classify(&request, killed, exit_info, channel, &stderr, oom_killed);
+        let mut outcome = governed.outcome(classify::classify(
+            &request, killed, exit_info, channel, &stderr, oom_killed,
+        ));
         let mut outputs_error = None;
         match kept {
             Some(Err(TakeError::NotAFolder)) if matches!(outcome, RunOutcome::Succeeded(_)) => {

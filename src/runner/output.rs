@@ -10,6 +10,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
+use tokio::sync::mpsc;
+
+use crate::secrets::tokens::TokenAsk;
 
 /// At most `cap` bytes of a stream, and how much the job wrote in all.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -98,15 +101,20 @@ enum Line {
         #[serde(default)]
         permanent: bool,
     },
+    /// A request for a token (docs/secrets.md), answered on the job's input pipe.
+    Token(TokenAsk),
 }
 
 /// Reads the channel: forwards log records to `on_log` (up to `log_budget` bytes of them, the
 /// rest counted in the returned number) and returns the report. A line over `line_limit` ends
-/// reading at once with [`ChannelEnd::TooLarge`], without buffering the rest.
+/// reading at once with [`ChannelEnd::TooLarge`], without buffering the rest. Token requests
+/// go to `asks` (dropped when it is full, or absent: the job's worker declares no scopes),
+/// which is closed when reading ends.
 pub async fn read_channel(
     fd: OwnedFd,
     line_limit: usize,
     log_budget: usize,
+    asks: Option<mpsc::Sender<TokenAsk>>,
     on_log: &(dyn Fn(LogRecord) + Send + Sync),
 ) -> std::io::Result<(ChannelEnd, u64)> {
     let mut rx = pipe::Receiver::from_owned_fd(fd)?;
@@ -115,6 +123,7 @@ pub async fn read_channel(
     let mut log_bytes = 0usize;
     let mut dropped_logs = 0u64;
     let mut report: Option<Report> = None;
+    let mut warned_asks = false;
     loop {
         let n = rx.read(&mut buf).await?;
         if n == 0 {
@@ -135,6 +144,21 @@ pub async fn read_channel(
                         on_log(record);
                     } else {
                         dropped_logs += 1;
+                    }
+                }
+                Ok(Line::Token(ask)) => {
+                    let refused = match &asks {
+                        Some(asks) => asks.try_send(ask).is_err().then_some(
+                            "A job asked for more tokens at once than are served; such asks are dropped.",
+                        ),
+                        None => Some(
+                            "A job whose worker declares no azure_scopes asked for a token; it gets none.",
+                        ),
+                    };
+                    // Said once per job: a job cannot flood the daemon's log this way.
+                    if let Some(why) = refused.filter(|_| !warned_asks) {
+                        warned_asks = true;
+                        tracing::warn!("{why}");
                     }
                 }
                 Ok(Line::Result { output }) if report.is_none() => {
@@ -202,7 +226,7 @@ mod tests {
                      {\"t\":\"result\",\"output\":{\"a\":1}}\n";
         let logs = std::sync::Mutex::new(Vec::new());
         let on_log = |r: LogRecord| logs.lock().expect("lock").push(r.msg);
-        let (end, dropped) = read_channel(pipe_with(data), 1000, 1000, &on_log)
+        let (end, dropped) = read_channel(pipe_with(data), 1000, 1000, None, &on_log)
             .await
             .expect("read");
         assert_eq!(
@@ -216,15 +240,15 @@ mod tests {
     #[tokio::test]
     async fn channel_stops_at_an_oversize_line_and_rejects_garbage() {
         let big = vec![b'x'; 5000];
-        let (end, _) = read_channel(pipe_with(&big), 1000, 0, &|_| {})
+        let (end, _) = read_channel(pipe_with(&big), 1000, 0, None, &|_| {})
             .await
             .expect("read");
         assert_eq!(end, ChannelEnd::TooLarge { limit: 1000 });
-        let (end, _) = read_channel(pipe_with(b"hello\n"), 1000, 0, &|_| {})
+        let (end, _) = read_channel(pipe_with(b"hello\n"), 1000, 0, None, &|_| {})
             .await
             .expect("read");
         assert!(matches!(end, ChannelEnd::Garbled(_)));
-        let (end, _) = read_channel(pipe_with(b""), 1000, 0, &|_| {})
+        let (end, _) = read_channel(pipe_with(b""), 1000, 0, None, &|_| {})
             .await
             .expect("read");
         assert_eq!(end, ChannelEnd::Nothing);

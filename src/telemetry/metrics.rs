@@ -91,6 +91,10 @@ pub struct Metrics {
     pub egress_connections: Family<WorkerDecision, Counter>,
     /// Bytes relayed by the egress proxy, by worker and direction (`out`: job to destination).
     pub egress_bytes: Family<WorkerDirection, Counter>,
+    /// Entra ID tokens handed to jobs (docs/secrets.md), by worker (cache hits included).
+    pub tokens_issued: Family<WorkerLabel, Counter>,
+    /// Token requests of jobs refused (a scope their worker does not declare), by worker.
+    pub tokens_denied: Family<WorkerLabel, Counter>,
 }
 
 impl Metrics {
@@ -111,6 +115,8 @@ impl Metrics {
             daemon_faults: Family::default(),
             egress_connections: Family::default(),
             egress_bytes: Family::default(),
+            tokens_issued: Family::default(),
+            tokens_denied: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -179,6 +185,16 @@ impl Metrics {
             "Bytes relayed by the egress proxy, by worker and direction (out: job to destination)",
             m.egress_bytes.clone(),
         );
+        registry.register(
+            "token_issued",
+            "Entra ID tokens handed to jobs, by worker",
+            m.tokens_issued.clone(),
+        );
+        registry.register(
+            "token_denied",
+            "Token requests of jobs refused by their worker's azure_scopes, by worker",
+            m.tokens_denied.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -209,6 +225,24 @@ impl Metrics {
                 direction: direction.to_owned(),
             })
             .clone()
+    }
+
+    /// A token was handed to a job of `worker`.
+    pub fn token_issued(&self, worker: &str) {
+        self.tokens_issued
+            .get_or_create(&WorkerLabel {
+                worker: worker.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A job of `worker` asked for a token it may not have.
+    pub fn token_denied(&self, worker: &str) {
+        self.tokens_denied
+            .get_or_create(&WorkerLabel {
+                worker: worker.to_owned(),
+            })
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -146,6 +146,13 @@ pub struct WorkerToml {
     /// pays for them: e.g. `["pandas"]`.
     #[serde(default)]
     pub preload: Vec<String>,
+    /// Names of the secrets (files of `secrets.dir`) each job is handed: `ctx.secret(name)`
+    /// (docs/secrets.md).
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    /// Entra ID scopes the daemon gets tokens for on the job's behalf: `ctx.credential()`.
+    #[serde(default)]
+    pub azure_scopes: Vec<String>,
     #[serde(flatten)]
     pub limits: Limits,
     #[serde(default)]
@@ -377,6 +384,12 @@ fn check_limits(spec: &WorkerToml) -> Result<(), String> {
     if let Some(path) = l.writable.iter().find(|p| !p.is_absolute()) {
         return Err(format!("writable path {} must be absolute", path.display()));
     }
+    for name in &spec.secrets {
+        crate::secrets::check_name(name)?;
+    }
+    for scope in &spec.azure_scopes {
+        crate::secrets::check_scope(scope)?;
+    }
     if let Some(bad) = spec.preload.iter().find(|m| !is_dotted_identifier(m)) {
         return Err(format!("preload entry {bad:?} is not a module name"));
     }
@@ -522,6 +535,21 @@ mod tests {
                 "h",
                 "entrypoint = \"m:f\"\npreload = [\"os; import x\"]\n",
                 "not a module name",
+            ),
+            (
+                "i",
+                "entrypoint = \"m:f\"\nsecrets = [\"../etc/shadow\"]\n",
+                "secret name \"../etc/shadow\"",
+            ),
+            (
+                "j",
+                "entrypoint = \"m:f\"\nsecrets = [\"..\"]\n",
+                "secret name",
+            ),
+            (
+                "k",
+                "entrypoint = \"m:f\"\nazure_scopes = [\"storage\"]\n",
+                "azure_scopes entry \"storage\"",
             ),
         ];
         for (name, toml, expected) in cases {

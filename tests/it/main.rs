@@ -10,6 +10,7 @@ mod engine;
 mod helpers;
 mod hostile;
 mod hostile_egress;
+mod hostile_secrets;
 mod reply_policy;
 mod runner;
 mod servicebus;

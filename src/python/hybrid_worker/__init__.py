@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
+from typing import Any, Dict, Optional
 
-__all__ = ["Context", "InvalidInput", "PermanentError"]
+from hybrid_worker._tokens import AsyncDaemonCredential, CredentialUnavailable
+
+__all__ = ["Context", "CredentialUnavailable", "InvalidInput", "PermanentError", "PolicyDenied"]
 
 
 class PermanentError(Exception):
@@ -25,11 +27,16 @@ class InvalidInput(PermanentError):
     """The input does not fit what the handler accepts. Say which field and what was expected."""
 
 
+class PolicyDenied(PermanentError):
+    """The worker's policy does not allow this: a secret or an Azure scope it does not declare
+    in ``worker.toml``. Unhandled, the job fails with the error kind ``PolicyDenied``."""
+
+
 class Context:
     """What a handler knows about the job it runs."""
 
     __slots__ = ("job_id", "attempt", "deadline", "correlation_id", "worker", "logger",
-                 "input_path", "output_dir")
+                 "input_path", "output_dir", "_secrets", "_credential")
 
     def __init__(
         self,
@@ -41,6 +48,8 @@ class Context:
         logger: logging.Logger,
         input_path: Optional[str] = None,
         output_dir: Optional[str] = None,
+        secrets: Optional[Dict[str, str]] = None,
+        credential: Any = None,
     ) -> None:
         #: The job's id (the Service Bus MessageId of the job message).
         self.job_id = job_id
@@ -61,6 +70,31 @@ class Context:
         #: ``<results container>/<job id>/<file name>`` and listed in the reply's ``artifacts``
         #: (where the daemon has Blob Storage; ``exec --output-dir`` copies them locally).
         self.output_dir = output_dir
+        self._secrets = dict(secrets or {})
+        self._credential = credential
+
+    def secret(self, name: str) -> str:
+        """The value of secret ``name``, one the worker declares in ``worker.toml``'s
+        ``secrets`` (read by the daemon at this job's start). The daemon replaces it by
+        ``[redacted:<name>]`` wherever it appears in what the job sends back."""
+        try:
+            return self._secrets[name]
+        except (KeyError, TypeError):
+            raise PolicyDenied(
+                f"secret {name!r} is not declared in worker.toml's secrets "
+                f"(declared: {sorted(self._secrets)})") from None
+
+    def credential(self) -> Any:
+        """A credential for Azure's Python SDKs (azure-core's ``TokenCredential`` and
+        ``SupportsTokenInfo`` protocols): tokens come from the daemon's identity, for the
+        scopes the worker declares in ``azure_scopes``; another scope raises
+        :class:`PolicyDenied`."""
+        return self._credential
+
+    def async_credential(self) -> Any:
+        """:meth:`credential` for Azure's asynchronous clients (``azure.*.aio``): azure-core's
+        ``AsyncTokenCredential`` and ``AsyncSupportsTokenInfo`` protocols."""
+        return AsyncDaemonCredential(self._credential)
 
     def remaining(self) -> float:
         """Seconds left before the deadline (never negative)."""

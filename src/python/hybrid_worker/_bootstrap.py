@@ -16,7 +16,8 @@ import sys
 import traceback
 from typing import Any, Dict
 
-from hybrid_worker import Context, InvalidInput, PermanentError
+from hybrid_worker import Context, InvalidInput, PermanentError, PolicyDenied
+from hybrid_worker._tokens import DaemonCredential
 
 JOB_FD = 3
 CHANNEL_FD = 4
@@ -32,13 +33,16 @@ def _send(record: Dict[str, Any]) -> None:
 
 
 def _read_job() -> bytes:
+    """The job document: one line. The daemon keeps the pipe open after it when the worker
+    declares ``azure_scopes`` (token answers come on it), else closes it."""
     chunks = []
     while True:
         chunk = os.read(JOB_FD, 1 << 16)
         if not chunk:
             break
         chunks.append(chunk)
-    os.close(JOB_FD)
+        if chunk.endswith(b"\n"):
+            break
     return b"".join(chunks)
 
 
@@ -105,6 +109,12 @@ def preload(module_name: str, function_name: str) -> None:
 def main() -> None:
     worker_dir, module_name, function_name = sys.argv[2], sys.argv[3], sys.argv[4]
     job = json.loads(_read_job())
+    secrets = job.pop("secrets", None) or {}
+    scopes = job.pop("azure_scopes", None) or []
+    token_fd = JOB_FD if scopes else -1
+    if not scopes:
+        os.close(JOB_FD)
+    credential = DaemonCredential(scopes, _send, token_fd, PolicyDenied)
     if not _logging_installed:
         install_logging()
     _ChannelHandler.active = True
@@ -114,7 +124,8 @@ def main() -> None:
         # Made by the job itself, so that it is the job user's to write.
         os.makedirs(output_dir, exist_ok=True)
     ctx = Context(job["job_id"], job["attempt"], job["deadline"], job.get("correlation_id"),
-                  job["worker"], logger, job.get("input_path"), output_dir)
+                  job["worker"], logger, job.get("input_path"), output_dir, secrets, credential)
+    del secrets
 
     try:
         handler = _preloaded.get((module_name, function_name))
@@ -133,6 +144,12 @@ def main() -> None:
         # The kind already says what happened; the message is the handler's explanation.
         message = str(exc).strip()[:MESSAGE_LIMIT] or "the handler rejected the input"
         _error("InvalidInput", message, True, type(exc).__name__)
+        return
+    except PolicyDenied as exc:
+        traceback.print_exc()
+        # The kind already says what happened; the message says which secret or scope.
+        message = str(exc).strip()[:MESSAGE_LIMIT] or "the worker's policy does not allow this"
+        _error("PolicyDenied", message, True, type(exc).__name__)
         return
     except PermanentError as exc:
         traceback.print_exc()
