@@ -16,6 +16,7 @@ pub mod files;
 mod governed;
 pub mod output;
 pub mod reaper;
+mod supervise;
 pub mod warm;
 
 use std::future::Future;
@@ -40,7 +41,7 @@ use child::{ChildHandle, ChildPipes, ChildSpec, ExitInfo};
 pub use files::JobFiles;
 use files::{OUTPUT_DIR, TakeError, hand_input, take_outputs};
 use governed::JobGovernance;
-use output::{Captured, ChannelEnd, LogRecord};
+use output::{Captured, LogRecord};
 
 /// How long a job has between SIGTERM and SIGKILL when the runner stops it.
 pub const KILL_GRACE: Duration = Duration::from_secs(2);
@@ -360,36 +361,16 @@ impl Runner {
             Ok(egress) => egress,
             Err(fault) => return failed(fault),
         };
-        let proxy_env = egress
-            .as_ref()
-            .map(|(_, pass)| pass.environment())
-            .unwrap_or_default();
-        // Made before the process, which enters it before it runs anything (in fork mode the
-        // warm parent's spare child entered it ahead, and the job takes it over).
-        let (cgroup, started_job) = match request.worker.isolation() {
-            Isolation::Spawn => {
-                let cgroup = match self.sandbox.job_cgroup(limits) {
-                    Ok(cgroup) => cgroup,
-                    Err(e) => return failed(DaemonFault::new(FaultStage::Cgroup, e.to_string())),
-                };
-                let sandbox = egress.as_ref().map(|(sandbox, _)| sandbox.clone());
-                let started_job = self.spawn(&request, cgroup.as_ref(), sandbox, &proxy_env);
-                (cgroup, started_job)
-            }
-            Isolation::Fork => match self.fork(&request, &proxy_env).await {
-                Ok((started_job, cgroup)) => (cgroup, Ok(started_job)),
-                Err(e) => (None, Err(e)),
-            },
+        let (cgroup, started_job) = match self.start(&request, egress.as_ref()).await {
+            Ok(pair) => pair,
+            Err(fault) => return failed(fault),
         };
         let Started {
             process,
             pipes,
             workdir,
             exit,
-        } = match started_job {
-            Ok(started_job) => started_job,
-            Err(fault) => return failed(fault),
-        };
+        } = started_job;
         // The process waits for its job document; its input file is in place before.
         let input_path = match files
             .input
@@ -398,39 +379,17 @@ impl Runner {
         {
             Ok(path) => path,
             Err(message) => {
-                process.signal_group(Signal::SIGKILL);
-                if let Some(cgroup) = &cgroup {
-                    cgroup.kill();
-                }
+                supervise::kill_all(&process, cgroup.as_ref());
                 let _ = exit.await;
                 drop((pipes, process));
                 let _ = workdir.close();
                 if let Some(cgroup) = cgroup {
                     cgroup.finish().await;
                 }
-                return RunReport {
-                    duration: started.elapsed(),
-                    ..RunReport::daemon_fault(DaemonFault::new(FaultStage::TempFolder, message))
-                };
+                return failed(DaemonFault::new(FaultStage::TempFolder, message));
             }
         };
-        let deadline = SystemTime::now() + request.timeout;
-        let mut job_doc = json!({
-            "job_id": request.job_id,
-            "attempt": request.attempt,
-            "deadline": deadline.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
-            "correlation_id": request.correlation_id,
-            "worker": request.worker.name,
-            "input": request.input,
-            "input_path": input_path,
-            "output_dir": workdir.path().join(OUTPUT_DIR),
-        });
-        if let Value::Object(doc) = &mut job_doc {
-            doc.append(&mut governed.fields);
-        }
-        // One line: the pipe stays open after it for a job that may ask for tokens.
-        let job_bytes = serde_json::to_vec(&job_doc).unwrap_or_default();
-        drop(job_doc);
+        let job_bytes = job_document(&request, input_path, workdir.path(), &mut governed);
         let output_cap = usize::try_from(limits.max_output_kb * 1024).unwrap_or(usize::MAX);
         let result_limit = files
             .max_result_bytes
@@ -442,84 +401,22 @@ impl Runner {
         let write_job = crate::secrets::tokens::serve(pipes.job, job_bytes, token_service);
         let governed = &governed;
         let on_scrubbed_log = |record: LogRecord| on_log(governed.log(record));
-        let stdout = output::capture(pipes.stdout, output_cap);
-        let stderr = output::capture(pipes.stderr, output_cap);
-        let channel = output::read_channel(
-            pipes.channel,
-            line_limit,
-            output_cap,
-            asks,
-            &on_scrubbed_log,
-        );
-        let mut exit = exit;
-
-        let io = async { tokio::join!(write_job, stdout, stderr, channel) };
-        tokio::pin!(io);
-        let timeout = tokio::time::sleep(request.timeout);
-        tokio::pin!(timeout);
-
-        // SIGTERM first; SIGKILL when the grace period runs out (armed by the first kill).
-        let escalation = tokio::time::sleep(Duration::from_secs(365 * 86_400));
-        tokio::pin!(escalation);
-        let mut escalation_armed = false;
-        let mut killed = None;
-        let mut io_result = None;
-        let exit_info = loop {
-            let kill = tokio::select! {
-                waited = &mut exit => break waited,
-                done = &mut io, if io_result.is_none() => {
-                    let too_large = matches!(done.3, Ok((ChannelEnd::TooLarge { .. }, _)));
-                    io_result = Some(done);
-                    too_large.then_some(KillReason::ResultTooLarge)
-                }
-                () = &mut timeout, if killed.is_none() => Some(KillReason::Timeout),
-                () = stop.cancelled(), if killed.is_none() => Some(KillReason::Stopped),
-                () = &mut escalation, if escalation_armed => {
-                    process.signal_group(Signal::SIGKILL);
-                    if let Some(cgroup) = &cgroup {
-                        cgroup.kill();
-                    }
-                    escalation_armed = false;
-                    None
-                }
-            };
-            if let Some(reason) = kill.filter(|_| killed.is_none()) {
-                killed = Some(reason);
-                process.signal_group(Signal::SIGTERM);
-                escalation
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + KILL_GRACE);
-                escalation_armed = true;
-            }
-        };
-        // The job is over: what is left of it dies now, helpers that left its process group
-        // included, so that none of them holds its pipes open.
-        if let Some(cgroup) = &cgroup {
-            cgroup.kill();
-        }
-        let (_, stdout, stderr, channel) = match io_result {
-            Some(done) => done,
-            None => match tokio::time::timeout(DRAIN_AFTER_EXIT, &mut io).await {
-                Ok(done) => done,
-                Err(_) => (
-                    (),
-                    Ok(Captured::default()),
-                    Ok(Captured::default()),
-                    Ok((
-                        ChannelEnd::Garbled("the job's pipes stayed open after it ended".into()),
-                        0,
-                    )),
+        let io = async {
+            tokio::join!(
+                write_job,
+                output::capture(pipes.stdout, output_cap),
+                output::capture(pipes.stderr, output_cap),
+                output::read_channel(
+                    pipes.channel,
+                    line_limit,
+                    output_cap,
+                    asks,
+                    &on_scrubbed_log,
                 ),
-            },
-        };
-        let stdout = governed.captured(stdout.unwrap_or_default());
-        let stderr = governed.captured(stderr.unwrap_or_default());
-        let (channel, dropped_logs) = channel.unwrap_or_else(|e| {
-            (
-                ChannelEnd::Garbled(format!("reading the channel failed: {e}")),
-                0,
             )
-        });
+        };
+        let watched =
+            supervise::watch(&process, cgroup.as_ref(), exit, io, request.timeout, &stop).await;
         drop(process);
         drop(egress);
         let kept = files
@@ -528,24 +425,17 @@ impl Runner {
         if let Err(e) = workdir.close() {
             tracing::warn!(error = %e, "Could not remove a job's temp folder.");
         }
-        let resources = exit_info
-            .map(|e| Resources {
-                cpu_ms: e.cpu_ms,
-                max_rss_kb: e.max_rss_kb,
-            })
-            .unwrap_or_default();
         let usage = match cgroup {
             Some(cgroup) => Some(cgroup.finish().await),
             None => None,
         };
-        let oom_killed = usage.is_some_and(|u| u.oom_killed());
-        let mut outcome = governed.outcome(classify::classify(
-            &request, killed, exit_info, channel, &stderr, oom_killed,
-        ));
-        let mut outputs_error = None;
+        let mut report = report(&request, governed, watched, usage);
+        report.duration = started.elapsed();
         match kept {
-            Some(Err(TakeError::NotAFolder)) if matches!(outcome, RunOutcome::Succeeded(_)) => {
-                outcome = RunOutcome::Failed(
+            Some(Err(TakeError::NotAFolder))
+                if matches!(report.outcome, RunOutcome::Succeeded(_)) =>
+            {
+                report.outcome = RunOutcome::Failed(
                     JobError::new(
                         ErrorKind::HandlerError,
                         "ctx.output_dir was replaced by something that is not a folder",
@@ -553,21 +443,37 @@ impl Runner {
                     .permanent(),
                 );
             }
-            Some(Err(TakeError::Move(e))) => outputs_error = Some(e),
+            Some(Err(TakeError::Move(e))) => report.outputs_error = Some(e),
             _ => {}
         }
-        RunReport {
-            outcome,
-            duration: started.elapsed(),
-            resources,
-            stdout,
-            stderr,
-            killed,
-            exit: exit_info,
-            dropped_logs,
-            cgroup: usage,
-            outputs_error,
-            blobs: Default::default(),
+        report
+    }
+
+    /// Starts the job's process the worker's way, in its cgroup (made before the process,
+    /// which enters it before it runs anything; in fork mode the warm parent's spare child
+    /// entered it ahead, and the job takes it over).
+    async fn start(
+        &self,
+        request: &RunRequest<'_>,
+        egress: Option<&(EgressSandbox, JobPass)>,
+    ) -> Result<(Option<JobCgroup>, Started), DaemonFault> {
+        let proxy_env = egress
+            .map(|(_, pass)| pass.environment())
+            .unwrap_or_default();
+        match request.worker.isolation() {
+            Isolation::Spawn => {
+                let cgroup = self
+                    .sandbox
+                    .job_cgroup(request.worker.limits())
+                    .map_err(|e| DaemonFault::new(FaultStage::Cgroup, e.to_string()))?;
+                let sandbox = egress.map(|(sandbox, _)| sandbox.clone());
+                let started = self.spawn(request, cgroup.as_ref(), sandbox, &proxy_env)?;
+                Ok((cgroup, started))
+            }
+            Isolation::Fork => {
+                let (started, cgroup) = self.fork(request, &proxy_env).await?;
+                Ok((cgroup, started))
+            }
         }
     }
 
@@ -737,5 +643,71 @@ impl Runner {
             env: env::environment(request.worker, &request.python, workdir, job_env),
             cwd: workdir.to_path_buf(),
         }
+    }
+}
+
+/// The job document: one line, written to the job's input pipe (which stays open after it
+/// for a job that may ask for tokens); the governed fields (its secrets) join it here.
+fn job_document(
+    request: &RunRequest<'_>,
+    input_path: Option<PathBuf>,
+    workdir: &Path,
+    governed: &mut JobGovernance,
+) -> Vec<u8> {
+    let deadline = SystemTime::now() + request.timeout;
+    let mut job_doc = json!({
+        "job_id": request.job_id,
+        "attempt": request.attempt,
+        "deadline": deadline.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
+        "correlation_id": request.correlation_id,
+        "worker": request.worker.name,
+        "input": request.input,
+        "input_path": input_path,
+        "output_dir": workdir.join(OUTPUT_DIR),
+    });
+    if let Value::Object(doc) = &mut job_doc {
+        doc.append(&mut governed.fields);
+    }
+    serde_json::to_vec(&job_doc).unwrap_or_default()
+}
+
+/// The report of a job whose process ran: its outcome classified (and scrubbed of its
+/// secrets), with what it cost and printed.
+fn report(
+    request: &RunRequest<'_>,
+    governed: &JobGovernance,
+    watched: supervise::Watched,
+    usage: Option<CgroupUsage>,
+) -> RunReport {
+    let stdout = governed.captured(watched.stdout);
+    let stderr = governed.captured(watched.stderr);
+    let resources = watched
+        .exit
+        .map(|e| Resources {
+            cpu_ms: e.cpu_ms,
+            max_rss_kb: e.max_rss_kb,
+        })
+        .unwrap_or_default();
+    let oom_killed = usage.as_ref().is_some_and(|u| u.oom_killed());
+    let outcome = governed.outcome(classify::classify(
+        request,
+        watched.killed,
+        watched.exit,
+        watched.channel,
+        &stderr,
+        oom_killed,
+    ));
+    RunReport {
+        outcome,
+        duration: Duration::ZERO,
+        resources,
+        stdout,
+        stderr,
+        killed: watched.killed,
+        exit: watched.exit,
+        dropped_logs: watched.dropped_logs,
+        cgroup: usage,
+        outputs_error: None,
+        blobs: Default::default(),
     }
 }
