@@ -5,6 +5,7 @@
 //! entrypoint: every limit has a safe default, and an unknown key is refused so that a typo in a
 //! limit never silently leaves the default in place.
 
+pub mod pin;
 pub mod python;
 pub mod relocate;
 pub mod venv;
@@ -87,6 +88,10 @@ pub struct WorkerToml {
     /// pays for them: e.g. `["pandas"]`.
     #[serde(default)]
     pub preload: Vec<String>,
+    /// The interpreter the worker's venv is built from, as a version requirement (`"3.12"`,
+    /// `">=3.12"`); without it, `workers.python` ([`pin`]).
+    #[serde(default)]
+    pub python: Option<pin::PythonRequirement>,
     #[serde(flatten)]
     pub limits: Limits,
     #[serde(default)]
@@ -424,6 +429,17 @@ mod tests {
         let w = Worker::load(&dir).expect("loads");
         assert_eq!(w.isolation(), Isolation::Fork);
         assert_eq!(w.spec.preload, ["json", "email.mime"]);
+        assert_eq!(w.spec.python, None);
+        let dir = write_worker(
+            root.path(),
+            "w3",
+            "entrypoint = \"m:run\"\npython = \"3.12\"\n",
+        );
+        let w = Worker::load(&dir).expect("loads");
+        assert_eq!(
+            w.spec.python.map(|p| p.to_string()).as_deref(),
+            Some("3.12")
+        );
     }
 
     #[test]
@@ -457,6 +473,11 @@ mod tests {
                 "h",
                 "entrypoint = \"m:f\"\npreload = [\"os; import x\"]\n",
                 "not a module name",
+            ),
+            (
+                "i",
+                "entrypoint = \"m:f\"\npython = \"latest\"\n",
+                "not a Python version requirement",
             ),
         ];
         for (name, toml, expected) in cases {

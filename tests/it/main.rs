@@ -9,6 +9,7 @@ mod emulator_limits;
 mod engine;
 mod helpers;
 mod hostile;
+mod python_pin;
 mod reply_policy;
 mod runner;
 mod servicebus;
