@@ -65,8 +65,9 @@ pub(super) struct LinkDeliveries {
 
 #[derive(Default)]
 struct Deliveries {
-    /// The open receive link's serial and its disposer.
-    current: Option<(u64, ReceiverDisposer)>,
+    /// The open receive links' disposers, by serial (one for the jobs queue; a session
+    /// receiver can register its own).
+    open: HashMap<u64, ReceiverDisposer>,
     /// Deliveries not yet settled.
     by_token: HashMap<Uuid, OnLink>,
 }
@@ -85,15 +86,13 @@ impl LinkDeliveries {
 
     /// A receive link was attached: its deliveries settle through `disposer`.
     pub(super) fn opened(&self, link: u64, disposer: ReceiverDisposer) {
-        self.state().current = Some((link, disposer));
+        self.state().open.insert(link, disposer);
     }
 
     /// The receive link `link` is closed or lost: its deliveries settle by lock token.
     pub(super) fn gone(&self, link: u64) {
         let mut state = self.state();
-        if state.current.as_ref().is_some_and(|(l, _)| *l == link) {
-            state.current = None;
-        }
+        state.open.remove(&link);
         // A job whose lock was lost settles nothing: its entry goes with its link.
         state.by_token.retain(|_, d| d.link != link);
     }
@@ -134,9 +133,9 @@ impl LinkDeliveries {
     fn take(&self, token: Uuid) -> Option<(u64, DeliveryInfo, ReceiverDisposer)> {
         let mut state = self.state();
         let d = state.by_token.remove(&token)?;
-        let (current, disposer) = state.current.as_ref()?;
+        let disposer = state.open.get(&d.link)?;
         let held = Instant::now() + LOCK_MARGIN < d.locked_until;
-        (*current == d.link && held).then(|| (d.link, d.info, disposer.clone()))
+        held.then(|| (d.link, d.info, disposer.clone()))
     }
 }
 
