@@ -130,7 +130,7 @@ impl Broker for ServiceBusBroker {
         description: &str,
         keep: &BTreeMap<String, String>,
     ) -> Result<(), BrokerError> {
-        // Properties to keep have no place in a `rejected` disposition (see `settle`).
+        // Properties to keep go through the management node (see `settle`).
         let outcome = LinkOutcome::DeadLetter {
             reason,
             description,

@@ -9,10 +9,12 @@
 //! error's info. Only when that link is gone (a reconnect, a receiver replaced) does settlement
 //! fall back to the management node by lock token, which stays valid across links.
 //!
-//! Two things stay on the management node: dead-letters that keep properties (Service Bus's
-//! `rejected` has no field for properties to modify, and the one caller, a job whose reply could
-//! not be sent, is rare and wants the broker's answer), and lock renewal (no link operation
-//! renews a lock).
+//! Two things stay on the management node: dead-letters that keep properties, and lock renewal
+//! (no link operation renews a lock). A `rejected` outcome has no field of its own for
+//! properties to modify: only Microsoft's JavaScript SDK slips them into the error's info, the
+//! Python SDK cannot send them on the link at all, and the embedded emulator reads only the two
+//! reasons there (`docs/servicebus-protocol.md` §5.1). Their one caller, a job whose reply could
+//! not be sent, is rare, and the management node's answer says the result was kept.
 //!
 //! fe2o3-amqp sends a disposition without waiting for the broker's settled answer, so a link
 //! settlement cannot report a lost lock. A delivery whose lock is known to run out within
