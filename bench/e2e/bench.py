@@ -1,8 +1,10 @@
 """End-to-end benchmark, one run, side by side: hybrid-worker (spawn and fork mode, trivial and
 pandas jobs) through its embedded Service Bus emulator, Celery 5 on a local Redis (prefork pool,
 default and `worker_max_tasks_per_child=1`), and the floors (a bare Python loop, a bare fork
-loop, fork mode's own runtime with no transport, a bare fork of the pandas job). Writes
-bench/results/e2e-<date>.json and .png and prints whether each target is met.
+loop, fork mode's own runtime with no transport, a bare fork of the pandas job), and the fork
+and pandas rows and floors again on each interpreter of HYBRID_BENCH_PYTHONS (workers pinned
+with `python = "3.X"`). Writes bench/results/e2e-<date>.json and .png and prints whether each
+target is met.
 
 Run by bench/e2e/run.sh, which builds the release binary and installs what this needs.
 
@@ -37,17 +39,17 @@ VENVS = str(ROOT / "target" / "bench-venvs")
 # variants (noop-fork-py312, pandas-fork-py312, ...) for each of HYBRID_BENCH_PYTHONS.
 WORKERS = pathlib.Path(os.environ.get("HYBRID_BENCH_WORKERS", str(ROOT / "bench" / "workers")))
 PYTHONS = [v for v in os.environ.get("HYBRID_BENCH_PYTHONS", "").split() if v]
-
-
-def pinned(base: str, version: str) -> str:
-    """The name of `base` pinned to `version` by run.sh (`noop-fork-py312`)."""
-    return f"{base}-py{version.replace('.', '')}"
 TEST_VENVS = os.environ.get("HYBRID_TEST_VENV_ROOT", str(ROOT / "target" / "test-venvs"))
 RESULTS = ROOT / "bench" / "results"
 CONCURRENCY = 2
 # HYBRID_BENCH_ONLY=noop-fork,celery-prefork runs only those (for profiling); targets then
 # print only where both sides ran.
 ONLY = {x for x in os.environ.get("HYBRID_BENCH_ONLY", "").split(",") if x}
+
+
+def pinned(base: str, version: str) -> str:
+    """The name of `base` pinned to `version` by run.sh (`noop-fork-py312`)."""
+    return f"{base}-py{version.replace('.', '')}"
 
 
 def wanted(name: str) -> bool:
