@@ -51,7 +51,9 @@ mod settle;
 /// How long connecting, authorising or attaching may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A receive link is replaced after this many deliveries: messages settled through the
-/// management node stay in the link's local unsettled map until the link is closed.
+/// management node (near their lock's end, dead-letters that keep properties) stay in the
+/// link's local unsettled map until the link is closed. Replacing it sends the jobs still
+/// running on it to the management node for their settlement (`settle`).
 const RECEIVER_RECYCLE: u64 = 2_000;
 /// Lock duration assumed when a delivery does not say when its lock ends.
 const DEFAULT_LOCK: Duration = Duration::from_secs(30);
