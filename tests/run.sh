@@ -22,6 +22,9 @@ export HYBRID_TEST_VENV_ROOT
 # The job-cgroup tests need root and a writable cgroup v2 folder. CI has both, so there a test
 # that cannot run fails rather than skips; set HYBRID_TEST_REQUIRE_CGROUP=0 where they are missing.
 export HYBRID_TEST_REQUIRE_CGROUP="${HYBRID_TEST_REQUIRE_CGROUP:-1}"
+# The interpreter-pin tests (tests/it/python_pin.rs) run a worker pinned to Python 3.12, which
+# CI has (pyenv); set HYBRID_TEST_REQUIRE_PYTHONS=0 on a host without it to skip them instead.
+export HYBRID_TEST_REQUIRE_PYTHONS="${HYBRID_TEST_REQUIRE_PYTHONS:-1}"
 
 echo "== build"
 cargo build --locked --workspace --all-targets

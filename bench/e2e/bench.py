@@ -1,8 +1,10 @@
 """End-to-end benchmark, one run, side by side: hybrid-worker (spawn and fork mode, trivial and
 pandas jobs) through its embedded Service Bus emulator, Celery 5 on a local Redis (prefork pool,
 default and `worker_max_tasks_per_child=1`), and the floors (a bare Python loop, a bare fork
-loop, fork mode's own runtime with no transport, a bare fork of the pandas job). Writes
-bench/results/e2e-<date>.json and .png and prints whether each target is met.
+loop, fork mode's own runtime with no transport, a bare fork of the pandas job), and the fork
+and pandas rows and floors again on each interpreter of HYBRID_BENCH_PYTHONS (workers pinned
+with `python = "3.X"`). Writes bench/results/e2e-<date>.json and .png and prints whether each
+target is met.
 
 Run by bench/e2e/run.sh, which builds the release binary and installs what this needs.
 
@@ -33,6 +35,10 @@ import uuid
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = os.environ.get("HYBRID_WORKER_BIN", str(ROOT / "target" / "release" / "hybrid-worker"))
 VENVS = str(ROOT / "target" / "bench-venvs")
+# The workers the daemon serves: bench/workers, or run.sh's copy of them with the pinned
+# variants (noop-fork-py312, pandas-fork-py312, ...) for each of HYBRID_BENCH_PYTHONS.
+WORKERS = pathlib.Path(os.environ.get("HYBRID_BENCH_WORKERS", str(ROOT / "bench" / "workers")))
+PYTHONS = [v for v in os.environ.get("HYBRID_BENCH_PYTHONS", "").split() if v]
 TEST_VENVS = os.environ.get("HYBRID_TEST_VENV_ROOT", str(ROOT / "target" / "test-venvs"))
 RESULTS = ROOT / "bench" / "results"
 CONCURRENCY = 2
@@ -41,8 +47,23 @@ CONCURRENCY = 2
 ONLY = {x for x in os.environ.get("HYBRID_BENCH_ONLY", "").split(",") if x}
 
 
+def pinned(base: str, version: str) -> str:
+    """The name of `base` pinned to `version` by run.sh (`noop-fork-py312`)."""
+    return f"{base}-py{version.replace('.', '')}"
+
+
 def wanted(name: str) -> bool:
     return not ONLY or name in ONLY
+
+
+def venv_python(worker: str) -> pathlib.Path:
+    """The venv interpreter of a bench worker (`<worker>-<16 hex>`; `noop-fork-*` would also
+    match the pinned `noop-fork-py312-*`)."""
+    for path in sorted(pathlib.Path(VENVS).glob(f"{worker}-*")):
+        key = path.name[len(worker) + 1:]
+        if len(key) == 16 and all(c in "0123456789abcdef" for c in key):
+            return path / "bin" / "python"
+    raise RuntimeError(f"no venv for bench worker {worker} under {VENVS} (run bench/e2e/run.sh)")
 KEY = "SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE"
 
 # Sizes: large enough for stable numbers, small enough for the whole run to stay near 5 minutes.
@@ -58,6 +79,9 @@ SIZES = {
     "floor-runtime": (2000, 0),
     "floor-pandas": (600, 0),
 }
+for _version in PYTHONS:
+    SIZES[pinned("noop-fork", _version)] = SIZES["noop-fork"]
+    SIZES[pinned("pandas-fork", _version)] = SIZES["pandas-fork"]
 
 
 def free_port() -> int:
@@ -370,7 +394,7 @@ def floor_runs(n_loop: int, n_fork: int, n_runtime: int, n_pandas: int) -> list[
     for i in range(n_loop):
         noop.run({"n": i}, None)
     loop = summary("floor python loop", n_loop, time.perf_counter() - started, [])
-    python = next(pathlib.Path(VENVS).glob("noop-spawn-*/bin/python"))
+    python = venv_python("noop-spawn")
     seconds = float(subprocess.run(
         [str(python), "-I", "-B", "-c", FORK_FLOOR, str(worker_dir), str(n_fork), str(CONCURRENCY),
          "noop"],
@@ -379,22 +403,50 @@ def floor_runs(n_loop: int, n_fork: int, n_runtime: int, n_pandas: int) -> list[
     # The runtime's own floor: fork mode's warm parent and child code (a spare forked ahead,
     # the job and its result through pipes, the handler's context) with no daemon, broker or
     # sandbox; the most fork mode can do here whatever carries the jobs.
+    runtime = runtime_floor("floor runtime fork", python, n_runtime)
+    pandas = pandas_floor("floor pandas fork", venv_python("pandas-fork"), n_pandas)
+    return [loop, fork, runtime, pandas]
+
+
+def runtime_floor(name: str, python: pathlib.Path, n: int) -> dict:
+    """Fork mode's warm parent and child code (a spare forked ahead, the job and its result
+    through pipes, the handler's context) with no daemon, broker or sandbox: the most fork mode
+    can do here whatever carries the jobs."""
+    worker_dir = ROOT / "bench" / "workers" / "noop-spawn"
     seconds = float(subprocess.run(
         [str(python), "-I", "-B", "-c", RUNTIME_FLOOR, str(ROOT / "src" / "python"),
-         str(worker_dir), str(n_runtime), str(CONCURRENCY)],
+         str(worker_dir), str(n), str(CONCURRENCY)],
         check=True, capture_output=True, text=True).stdout)
-    runtime = summary("floor runtime fork", n_runtime, seconds, [])
-    # The pandas job the same way: a bare fork of an interpreter that imported pandas, the job,
-    # exit; no runtime, transport or sandbox (the pandas worker's thread settings).
-    pandas_python = next(pathlib.Path(VENVS).glob("pandas-fork-*/bin/python"))
+    return summary(name, n, seconds, [])
+
+
+def pandas_floor(name: str, python: pathlib.Path, n: int) -> dict:
+    """The pandas job the same way: a bare fork of an interpreter that imported pandas, the
+    job, exit; no runtime, transport or sandbox (the pandas worker's thread settings)."""
     seconds = float(subprocess.run(
-        [str(pandas_python), "-I", "-B", "-c", FORK_FLOOR,
-         str(ROOT / "bench" / "workers" / "pandas-fork"), str(n_pandas), str(CONCURRENCY),
+        [str(python), "-I", "-B", "-c", FORK_FLOOR,
+         str(ROOT / "bench" / "workers" / "pandas-fork"), str(n), str(CONCURRENCY),
          "pandas_job"],
         check=True, capture_output=True, text=True,
         env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}).stdout)
-    pandas = summary("floor pandas fork", n_pandas, seconds, [])
-    return [loop, fork, runtime, pandas]
+    return summary(name, n, seconds, [])
+
+
+def python_floors() -> dict:
+    """The runtime and pandas floors on each pinned interpreter, from the pinned workers'
+    venvs (floor-runtime-py312, floor-pandas-py312, ...)."""
+    out = {}
+    for version in PYTHONS:
+        tag = pinned("", version).lstrip("-")
+        if wanted(f"floor-runtime-{tag}"):
+            out[f"floor-runtime-{tag}"] = runtime_floor(
+                f"floor runtime {version}", venv_python(pinned("noop-fork", version)),
+                SIZES["floor-runtime"][0])
+        if wanted(f"floor-pandas-{tag}"):
+            out[f"floor-pandas-{tag}"] = pandas_floor(
+                f"floor pandas {version}", venv_python(pinned("pandas-fork", version)),
+                SIZES["floor-pandas"][0])
+    return out
 
 
 # ---------------------------------------------------------------- main
@@ -432,10 +484,13 @@ def main() -> int:
         if wanted("daemon-idle"):
             (tmp / "rss").mkdir()
             results["daemon_idle"] = idle_rss(tmp / "rss")
-        hybrid = [w for w in ["noop-spawn", "noop-fork", "pandas-spawn", "pandas-fork"] if wanted(w)]
+        names = ["noop-spawn", "noop-fork", "pandas-spawn", "pandas-fork"]
+        for version in PYTHONS:
+            names += [pinned("noop-fork", version), pinned("pandas-fork", version)]
+        hybrid = [w for w in names if wanted(w)]
         if hybrid:
             (tmp / "hw").mkdir()
-            daemon = Daemon(tmp / "hw", ROOT / "bench" / "workers", VENVS).start()
+            daemon = Daemon(tmp / "hw", WORKERS, VENVS).start()
             try:
                 with ServiceBusClient.from_connection_string(daemon.connection_string) as sb:
                     for worker in hybrid:
@@ -454,49 +509,24 @@ def main() -> int:
             for key, run in zip(("floor-loop", "floor-fork", "floor-runtime", "floor-pandas"),
                                 floors):
                 results["runs"][key] = run
+        results["runs"].update(python_floors())
     machine["load_after"] = [round(x, 2) for x in os.getloadavg()]
     machine["run_seconds"] = round(time.time() - started, 1)
 
     r = results["runs"]
-    tp = lambda k: r[k]["throughput_per_s"]  # noqa: E731
-    checks = [
-        ("fork trivial throughput >= 1.5x Celery prefork", ("noop-fork", "celery-prefork"),
-         lambda: tp("noop-fork") / tp("celery-prefork"), 1.5),
-        ("fork trivial throughput >= 100x Celery max_tasks_per_child=1",
-         ("noop-fork", "celery-per-child"), lambda: tp("noop-fork") / tp("celery-per-child"), 100.0),
-        ("fork trivial p50 <= Celery prefork p50 (ratio Celery/fork >= 1)",
-         ("noop-fork", "celery-prefork"),
-         lambda: r["celery-prefork"]["p50_ms"] / r["noop-fork"]["p50_ms"], 1.0),
-        ("fork pandas throughput >= 50x spawn pandas", ("pandas-fork", "pandas-spawn"),
-         lambda: tp("pandas-fork") / tp("pandas-spawn"), 50.0),
-    ]
-    targets = [(t, f(), need) for t, keys, f, need in checks if all(k in r for k in keys)]
-    if "daemon_idle" in results:
-        targets.append(("daemon idle RSS <= 40 MiB (3 workers; ratio 40 MiB/RSS >= 1)",
-                        40 * 1024 / results["daemon_idle"]["rss_kb"], 1.0))
-    results["targets"] = [{"target": t, "ratio": round(v, 2), "needed": need, "met": v >= need}
-                          for t, v, need in targets]
-    # The same ratios with no transport at all: what fork mode could reach here if the daemon,
-    # the broker and the client cost nothing.
-    bounds = [
-        ("runtime fork floor / Celery prefork", ("floor-runtime", "celery-prefork"),
-         lambda: tp("floor-runtime") / tp("celery-prefork"), 1.5),
-        ("runtime fork floor / Celery max_tasks_per_child=1", ("floor-runtime", "celery-per-child"),
-         lambda: tp("floor-runtime") / tp("celery-per-child"), 100.0),
-        ("bare pandas fork floor (no runtime) / spawn pandas", ("floor-pandas", "pandas-spawn"),
-         lambda: tp("floor-pandas") / tp("pandas-spawn"), 50.0),
-    ]
-    results["bounds"] = [{"bound": b, "ratio": round(f(), 2), "needed": need}
-                         for b, keys, f, need in bounds if all(k in r for k in keys)]
+    results["targets"] = targets(results)
+    results["per_python"] = per_python(r)
     print(f"\nload average before {machine['load_before']}, after {machine['load_after']}; "
           f"run took {machine['run_seconds']} s")
-    print("targets:")
+    print("targets (issue 19; fork mode on workers.python):")
     for t in results["targets"]:
-        print(f"  [{'MET' if t['met'] else 'NOT MET'}] {t['target']}: {t['ratio']}x (needed {t['needed']}x)")
-    if results["bounds"]:
-        print("with no transport at all (floors):")
-        for b in results["bounds"]:
-            print(f"  {b['bound']}: {b['ratio']}x (a target needs {b['needed']}x)")
+        mark = "" if t["needed"] is None else (
+            f" [{'MET' if t['met'] else 'NOT MET'}] (target {t['bound']} {t['needed']}x)")
+        print(f"  {t['target']}: {t['ratio']}x{mark}")
+    if results["per_python"]:
+        print("per interpreter (pinned workers, python = \"3.X\"):")
+        for row in results["per_python"]:
+            print("  " + "   ".join(f"{k} {v}" for k, v in row.items()))
     if ONLY:
         print("partial run (HYBRID_BENCH_ONLY): no result files written")
         return 0
@@ -507,6 +537,63 @@ def main() -> int:
     chart(results, stem.with_suffix(".png"))
     print(f"wrote {stem.with_suffix('.json').relative_to(ROOT)} and {stem.with_suffix('.png').relative_to(ROOT)}")
     return 0
+
+
+def targets(results: dict) -> list[dict]:
+    """The issue's four ratios, fork-mode trivial jobs against the floor and Celery of the same
+    run (`bound` says which way a target points; `needed` None: reported without a pass
+    mark), then the earlier pandas and memory targets."""
+    r = results["runs"]
+    tp = lambda k: r[k]["throughput_per_s"]  # noqa: E731
+    checks = [
+        ("fork trivial throughput / runtime fork floor", ("noop-fork", "floor-runtime"),
+         lambda: tp("noop-fork") / tp("floor-runtime"), ">=", 0.75),
+        ("fork trivial throughput / Celery max_tasks_per_child=1",
+         ("noop-fork", "celery-per-child"), lambda: tp("noop-fork") / tp("celery-per-child"),
+         ">=", 100.0),
+        ("fork trivial p50 / Celery prefork p50", ("noop-fork", "celery-prefork"),
+         lambda: r["noop-fork"]["p50_ms"] / r["celery-prefork"]["p50_ms"], "<=", 1.5),
+        ("fork trivial throughput / Celery prefork throughput", ("noop-fork", "celery-prefork"),
+         lambda: tp("noop-fork") / tp("celery-prefork"), None, None),
+        ("fork pandas throughput / spawn pandas", ("pandas-fork", "pandas-spawn"),
+         lambda: tp("pandas-fork") / tp("pandas-spawn"), ">=", 50.0),
+    ]
+    out = []
+    for name, keys, ratio, bound, needed in checks:
+        if not all(k in r for k in keys):
+            continue
+        value = ratio()
+        met = None if needed is None else (value >= needed if bound == ">=" else value <= needed)
+        out.append({"target": name, "ratio": round(value, 2), "bound": bound, "needed": needed,
+                    "met": met})
+    if "daemon_idle" in results:
+        value = results["daemon_idle"]["rss_kb"] / 1024 / 40
+        out.append({"target": "daemon idle RSS / 40 MiB (3 workers)", "ratio": round(value, 2),
+                    "bound": "<=", "needed": 1.0, "met": value <= 1.0})
+    return out
+
+
+def per_python(r: dict) -> list[dict]:
+    """One row per pinned interpreter: its fork and pandas rates end to end, its floors, and
+    fork mode's share of its own runtime floor."""
+    rows = []
+    for version in PYTHONS:
+        tag = pinned("", version).lstrip("-")
+        fork, pandas = r.get(pinned("noop-fork", version)), r.get(pinned("pandas-fork", version))
+        floor, pandas_floor_run = r.get(f"floor-runtime-{tag}"), r.get(f"floor-pandas-{tag}")
+        row = {"python": version}
+        if fork:
+            row.update({"fork/s": fork["throughput_per_s"], "fork p50 ms": fork["p50_ms"]})
+        if floor:
+            row["floor runtime/s"] = floor["throughput_per_s"]
+        if fork and floor:
+            row["fork/floor"] = round(fork["throughput_per_s"] / floor["throughput_per_s"], 2)
+        if pandas:
+            row.update({"pandas/s": pandas["throughput_per_s"], "pandas p50 ms": pandas["p50_ms"]})
+        if pandas_floor_run:
+            row["floor pandas/s"] = pandas_floor_run["throughput_per_s"]
+        rows.append(row)
+    return rows
 
 
 def chart(results: dict, path: pathlib.Path) -> None:

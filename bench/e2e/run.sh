@@ -24,8 +24,22 @@ fi
 echo "== release build"
 cargo build --release --locked --quiet
 
-echo "== bench worker venvs (pandas is hash-pinned)"
-HYBRID__WORKERS__DIR=bench/workers HYBRID__WORKERS__VENV_ROOT="$PWD/target/bench-venvs" \
+echo "== bench workers, and a fork and a pandas worker pinned to each of: ${HYBRID_BENCH_PYTHONS:=3.11 3.12 3.13}"
+# target/bench-workers: bench/workers as they are (on workers.python), plus noop-fork-py3XX and
+# pandas-fork-py3XX pinned with `python = "3.X"` (docs/workers.md). A Python the host lacks
+# fails here with the command that installs it; HYBRID_BENCH_PYTHONS="3.12" runs fewer.
+WORKERS="$PWD/target/bench-workers"
+rm -rf "$WORKERS" && mkdir -p "$WORKERS" && cp -r bench/workers/. "$WORKERS/"
+for version in $HYBRID_BENCH_PYTHONS; do
+  for base in noop-fork pandas-fork; do
+    pinned="$WORKERS/$base-py${version/./}"
+    cp -r "bench/workers/$base" "$pinned"
+    printf 'python = "%s"\n' "$version" >>"$pinned/worker.toml"
+  done
+done
+export HYBRID_BENCH_PYTHONS HYBRID_BENCH_WORKERS="$WORKERS"
+echo "== bench worker venvs (pandas is hash-pinned, one hash per CPython wheel)"
+HYBRID__WORKERS__DIR="$WORKERS" HYBRID__WORKERS__VENV_ROOT="$PWD/target/bench-venvs" \
   HYBRID__LOG__FORMAT=text target/release/hybrid-worker workers build >/dev/null
 HYBRID__WORKERS__VENV_ROOT="${HYBRID_TEST_VENV_ROOT:-$PWD/target/test-venvs}" \
   HYBRID__LOG__FORMAT=text target/release/hybrid-worker workers build >/dev/null

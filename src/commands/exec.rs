@@ -28,7 +28,7 @@ pub async fn run(settings: &Settings, args: &ExecArgs) -> anyhow::Result<ExitCod
     let dir = workers_dir(settings, &args.dir.workers_dir);
     let catalog = scan(settings, &dir)?;
     let worker = catalog.get(&args.worker)?.clone();
-    let interpreter = super::interpreter(settings)?;
+    let interpreter = super::Interpreters::new(settings).for_worker(&worker)?;
     let python = ready_python(&worker, &interpreter, settings, &dir)?;
     let ready = vec![ReadyWorker {
         worker: worker.clone(),

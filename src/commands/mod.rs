@@ -13,7 +13,8 @@ use std::process::ExitCode;
 
 use crate::config::Settings;
 use crate::python_runtime::Runtime;
-use crate::worker::python::Interpreter;
+use crate::worker::pin::Places;
+use crate::worker::python::{Interpreter, PythonError};
 use crate::worker::venv::{VenvPlan, VenvState};
 use crate::worker::{Catalog, Worker};
 
@@ -131,15 +132,48 @@ pub fn scan(settings: &Settings, dir: &std::path::Path) -> anyhow::Result<Catalo
     Ok(catalog)
 }
 
-/// The configured interpreter, resolved once; for a root daemon whose job user cannot reach
-/// it, a copy it can read ([`Interpreter::for_jobs`]).
-pub fn interpreter(settings: &Settings) -> anyhow::Result<Interpreter> {
-    let sb = &settings.sandbox;
-    Ok(Interpreter::resolve(&settings.workers.python)?.for_jobs(
-        sb.user,
-        sb.group,
-        &settings.workers.system_dir,
-    )?)
+/// Each worker's interpreter, resolved once per pin: its `python` requirement found on the host
+/// ([`Places::find`]), else the configured `workers.python`; for a root daemon whose job user
+/// cannot reach it, a copy it can read ([`Interpreter::for_jobs`]).
+#[derive(Debug)]
+pub struct Interpreters<'a> {
+    settings: &'a Settings,
+    places: Places,
+    /// By pin (`None`: `workers.python`).
+    found: std::collections::BTreeMap<Option<String>, Interpreter>,
+}
+
+impl<'a> Interpreters<'a> {
+    pub fn new(settings: &'a Settings) -> Self {
+        Self {
+            settings,
+            places: Places::from_env(),
+            found: Default::default(),
+        }
+    }
+
+    /// The interpreter `worker`'s venv is built from, or why there is none (naming the
+    /// command that installs one).
+    pub fn for_worker(&mut self, worker: &Worker) -> Result<Interpreter, UsageError> {
+        self.resolve(worker)
+            .map_err(|e| UsageError(format!("worker {:?}: {e}", worker.name)))
+    }
+
+    fn resolve(&mut self, worker: &Worker) -> Result<Interpreter, PythonError> {
+        let pin = worker.spec.python.as_ref();
+        let key = pin.map(ToString::to_string);
+        if let Some(found) = self.found.get(&key) {
+            return Ok(found.clone());
+        }
+        let resolved = match pin {
+            Some(requirement) => self.places.find(requirement)?,
+            None => Interpreter::resolve(&self.settings.workers.python)?,
+        };
+        let sb = &self.settings.sandbox;
+        let usable = resolved.for_jobs(sb.user, sb.group, &self.settings.workers.system_dir)?;
+        self.found.insert(key, usable.clone());
+        Ok(usable)
+    }
 }
 
 /// The runner of `run` and `exec`, set up the same way: the daemon hardened (non-dumpable),

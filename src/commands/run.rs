@@ -136,7 +136,7 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
 /// `engine.build_venvs_on_start` is on; otherwise the daemon refuses to start and names the
 /// command that builds them.
 fn ready_workers(settings: &Settings, catalog: &Catalog) -> anyhow::Result<Vec<ReadyWorker>> {
-    let python = super::interpreter(settings)?;
+    let mut interpreters = super::Interpreters::new(settings);
     let allow = &settings.workers.allow;
     for name in allow {
         if !catalog.workers.contains_key(name) {
@@ -153,6 +153,7 @@ fn ready_workers(settings: &Settings, catalog: &Catalog) -> anyhow::Result<Vec<R
             tracing::info!(worker = %worker.name, "Worker not in workers.allow: its jobs will be refused with PolicyDenied.");
             continue;
         }
+        let python = interpreters.for_worker(worker)?;
         let plan = VenvPlan::new(worker, &python, &settings.workers.venv_root())?;
         if !plan.state().is_ready() {
             if !settings.engine.build_venvs_on_start {

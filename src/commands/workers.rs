@@ -46,20 +46,36 @@ fn state_word(plan: &Result<VenvPlan, anyhow::Error>) -> String {
     }
 }
 
+/// What a worker's `python` column shows: the version, marked with its pin when it has one.
+fn python_word(worker: &Worker, python: &Result<Interpreter, UsageError>) -> String {
+    match (python, &worker.spec.python) {
+        (Ok(p), None) => p.version.clone(),
+        (Ok(p), Some(pin)) => format!("{} (pin {pin})", p.version),
+        (Err(_), Some(pin)) => format!("MISSING (pin {pin})"),
+        (Err(_), None) => "MISSING".into(),
+    }
+}
+
 fn list(settings: &Settings, dir: &Path) -> anyhow::Result<ExitCode> {
     let catalog = scan(settings, dir)?;
-    let python = super::interpreter(settings)?;
+    let mut interpreters = super::Interpreters::new(settings);
     println!(
-        "{:<20} {:<28} {:<8} {:>8} {:>8} {:>8} {:<7} DESCRIPTION",
-        "NAME", "ENTRYPOINT", "VENV", "TIMEOUT", "MEMORY", "ATTEMPTS", "NETWORK"
+        "{:<20} {:<28} {:<8} {:<20} {:>8} {:>8} {:>8} {:<7} DESCRIPTION",
+        "NAME", "ENTRYPOINT", "VENV", "PYTHON", "TIMEOUT", "MEMORY", "ATTEMPTS", "NETWORK"
     );
     for worker in catalog.workers.values() {
         let limits = worker.limits();
+        let python = interpreters.for_worker(worker);
+        let venv = match &python {
+            Ok(python) => state_word(&plan(settings, worker, python)),
+            Err(_) => "no-python".into(),
+        };
         println!(
-            "{:<20} {:<28} {:<8} {:>7}s {:>6}MB {:>8} {:<7} {}",
+            "{:<20} {:<28} {:<8} {:<20} {:>7}s {:>6}MB {:>8} {:<7} {}",
             worker.name,
             worker.spec.entrypoint,
-            state_word(&plan(settings, worker, &python)),
+            venv,
+            python_word(worker, &python),
             limits.timeout_s,
             limits.memory_mb,
             limits.max_attempts,
@@ -71,10 +87,9 @@ fn list(settings: &Settings, dir: &Path) -> anyhow::Result<ExitCode> {
         println!("BROKEN {broken}");
     }
     println!(
-        "\nvenv root: {}  python: {} ({})",
+        "\nvenv root: {}  python (unpinned workers): {}",
         settings.workers.venv_root().display(),
-        python.path.display(),
-        python.version
+        settings.workers.python
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -96,9 +111,17 @@ fn build(
     if catalog.workers.is_empty() {
         return Err(UsageError(format!("no workers in {}", dir.display())).into());
     }
-    let python = super::interpreter(settings)?;
+    let mut interpreters = super::Interpreters::new(settings);
     let mut failed = 0;
     for worker in selected(&catalog, name)? {
+        let python = match interpreters.for_worker(worker) {
+            Ok(python) => python,
+            Err(e) => {
+                failed += 1;
+                eprintln!("{}: {e}", worker.name);
+                continue;
+            }
+        };
         let plan = plan(settings, worker, &python)?;
         if plan.state().is_ready() && !force {
             println!("{}: up to date at {}", worker.name, plan.dir.display());
@@ -220,7 +243,7 @@ fn print_secrets(
 
 fn verify(settings: &Settings, dir: &Path) -> anyhow::Result<ExitCode> {
     let catalog = scan(settings, dir)?;
-    let python = super::interpreter(settings)?;
+    let mut interpreters = super::Interpreters::new(settings);
     // The same set-up as `run`'s, so that what is printed is what a daemon here enforces.
     let sandbox = Sandbox::new(settings.sandbox.clone()).map_err(|e| UsageError(e.to_string()))?;
     let temp_base = settings.engine.temp_dir();
@@ -228,12 +251,29 @@ fn verify(settings: &Settings, dir: &Path) -> anyhow::Result<ExitCode> {
     let runtime_dir = crate::python_runtime::Runtime::dir_under(&temp_base);
     let mut bad = 0;
     for worker in catalog.workers.values() {
+        let python = match interpreters.for_worker(worker) {
+            Ok(python) => python,
+            Err(e) => {
+                bad += 1;
+                println!("no-python {:<18} {e}", worker.name);
+                continue;
+            }
+        };
         match plan(settings, worker, &python).map(|p| p.state()) {
             Ok(VenvState::Ready {
                 dir,
                 python: venv_python,
             }) => {
                 println!("ok      {:<20} {}", worker.name, dir.display());
+                println!(
+                    "        python {:<15} {} ({})",
+                    python.version,
+                    python.path.display(),
+                    match &worker.spec.python {
+                        Some(pin) => format!("pinned by python = \"{pin}\""),
+                        None => "workers.python".to_owned(),
+                    }
+                );
                 bad += print_sandbox(
                     &sandbox,
                     worker,

@@ -9,8 +9,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 
 use landlock::{
-    ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, NetPort, Ruleset, RulesetAttr,
-    RulesetCreatedAttr, Scope, path_beneath_rules,
+    ABI, Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath,
+    PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, Scope, path_beneath_rules,
 };
 
 use super::NetAccess;
@@ -33,10 +33,57 @@ pub struct FsRules {
 #[error("cannot build the Landlock ruleset: {0}")]
 pub struct LandlockError(String);
 
+/// The paths of a ruleset, opened once (`O_PATH`) with the rights each one gets (a file only
+/// a file's rights; a path that does not exist is left out). A fork-mode worker's jobs each
+/// get the same ruleset but for their own temp folder: the warm parent's paths are opened
+/// when it starts, and each job's ruleset only adds them ([`build_from`]), instead of opening,
+/// checking and closing every path again per job (five system calls a path).
+#[derive(Debug)]
+pub struct OpenedRules {
+    rules: Vec<(PathFd, BitFlags<AccessFs>)>,
+}
+
+impl OpenedRules {
+    pub fn open(rules: &FsRules) -> OpenedRules {
+        let read = AccessFs::from_read(TARGET_ABI);
+        let write = AccessFs::from_all(TARGET_ABI) & !AccessFs::Execute;
+        let mut opened = Vec::new();
+        for (paths, access) in [(&rules.read_only, read), (&rules.read_write, write)] {
+            for path in paths {
+                let Ok(fd) = PathFd::new(path) else { continue };
+                opened.push((rights_for(&fd, access), fd));
+            }
+        }
+        OpenedRules {
+            rules: opened.into_iter().map(|(a, fd)| (fd, a)).collect(),
+        }
+    }
+}
+
+/// What `access` becomes for the path open at `fd`: a file takes only a file's rights (adding
+/// directory rights to a file fails); when it cannot be checked, `access` as asked (as
+/// `landlock::path_beneath_rules` does).
+fn rights_for(fd: &PathFd, access: BitFlags<AccessFs>) -> BitFlags<AccessFs> {
+    match nix::sys::stat::fstat(fd.as_fd()) {
+        Ok(st) if (st.st_mode & libc::S_IFMT) != libc::S_IFDIR => {
+            access & AccessFs::from_file(TARGET_ABI)
+        }
+        _ => access,
+    }
+}
+
 /// Builds the ruleset. `None` when the kernel has no Landlock (already reported at start).
 pub fn build(rules: &FsRules, network: NetAccess) -> Result<Option<OwnedFd>, LandlockError> {
+    build_from(&OpenedRules::open(rules), &[], network)
+}
+
+/// Builds the ruleset of `opened`'s paths plus `read_write` (a job's temp folder), opened now.
+pub fn build_from(
+    opened: &OpenedRules,
+    read_write: &[PathBuf],
+    network: NetAccess,
+) -> Result<Option<OwnedFd>, LandlockError> {
     let err = |e: landlock::RulesetError| LandlockError(e.to_string());
-    let read = AccessFs::from_read(TARGET_ABI);
     let all = AccessFs::from_all(TARGET_ABI);
     let write = all & !AccessFs::Execute;
     let mut ruleset = Ruleset::default()
@@ -52,15 +99,16 @@ pub fn build(rules: &FsRules, network: NetAccess) -> Result<Option<OwnedFd>, Lan
             .handle_access(AccessNet::from_all(TARGET_ABI))
             .map_err(err)?;
     }
-    let existing = |paths: &[PathBuf]| -> Vec<PathBuf> {
-        paths.iter().filter(|p| p.exists()).cloned().collect()
-    };
+    let kept = opened
+        .rules
+        .iter()
+        .map(|(fd, access)| Ok::<_, landlock::RulesetError>(PathBeneath::new(fd.as_fd(), *access)));
     let created = ruleset
         .create()
         .map_err(err)?
-        .add_rules(path_beneath_rules(existing(&rules.read_only), read))
+        .add_rules(kept)
         .map_err(err)?
-        .add_rules(path_beneath_rules(existing(&rules.read_write), write))
+        .add_rules(path_beneath_rules(read_write, write))
         .map_err(err)?;
     let created = match network {
         NetAccess::Proxy { port } if port != 0 => created
@@ -170,6 +218,12 @@ mod tests {
                 true,
             ),
         ];
+        assert_holds(&ruleset, &checks);
+    }
+
+    /// Forks a child that restricts itself to `ruleset` and tries each open; fails the test
+    /// naming the first check whose outcome differs.
+    fn assert_holds(ruleset: &OwnedFd, checks: &[(CString, libc::c_int, bool)]) {
         // SAFETY: the child makes only system calls on values prepared above, then _exits.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
@@ -177,7 +231,7 @@ mod tests {
             // SAFETY: plain system calls in the child; it never returns into the test.
             unsafe {
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-                if restrict_self(&ruleset).is_err() {
+                if restrict_self(ruleset).is_err() {
                     libc::_exit(3);
                 }
                 for (i, (path, flags, allowed)) in checks.iter().enumerate() {
@@ -199,5 +253,37 @@ mod tests {
             "check {} failed (3: restrict_self failed)",
             code - 10
         );
+    }
+
+    /// Paths opened once serve every job's ruleset, and each job's temp folder is writable in
+    /// its own ruleset only (nothing accumulates from one job to the next).
+    #[test]
+    fn rules_opened_once_give_each_job_only_its_own_folder() {
+        let dir = tempfile::tempdir().expect("a temp folder");
+        let root = dir.path();
+        for sub in ["code", "job-a", "job-b"] {
+            std::fs::create_dir(root.join(sub)).expect("a folder");
+        }
+        std::fs::write(root.join("code/file"), "x").expect("a file");
+        let opened = OpenedRules::open(&FsRules {
+            read_only: vec![root.join("code")],
+            read_write: vec![],
+        });
+        let write = libc::O_WRONLY | libc::O_CREAT;
+        for (mine, other) in [("job-a", "job-b"), ("job-b", "job-a")] {
+            let ruleset = build_from(&opened, &[root.join(mine)], NetAccess::Allow)
+                .expect("the ruleset builds");
+            let Some(ruleset) = ruleset else {
+                eprintln!("no Landlock on this kernel: nothing to check");
+                return;
+            };
+            let checks = [
+                (c(&root.join("code/file")), libc::O_RDONLY, true),
+                (c(&root.join(mine).join("new")), write, true),
+                (c(&root.join(other).join("new")), write, false),
+                (c(&root.join("code/new")), write, false),
+            ];
+            assert_holds(&ruleset, &checks);
+        }
     }
 }

@@ -366,18 +366,32 @@ impl SandboxPolicy {
     /// writable, stacked on the warm parent's (whose writable folder holds every job's temp
     /// folder), so that a job cannot touch its neighbours' folders and, with ABI 6, cannot
     /// signal its warm parent. Also hands `workdir` to the job's user (the parent's uid).
-    /// `None` when Landlock is off here.
-    pub fn prepare_fork_child(&self, workdir: &Path) -> Result<Option<OwnedFd>, SandboxError> {
+    /// `None` when Landlock is off here. `opened` is [`Self::fork_child_rules`], made once per
+    /// warm parent: the ruleset is the same as if every path were opened now.
+    pub fn prepare_fork_child(
+        &self,
+        workdir: &Path,
+        opened: Option<&landlock::OpenedRules>,
+    ) -> Result<Option<OwnedFd>, SandboxError> {
         if let (JobUser::Drop { uid, gid }, true) = (&self.user, self.mechanisms.user) {
             hand_to(workdir, *uid, *gid)?;
         }
-        match (self.mechanisms.landlock, &self.support.landlock_abi) {
-            (true, Ok(_)) => {
-                let mut rules = self.fs.clone();
-                rules.read_write.push(workdir.to_path_buf());
-                Ok(landlock::build(&rules, self.net_access())?)
-            }
+        match (opened, &self.support.landlock_abi) {
+            (Some(opened), Ok(_)) if self.mechanisms.landlock => Ok(landlock::build_from(
+                opened,
+                &[workdir.to_path_buf()],
+                self.net_access(),
+            )?),
             _ => Ok(None),
+        }
+    }
+
+    /// The paths of the forked children's Landlock ruleset (all but each job's temp folder),
+    /// opened once for [`Self::prepare_fork_child`]; `None` when Landlock is off here.
+    pub fn fork_child_rules(&self) -> Option<landlock::OpenedRules> {
+        match (self.mechanisms.landlock, &self.support.landlock_abi) {
+            (true, Ok(_)) => Some(landlock::OpenedRules::open(&self.fs)),
+            _ => None,
         }
     }
 

@@ -5,6 +5,7 @@
 //! entrypoint: every limit has a safe default, and an unknown key is refused so that a typo in a
 //! limit never silently leaves the default in place.
 
+pub mod pin;
 pub mod python;
 pub mod relocate;
 pub mod venv;
@@ -153,6 +154,10 @@ pub struct WorkerToml {
     /// Entra ID scopes the daemon gets tokens for on the job's behalf: `ctx.credential()`.
     #[serde(default)]
     pub azure_scopes: Vec<String>,
+    /// The interpreter the worker's venv is built from, as a version requirement (`"3.12"`,
+    /// `">=3.12"`); without it, `workers.python` ([`pin`]).
+    #[serde(default)]
+    pub python: Option<pin::PythonRequirement>,
     #[serde(flatten)]
     pub limits: Limits,
     #[serde(default)]
@@ -496,6 +501,17 @@ mod tests {
         let w = Worker::load(&dir).expect("loads");
         assert_eq!(w.isolation(), Isolation::Fork);
         assert_eq!(w.spec.preload, ["json", "email.mime"]);
+        assert_eq!(w.spec.python, None);
+        let dir = write_worker(
+            root.path(),
+            "w3",
+            "entrypoint = \"m:run\"\npython = \"3.12\"\n",
+        );
+        let w = Worker::load(&dir).expect("loads");
+        assert_eq!(
+            w.spec.python.map(|p| p.to_string()).as_deref(),
+            Some("3.12")
+        );
     }
 
     #[test]
@@ -550,6 +566,11 @@ mod tests {
                 "k",
                 "entrypoint = \"m:f\"\nazure_scopes = [\"storage\"]\n",
                 "azure_scopes entry \"storage\"",
+            ),
+            (
+                "l",
+                "entrypoint = \"m:f\"\npython = \"latest\"\n",
+                "not a Python version requirement",
             ),
         ];
         for (name, toml, expected) in cases {

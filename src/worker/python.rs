@@ -26,6 +26,14 @@ pub enum PythonError {
         command: String,
         source: std::io::Error,
     },
+    #[error(
+        "no Python interpreter satisfies python = {requirement:?} (searched {searched}); install one: `{fix}`"
+    )]
+    NotFound {
+        requirement: String,
+        searched: String,
+        fix: String,
+    },
     #[error("the Python interpreter {command:?} failed to report its version: {detail}")]
     Probe { command: String, detail: String },
     #[error(

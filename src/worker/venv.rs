@@ -1,5 +1,6 @@
 //! Pinned virtualenvs: one per worker, outside the source tree, keyed by a hash of the worker's
-//! `requirements.txt` and the Python version.
+//! `requirements.txt`, the Python version and the interpreter's path (a worker pinned to another
+//! Python, `python = "3.12"`, gets another venv; see `docs/workers.md`).
 //!
 //! A venv is complete only when its lock file (`hybrid-worker.lock.json`) is written, which is
 //! the last step of a build; so an interrupted build reads as missing, never as ready. The
@@ -45,6 +46,12 @@ pub struct VenvLock {
     pub key: String,
     pub requirements_sha256: String,
     pub python_version: String,
+    /// The interpreter the venv was built from (after any copy for the job user).
+    #[serde(default)]
+    pub python_path: PathBuf,
+    /// The worker's `python` pin, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python_requirement: Option<String>,
     pub installer: String,
 }
 
@@ -104,6 +111,8 @@ impl VenvPlan {
                 key,
                 requirements_sha256,
                 python_version: python.version.clone(),
+                python_path: python.path.clone(),
+                python_requirement: worker.spec.python.as_ref().map(ToString::to_string),
                 installer: String::new(),
             },
             requirements,

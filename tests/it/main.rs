@@ -11,6 +11,7 @@ mod helpers;
 mod hostile;
 mod hostile_egress;
 mod hostile_secrets;
+mod python_pin;
 mod reply_policy;
 mod runner;
 mod servicebus;

@@ -94,6 +94,88 @@ async fn send_receive_renew_and_settle_through_the_emulator() {
     emu.shutdown().await;
 }
 
+/// Complete, abandon and dead-letter go on the receive link that delivered the message (one
+/// disposition each, no management round trip); once that link is gone, by lock token.
+#[tokio::test]
+async fn settlements_go_on_the_delivering_link_and_by_token_once_it_is_gone() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let emu = emulator(Duration::from_secs(30)).await;
+    let sb = client(&emu, HOUR);
+    for id in ["a", "b", "c", "d"] {
+        sb.send(JOBS, job_message(id, &json!({})))
+            .await
+            .expect("send");
+    }
+    let got = sb
+        .receive(4, Duration::from_secs(5))
+        .await
+        .expect("receive");
+    assert_eq!(got.len(), 4);
+    sb.complete(got[0].lock_token).await.expect("complete");
+    sb.abandon(got[1].lock_token).await.expect("abandon");
+    sb.dead_letter(got[2].lock_token, "InvalidInput", "the input was bad")
+        .await
+        .expect("dead-letter");
+    assert_eq!(sb.stats.settled_on_link.load(Relaxed), 3);
+    assert_eq!(sb.stats.settled_by_token.load(Relaxed), 0);
+    let expected = Counts {
+        active: 1,
+        locked: 1,
+        dead_lettered: 1,
+        ..Default::default()
+    };
+    wait_for(Duration::from_secs(5), "the dispositions to land", || {
+        emu.counts(JOBS) == Some(expected)
+    })
+    .await;
+    let cs = ConnectionString::parse(&emu.connection_string()).expect("cs");
+    let dlq = ServiceBusBroker::new(ServiceBusConfig::from_connection_string(
+        &cs,
+        &format!("{JOBS}/$DeadLetterQueue"),
+        HOUR,
+    ));
+    let dead = dlq.peek(1, 10).await.expect("peek");
+    assert_eq!(dead.len(), 1);
+    let app = &dead[0].properties.application;
+    assert_eq!(
+        app.get("DeadLetterReason").map(String::as_str),
+        Some("InvalidInput")
+    );
+    assert_eq!(
+        app.get("DeadLetterErrorDescription").map(String::as_str),
+        Some("the input was bad")
+    );
+    dlq.close().await;
+
+    // The link is gone with the connection: the lock token still settles.
+    sb.close().await;
+    sb.complete(got[3].lock_token)
+        .await
+        .expect("complete by token");
+    assert_eq!(sb.stats.settled_by_token.load(Relaxed), 1);
+    let again = sb
+        .receive(1, Duration::from_secs(5))
+        .await
+        .expect("receive");
+    assert_eq!(again[0].properties.message_id.as_deref(), Some("b"));
+    assert_eq!(
+        again[0].delivery_count, 1,
+        "an abandon on the link counts a delivery"
+    );
+    sb.complete(again[0].lock_token).await.expect("complete");
+    assert_eq!(sb.stats.settled_on_link.load(Relaxed), 4);
+    wait_for(Duration::from_secs(5), "the queue to empty", || {
+        emu.counts(JOBS)
+            == Some(Counts {
+                dead_lettered: 1,
+                ..Default::default()
+            })
+    })
+    .await;
+    sb.close().await;
+    emu.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_expired_lock_is_reported_as_lost() {
     let clock = Arc::new(ManualClock::new(SystemClock.now_ms()));

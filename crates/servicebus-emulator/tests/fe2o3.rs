@@ -315,3 +315,118 @@ async fn a_large_credit_grant_is_served_in_budgeted_rounds() -> TestResult {
     handle.shutdown().await;
     Ok(())
 }
+
+/// Polls until `jobs` holds `want`, or five seconds pass (fe2o3 does not wait for the broker's
+/// answer to a disposition).
+async fn await_counts(handle: &EmulatorHandle, want: servicebus_emulator::queue::Counts) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while handle.counts("jobs") != Some(want) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(handle.counts("jobs"), Some(want));
+}
+
+/// The daemon's settlement on the receive link: one disposition over a range of delivery ids
+/// settles each of them, and `rejected` with `com.microsoft:dead-letter` dead-letters with the
+/// reason and description of the error's info (as the azure-servicebus SDK sends them).
+#[tokio::test]
+async fn link_dispositions_settle_ranges_and_dead_letter_with_their_reason() -> TestResult {
+    use fe2o3_amqp::types::definitions::{Error as AmqpError, ErrorCondition, Fields};
+    use fe2o3_amqp::types::messaging::Modified;
+    use fe2o3_amqp::types::primitives::{SimpleValue, Symbol};
+    use servicebus_emulator::queue::Counts;
+
+    let handle = start().await?;
+    let (mut conn, mut session) = connect(&handle, 65536).await?;
+    authorize(&mut session, &handle, "jobs", &SasRule::default()).await?;
+    let mut sender = Sender::attach(&mut session, "range-sender", "jobs").await?;
+    for i in 0..5 {
+        sender.send(Message::from(format!("m{i}"))).await?;
+    }
+    let mut receiver = Receiver::builder()
+        .name("range-receiver")
+        .source("jobs")
+        .receiver_settle_mode(ReceiverSettleMode::Second)
+        .credit_mode(CreditMode::Manual)
+        .attach(&mut session)
+        .await?;
+    receiver.set_credit(5).await?;
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let d = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            receiver.recv::<Body<Value>>(),
+        )
+        .await??;
+        got.push(DeliveryInfo::from(d));
+    }
+    // Three consecutive delivery ids: fe2o3 sends one disposition, first..last.
+    receiver.accept_all(got.drain(..3)).await?;
+    let locked_two = Counts {
+        locked: 2,
+        ..Default::default()
+    };
+    await_counts(&handle, locked_two).await;
+    let mut info = Fields::new();
+    info.insert(
+        Symbol::from("DeadLetterReason"),
+        Value::String("InvalidInput".into()),
+    );
+    info.insert(
+        Symbol::from("DeadLetterErrorDescription"),
+        Value::String("the input was bad".into()),
+    );
+    let error = AmqpError::new(
+        ErrorCondition::Custom(Symbol::from("com.microsoft:dead-letter")),
+        Some("the input was bad".to_owned()),
+        Some(info),
+    );
+    receiver.reject(got.remove(0), error).await?;
+    let abandoned = Modified {
+        delivery_failed: Some(true),
+        undeliverable_here: Some(false),
+        message_annotations: None,
+    };
+    receiver.modify(got.remove(0), abandoned).await?;
+    let after = Counts {
+        active: 1,
+        dead_lettered: 1,
+        ..Default::default()
+    };
+    await_counts(&handle, after).await;
+
+    let mut dlq = Receiver::builder()
+        .name("dlq-receiver")
+        .source("jobs/$DeadLetterQueue")
+        .receiver_settle_mode(ReceiverSettleMode::Second)
+        .credit_mode(CreditMode::Manual)
+        .attach(&mut session)
+        .await?;
+    dlq.set_credit(1).await?;
+    let dead = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        dlq.recv::<Body<Value>>(),
+    )
+    .await??;
+    let props = dead
+        .message()
+        .application_properties
+        .as_ref()
+        .ok_or("no application properties")?;
+    assert_eq!(
+        props.0.get("DeadLetterReason"),
+        Some(&SimpleValue::String("InvalidInput".into()))
+    );
+    assert_eq!(
+        props.0.get("DeadLetterErrorDescription"),
+        Some(&SimpleValue::String("the input was bad".into()))
+    );
+    dlq.accept(DeliveryInfo::from(dead)).await?;
+    dlq.close().await?;
+    receiver.close().await?;
+    sender.close().await?;
+    session.end().await?;
+    conn.close().await?;
+    handle.shutdown().await;
+    Ok(())
+}

@@ -61,6 +61,7 @@ use super::child::{ChildPipes, ExitInfo};
 use crate::egress::Egress;
 use crate::python_runtime::ZYGOTE_STUB;
 use crate::sandbox::cgroup::JobCgroup;
+use crate::sandbox::landlock::OpenedRules;
 use crate::sandbox::{Sandbox, SandboxPolicy};
 use crate::worker::{NetworkPolicy, Worker};
 use protocol::{Control, Reply};
@@ -159,6 +160,8 @@ struct WarmParent {
     /// Its private folder; each job's temp folder is made inside it.
     dir: tempfile::TempDir,
     policy: SandboxPolicy,
+    /// The paths of its children's Landlock rulesets, opened once (`None`: Landlock is off).
+    child_rules: Option<OpenedRules>,
     /// The cgroup of the parent's spare child (forked ahead for the next job), which entered
     /// it when it was forked, so that the move (and the RCU grace period a cgroup move waits
     /// for, ~10 ms when moves are rare) is off the job's path. The next job takes it over; the
@@ -403,6 +406,7 @@ impl WarmPool {
             shared,
             next_id: AtomicU64::new(1),
             dir,
+            child_rules: policy.fork_child_rules(),
             policy,
             spare_cgroup: Mutex::new(None),
             threads: Mutex::new(Threads::default()),
@@ -514,7 +518,7 @@ impl WarmPool {
             .map_err(|e| prep("its temp folder", &e))?;
         let ruleset = parent
             .policy
-            .prepare_fork_child(workdir.path())
+            .prepare_fork_child(workdir.path(), parent.child_rules.as_ref())
             .map_err(|e| prep("its sandbox", &e))?;
         let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC);
         let (job_read, job_write) = pipe().map_err(|e| prep("a pipe", &e))?;

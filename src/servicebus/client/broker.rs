@@ -1,7 +1,10 @@
-//! The engine's [`Broker`] on Service Bus: receive with credit equal to the free slots,
-//! settle and renew through the management node by lock token, send and schedule.
+//! The engine's [`Broker`] on Service Bus: receive with credit equal to the free slots, settle
+//! on the receive link (by lock token through the management node once that link is gone),
+//! renew through the management node, send and schedule.
 
+use super::settle::LinkOutcome;
 use super::*;
+use fe2o3_amqp::link::delivery::DeliveryInfo;
 
 #[async_trait]
 impl Broker for ServiceBusBroker {
@@ -15,12 +18,18 @@ impl Broker for ServiceBusBroker {
         if stale {
             // Messages the old link still holds keep their locks; they are settled by lock
             // token through the management node.
-            if let Some(old) = slot.take().filter(|old| old.generation == live.generation) {
-                let _ = old.receiver.close().await;
+            if let Some(old) = slot.take() {
+                self.deliveries.gone(old.serial);
+                if old.generation == live.generation {
+                    let _ = old.receiver.close().await;
+                }
             }
             let receiver = self.attach_receiver(&live).await?;
+            let serial = self.receiver_serial.fetch_add(1, Ordering::Relaxed) + 1;
+            self.deliveries.opened(serial, receiver.disposer());
             *slot = Some(ReceiverLink {
                 generation: live.generation,
+                serial,
                 receiver,
                 delivered: 0,
             });
@@ -30,20 +39,36 @@ impl Broker for ServiceBusBroker {
         };
         let credit = u32::try_from(max).unwrap_or(u32::MAX);
         if let Err(e) = link.receiver.set_credit(credit).await {
+            self.deliveries.gone(link.serial);
             *slot = None;
             return Err(self.broken(&live, connection_error("granting credit", e)));
         }
         let mut out = Vec::new();
         let mut budget = wait;
+        // A settlement that needs the receiver (see `settle`) asks for it: return what there is.
+        let wanted = self.receiver_wanted.notified();
+        tokio::pin!(wanted);
+        wanted.as_mut().enable();
         while out.len() < max {
-            let next = tokio::time::timeout(budget, link.receiver.recv::<Body<Value>>()).await;
+            let next = tokio::select! {
+                next = tokio::time::timeout(budget, link.receiver.recv::<Body<Value>>()) => next,
+                () = &mut wanted => break,
+            };
             match next {
                 Err(_) => break,
                 Ok(Ok(delivery)) => {
                     link.delivered += 1;
                     let tag = delivery.delivery_tag().to_vec();
                     match to_delivery(&tag, delivery.message(), DEFAULT_LOCK) {
-                        Some(d) => out.push(d),
+                        Some(d) => {
+                            self.deliveries.delivered(
+                                link.serial,
+                                d.lock_token,
+                                DeliveryInfo::from(&delivery),
+                                d.locked_until,
+                            );
+                            out.push(d);
+                        }
                         None => {
                             tracing::error!("A delivery without a lock token was released.");
                             let _ = link.receiver.release(&delivery).await;
@@ -52,6 +77,7 @@ impl Broker for ServiceBusBroker {
                     budget = GATHER;
                 }
                 Ok(Err(e)) => {
+                    self.deliveries.gone(link.serial);
                     *slot = None;
                     if out.is_empty() {
                         return Err(self.broken(&live, connection_error("receiving", e)));
@@ -82,11 +108,17 @@ impl Broker for ServiceBusBroker {
     }
 
     async fn complete(&self, lock_token: Uuid) -> Result<(), BrokerError> {
+        if self.settle_on_link(lock_token, LinkOutcome::Complete).await {
+            return Ok(());
+        }
         self.update_disposition(lock_token, "completed", None, &BTreeMap::new())
             .await
     }
 
     async fn abandon(&self, lock_token: Uuid) -> Result<(), BrokerError> {
+        if self.settle_on_link(lock_token, LinkOutcome::Abandon).await {
+            return Ok(());
+        }
         self.update_disposition(lock_token, "abandoned", None, &BTreeMap::new())
             .await
     }
@@ -98,6 +130,14 @@ impl Broker for ServiceBusBroker {
         description: &str,
         keep: &BTreeMap<String, String>,
     ) -> Result<(), BrokerError> {
+        // Properties to keep go through the management node (see `settle`).
+        let outcome = LinkOutcome::DeadLetter {
+            reason,
+            description,
+        };
+        if keep.is_empty() && self.settle_on_link(lock_token, outcome).await {
+            return Ok(());
+        }
         self.update_disposition(lock_token, "suspended", Some((reason, description)), keep)
             .await
     }
@@ -120,7 +160,9 @@ impl Broker for ServiceBusBroker {
         let until =
             UNIX_EPOCH + Duration::from_millis(u64::try_from(until.milliseconds()).unwrap_or(0));
         let left = until.duration_since(SystemTime::now()).unwrap_or_default();
-        Ok(tokio::time::Instant::now() + left)
+        let until = tokio::time::Instant::now() + left;
+        self.deliveries.renewed(lock_token, until);
+        Ok(until)
     }
 
     async fn send(&self, queue: &str, message: OutgoingMessage) -> Result<(), BrokerError> {

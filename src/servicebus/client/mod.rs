@@ -2,11 +2,11 @@
 //! peek-lock receiver and management link, and a sender per destination queue; rebuilt with
 //! backoff when the connection drops.
 //!
-//! Settlement (complete, abandon, dead-letter) and lock renewal go through the jobs queue's
-//! management node with the message's lock token, not through the receive link: the broker
-//! answers each one (so a lost lock is seen, not assumed), and a lock token stays valid across a
-//! reconnect, so a job that was running while the connection dropped is still settled once,
-//! not redelivered and run twice. The price is one request/response per settlement.
+//! Settlement (complete, abandon, dead-letter) goes on the receive link that delivered the
+//! message while that link lives ([`settle`]), and through the jobs queue's management node by
+//! lock token once it is gone: a lock token stays valid across a reconnect, so a job that was
+//! running while the connection dropped is still settled once, not redelivered and run twice.
+//! Lock renewal always goes through the management node.
 //!
 //! [`connection`] opens the connection and authorises entities on it; this module keeps the
 //! links (senders, the jobs receiver, the management node) and their rebuilding; [`broker`] is
@@ -46,11 +46,14 @@ use crate::broker::{Broker, BrokerError, Delivery, OutgoingMessage};
 mod broker;
 mod connection;
 mod operations;
+mod settle;
 
 /// How long connecting, authorising or attaching may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A receive link is replaced after this many deliveries: messages settled through the
-/// management node stay in the link's local unsettled map until the link is closed.
+/// management node (near their lock's end, dead-letters that keep properties) stay in the
+/// link's local unsettled map until the link is closed. Replacing it sends the jobs still
+/// running on it to the management node for their settlement (`settle`).
 const RECEIVER_RECYCLE: u64 = 2_000;
 /// Lock duration assumed when a delivery does not say when its lock ends.
 const DEFAULT_LOCK: Duration = Duration::from_secs(30);
@@ -125,6 +128,8 @@ struct Live {
 
 struct ReceiverLink {
     generation: u64,
+    /// Unique per attach: a delivery settles on its link only while this one is open.
+    serial: u64,
     receiver: Receiver,
     delivered: u64,
 }
@@ -134,6 +139,11 @@ struct ReceiverLink {
 pub struct ClientStats {
     pub connects: AtomicU64,
     pub token_puts: AtomicU64,
+    /// Settlements sent on the receive link that delivered the message.
+    pub settled_on_link: AtomicU64,
+    /// Settlements through the management node by lock token (the link was gone, or a
+    /// dead-letter kept properties).
+    pub settled_by_token: AtomicU64,
 }
 
 /// A [`Broker`] on Azure Service Bus (or the emulator), over AMQP 1.0.
@@ -141,6 +151,11 @@ pub struct ServiceBusBroker {
     config: ServiceBusConfig,
     live: Mutex<Option<Arc<Live>>>,
     receiver: Mutex<Option<ReceiverLink>>,
+    /// Asks a waiting receive to return, so that a settlement can use the receiver.
+    receiver_wanted: tokio::sync::Notify,
+    /// The deliveries that can be settled on their link.
+    deliveries: settle::LinkDeliveries,
+    receiver_serial: AtomicU64,
     mgmt: Mutex<Option<(u64, MgmtClient)>>,
     senders: Mutex<HashMap<String, (u64, Sender)>>,
     generation: AtomicU64,
@@ -168,6 +183,9 @@ impl ServiceBusBroker {
             config,
             live: Mutex::new(None),
             receiver: Mutex::new(None),
+            receiver_wanted: tokio::sync::Notify::new(),
+            deliveries: settle::LinkDeliveries::default(),
+            receiver_serial: AtomicU64::new(0),
             mgmt: Mutex::new(None),
             senders: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
@@ -283,6 +301,7 @@ impl ServiceBusBroker {
         dead_letter: Option<(&str, &str)>,
         keep: &BTreeMap<String, String>,
     ) -> Result<(), BrokerError> {
+        self.deliveries.forget(token);
         let mut request = MgmtRequest::new("com.microsoft:update-disposition")
             .with("disposition-status", Value::String(status.to_owned()))
             .with("lock-tokens", lock_tokens(token));
@@ -302,7 +321,9 @@ impl ServiceBusBroker {
             request = request.with("properties-to-modify", Value::Map(map));
         }
         let response = self.management_retried(request).await?;
-        status_result(&response)
+        status_result(&response)?;
+        self.stats.settled_by_token.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn send_at(
@@ -456,6 +477,7 @@ impl ServiceBusBroker {
     /// Closes the connection politely (links, session, connection).
     pub async fn close(&self) {
         self.receiver.lock().await.take();
+        self.deliveries.clear();
         self.mgmt.lock().await.take();
         self.senders.lock().await.clear();
         if let Some(live) = self.live.lock().await.take() {
