@@ -290,32 +290,10 @@ pub fn spawn_in_cgroup(
     if !spec.program.is_absolute() {
         return Ok(None);
     }
-    let cstring = |bytes: &[u8]| {
-        CString::new(bytes).map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "a NUL byte in the job's program, arguments, environment or folder",
-            )
-        })
-    };
-    let program = cstring(spec.program.as_os_str().as_bytes())?;
-    let mut argv_owned = vec![program.clone()];
-    for arg in &spec.args {
-        argv_owned.push(cstring(arg.as_bytes())?);
-    }
-    let envp_owned = spec
-        .env
-        .iter()
-        .map(|(k, v)| cstring(format!("{k}={v}").as_bytes()))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    let pointers = |v: &[CString]| {
-        let mut out: Vec<*const libc::c_char> = v.iter().map(|c| c.as_ptr()).collect();
-        out.push(std::ptr::null());
-        out
-    };
-    let argv = pointers(&argv_owned);
-    let envp = pointers(&envp_owned);
-    let cwd = cstring(spec.cwd.as_os_str().as_bytes())?;
+    let exec = ExecArgs::of(spec)?;
+    let (program, cwd) = (&exec.program, &exec.cwd);
+    let argv = nul_terminated(&exec.argv);
+    let envp = nul_terminated(&exec.envp);
 
     let null = above_job_descriptors(std::fs::File::open("/dev/null")?.as_fd())?;
     let (job_read, job_write) = high_pipe()?;
@@ -351,7 +329,7 @@ pub fn spawn_in_cgroup(
     };
     if pid == 0 {
         // SAFETY: the child: only system calls on the values prepared above, then exec.
-        unsafe { run_child(&fds, &cwd, sandbox, &program, &argv, &envp, status_fd) }
+        unsafe { run_child(&fds, cwd, sandbox, program, &argv, &envp, status_fd) }
     }
     if pid < 0 {
         let err = std::io::Error::last_os_error();
@@ -373,8 +351,76 @@ pub fn spawn_in_cgroup(
         err_write,
         status_write,
     ));
-    // The status pipe closes on exec (close-on-exec) or carries why the child did not get
-    // there: one byte of stage, four of errno.
+    if let Some(err) = setup_failure(&status_read) {
+        // SAFETY: reaps our own child, which has exited or is about to.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        super::reaper::unregister_own(pid);
+        super::reaper::forget_job_group(pid);
+        return Err(err);
+    }
+    Ok(Some((
+        ChildHandle {
+            pid,
+            reaped: Arc::new(Mutex::new(false)),
+        },
+        ChildPipes {
+            job: job_write,
+            channel: chan_read,
+            stdout: out_read,
+            stderr: err_read,
+        },
+    )))
+}
+
+/// The program, arguments, environment and folder of a job as C strings, made before
+/// `clone3` (the child may not allocate).
+struct ExecArgs {
+    program: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    cwd: CString,
+}
+
+impl ExecArgs {
+    fn of(spec: &ChildSpec) -> std::io::Result<ExecArgs> {
+        let cstring = |bytes: &[u8]| {
+            CString::new(bytes).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a NUL byte in the job's program, arguments, environment or folder",
+                )
+            })
+        };
+        let program = cstring(spec.program.as_os_str().as_bytes())?;
+        let mut argv = vec![program.clone()];
+        for arg in &spec.args {
+            argv.push(cstring(arg.as_bytes())?);
+        }
+        let envp = spec
+            .env
+            .iter()
+            .map(|(k, v)| cstring(format!("{k}={v}").as_bytes()))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let cwd = cstring(spec.cwd.as_os_str().as_bytes())?;
+        Ok(ExecArgs {
+            program,
+            argv,
+            envp,
+            cwd,
+        })
+    }
+}
+
+/// `execve`'s form of a list: pointers to `v`'s strings and a null.
+fn nul_terminated(v: &[CString]) -> Vec<*const libc::c_char> {
+    let mut out: Vec<*const libc::c_char> = v.iter().map(|c| c.as_ptr()).collect();
+    out.push(std::ptr::null());
+    out
+}
+
+/// Why the child did not reach its program, if it did not: the status pipe closes on exec
+/// (close-on-exec) or carries one byte of stage and four of errno.
+fn setup_failure(status_read: &OwnedFd) -> Option<std::io::Error> {
     let mut report = [0u8; 5];
     let mut got = 0;
     while got < report.len() {
@@ -394,31 +440,16 @@ pub fn spawn_in_cgroup(
             break;
         }
     }
-    if got > 0 {
-        // SAFETY: reaps our own child, which has exited or is about to.
-        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
-        super::reaper::unregister_own(pid);
-        super::reaper::forget_job_group(pid);
-        let errno = i32::from_ne_bytes([report[1], report[2], report[3], report[4]]);
-        let err = std::io::Error::from_raw_os_error(errno);
-        return Err(if report[0] == FAILED_EXEC {
-            err
-        } else {
-            std::io::Error::new(err.kind(), format!("the job's sandbox: {err}"))
-        });
+    if got == 0 {
+        return None;
     }
-    Ok(Some((
-        ChildHandle {
-            pid,
-            reaped: Arc::new(Mutex::new(false)),
-        },
-        ChildPipes {
-            job: job_write,
-            channel: chan_read,
-            stdout: out_read,
-            stderr: err_read,
-        },
-    )))
+    let errno = i32::from_ne_bytes([report[1], report[2], report[3], report[4]]);
+    let err = std::io::Error::from_raw_os_error(errno);
+    Some(if report[0] == FAILED_EXEC {
+        err
+    } else {
+        std::io::Error::new(err.kind(), format!("the job's sandbox: {err}"))
+    })
 }
 
 /// The child of [`spawn_in_cgroup`], between `clone3` and `execve`. Never returns.
