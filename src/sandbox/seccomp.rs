@@ -130,26 +130,7 @@ pub fn compile_for(
 
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     if kind == FilterKind::ForkChild {
-        rules.insert(libc::SYS_setpgid, Vec::new());
-        let mut kill_rules = Vec::new();
-        for pid in protected {
-            kill_rules.push(rule(vec![arg(0, SeccompCmpOp::Eq, u64::from(*pid))?])?);
-            kill_rules.push(rule(vec![arg(
-                0,
-                SeccompCmpOp::Eq,
-                u64::from(pid.wrapping_neg()),
-            )?])?);
-        }
-        rules.insert(libc::SYS_kill, kill_rules);
-        add_signal_rules(&mut rules, protected, &rule, &arg)?;
-        add_x32(&mut rules);
-        let delta = SeccompFilter::new(
-            rules,
-            SeccompAction::Allow,
-            SeccompAction::Errno(libc::EPERM as u32),
-            arch,
-        )
-        .map_err(err)?;
+        let delta = fork_child_filter(protected, arch, &rule, &arg)?;
         return Ok(vec![delta.try_into().map_err(err)?]);
     }
     for (name, nr) in DENIED {
@@ -158,38 +139,7 @@ pub fn compile_for(
         }
         rules.insert(*nr, Vec::new());
     }
-    // Network: with "deny" only local (AF_UNIX) sockets; with "allow" no raw packet sockets;
-    // with an egress list local sockets and IPv4 TCP (to reach the proxy), nothing else: no
-    // UDP, so that without a namespace of its own a job cannot send datagrams anywhere.
-    let socket_rules = match network {
-        NetAccess::Deny => vec![rule(vec![arg(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?])?],
-        NetAccess::Allow => vec![rule(vec![arg(
-            0,
-            SeccompCmpOp::Eq,
-            libc::AF_PACKET as u64,
-        )?])?],
-        NetAccess::Proxy { .. } => {
-            let stream = libc::SOCK_STREAM as u64;
-            let flags = [
-                0,
-                libc::SOCK_CLOEXEC as u64,
-                libc::SOCK_NONBLOCK as u64,
-                (libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) as u64,
-            ];
-            let mut not_tcp = vec![arg(0, SeccompCmpOp::Eq, libc::AF_INET as u64)?];
-            for f in flags {
-                not_tcp.push(arg(1, SeccompCmpOp::Ne, stream | f)?);
-            }
-            vec![
-                rule(vec![
-                    arg(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?,
-                    arg(0, SeccompCmpOp::Ne, libc::AF_INET as u64)?,
-                ])?,
-                rule(not_tcp)?,
-            ]
-        }
-    };
-    rules.insert(libc::SYS_socket, socket_rules);
+    rules.insert(libc::SYS_socket, socket_rules(network, &rule, &arg)?);
     let mut clone_rules = Vec::new();
     for flag in NAMESPACE_FLAGS {
         clone_rules.push(rule(vec![arg(0, SeccompCmpOp::MaskedEq(*flag), *flag)?])?);
@@ -231,6 +181,86 @@ pub fn compile_for(
     let main: BpfProgram = main.try_into().map_err(err)?;
     let clone3: BpfProgram = clone3.try_into().map_err(err)?;
     Ok(vec![main, clone3])
+}
+
+type Rule<'a> = &'a dyn Fn(Vec<SeccompCondition>) -> Result<SeccompRule, SeccompError>;
+type Arg<'a> = &'a dyn Fn(u8, SeccompCmpOp, u64) -> Result<SeccompCondition, SeccompError>;
+
+/// What a forked child adds to its warm parent's filter: no `setpgid` (it has its group), no
+/// signals to the parent or the daemon.
+fn fork_child_filter(
+    protected: &[u32],
+    arch: TargetArch,
+    rule: Rule<'_>,
+    arg: Arg<'_>,
+) -> Result<SeccompFilter, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    rules.insert(libc::SYS_setpgid, Vec::new());
+    let mut kill_rules = Vec::new();
+    for pid in protected {
+        kill_rules.push(rule(vec![arg(0, SeccompCmpOp::Eq, u64::from(*pid))?])?);
+        kill_rules.push(rule(vec![arg(
+            0,
+            SeccompCmpOp::Eq,
+            u64::from(pid.wrapping_neg()),
+        )?])?);
+    }
+    rules.insert(libc::SYS_kill, kill_rules);
+    add_signal_rules(&mut rules, protected, rule, arg)?;
+    add_x32(&mut rules);
+    SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|e| SeccompError(e.to_string()))
+}
+
+/// The `socket` calls refused. With "deny" only local (AF_UNIX) sockets are left; with "allow"
+/// all but raw packet sockets; with an egress list local sockets and IPv4 TCP (to reach the
+/// proxy), nothing else: no UDP, so that without a namespace of its own a job cannot send
+/// datagrams anywhere, and no other protocol on a stream socket (SCTP, MPTCP), which
+/// Landlock's TCP rules would not see.
+fn socket_rules(
+    network: NetAccess,
+    rule: Rule<'_>,
+    arg: Arg<'_>,
+) -> Result<Vec<SeccompRule>, SeccompError> {
+    Ok(match network {
+        NetAccess::Deny => vec![rule(vec![arg(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?])?],
+        NetAccess::Allow => vec![rule(vec![arg(
+            0,
+            SeccompCmpOp::Eq,
+            libc::AF_PACKET as u64,
+        )?])?],
+        NetAccess::Proxy { .. } => {
+            let inet = libc::AF_INET as u64;
+            let stream = libc::SOCK_STREAM as u64;
+            let flags = [
+                0,
+                libc::SOCK_CLOEXEC as u64,
+                libc::SOCK_NONBLOCK as u64,
+                (libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) as u64,
+            ];
+            let mut not_stream = vec![arg(0, SeccompCmpOp::Eq, inet)?];
+            for f in flags {
+                not_stream.push(arg(1, SeccompCmpOp::Ne, stream | f)?);
+            }
+            vec![
+                rule(vec![
+                    arg(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?,
+                    arg(0, SeccompCmpOp::Ne, inet)?,
+                ])?,
+                rule(not_stream)?,
+                rule(vec![
+                    arg(0, SeccompCmpOp::Eq, inet)?,
+                    arg(2, SeccompCmpOp::Ne, 0)?,
+                    arg(2, SeccompCmpOp::Ne, libc::IPPROTO_TCP as u64)?,
+                ])?,
+            ]
+        }
+    })
 }
 
 /// Denies the calls that signal a process by pid (other than `kill`) when they name one of

@@ -180,8 +180,8 @@ async fn reaches_only_the_listed_server(mode: Isolation, mechanisms: Mechanisms,
     for case in ["listed_direct", "unlisted_resolved_direct"] {
         assert_eq!(out[case]["error"], direct, "{case}: {out:#}");
     }
-    // No UDP, no IPv6: seccomp.
-    for case in ["udp", "ipv6"] {
+    // No UDP, no IPv6, no stream protocol but TCP: seccomp.
+    for case in ["udp", "ipv6", "mptcp", "sctp"] {
         assert_eq!(out[case]["error"], "PermissionError", "{case}: {out:#}");
     }
     // The servers saw exactly the two proxied requests.
