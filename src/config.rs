@@ -126,6 +126,16 @@ pub struct QueueSettings {
     pub results: String,
     /// Queues besides `results` that a job's ReplyTo may name.
     pub reply_allowed: Vec<String>,
+    /// The jobs queue requires sessions: run each session's jobs in order (`docs/sessions.md`).
+    pub jobs_sessions: bool,
+    /// How long a held session may go without a message before it is let go.
+    pub session_idle_timeout_s: u64,
+}
+
+impl QueueSettings {
+    pub fn session_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.session_idle_timeout_s)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -276,6 +286,14 @@ impl Settings {
                 "engine.receive_wait_s",
                 e.receive_wait_s,
                 "must be between 1 and 300",
+            ));
+        }
+        let idle = self.queues.session_idle_timeout_s;
+        if idle == 0 || idle > 3600 {
+            return Err(invalid(
+                "queues.session_idle_timeout_s",
+                idle,
+                "must be between 1 and 3600",
             ));
         }
         if e.max_lock_renewal_s == 0 {

@@ -46,6 +46,7 @@ use crate::broker::{Broker, BrokerError, Delivery, OutgoingMessage};
 mod broker;
 mod connection;
 mod operations;
+mod session;
 
 /// How long connecting, authorising or attaching may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
