@@ -158,3 +158,16 @@ def test_sigkill_mid_run_resumes_in_order_with_nothing_lost_or_doubled(tmp_path)
         answered = [body(r)["job_id"] for r in first[key] + rest[key]]
         assert answered == sent, f"{key}: lost, doubled or reordered across the kill"
         assert extra[key] == [], f"{key}: answered twice"
+
+
+def test_submit_session_sets_the_jobs_session_id(daemon, tmp_path):
+    payload = tmp_path / "input.json"
+    payload.write_text(json.dumps({"action": "echo", "value": "keyed"}))
+    done = daemon.run_cli(
+        "submit", "diagnostics", "--input", str(payload), "--session", "order-42", "--wait", "--timeout", "60"
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["output"] == {"echo": "keyed"}
+    assert '"session_id":"order-42"' in daemon.log()
+    too_long = daemon.run_cli("submit", "diagnostics", "--input", str(payload), "--session", "k" * 129)
+    assert too_long.returncode == 2 and "--session" in too_long.stderr
