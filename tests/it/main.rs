@@ -12,4 +12,5 @@ mod hostile;
 mod reply_policy;
 mod runner;
 mod servicebus;
+mod sessions;
 mod storage;
