@@ -115,11 +115,13 @@ impl Engine {
                 () = shutdown.cancelled() => break,
                 r = self.broker.accept_session(self.options.receive_wait) => r,
             };
+            if accepted.is_ok() {
+                failures = 0;
+                readiness().broker_up.store(true, Ordering::SeqCst);
+            }
             match accepted {
-                Ok(None) => failures = 0,
+                Ok(None) => {}
                 Ok(Some(session)) => {
-                    failures = 0;
-                    readiness().broker_up.store(true, Ordering::SeqCst);
                     let task = SessionTask {
                         engine_broker: self.broker.clone(),
                         job: JobTask {

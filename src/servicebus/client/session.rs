@@ -76,8 +76,16 @@ impl ServiceBusBroker {
                 let _ = amqp.end().await;
                 return Err(BrokerError::NotFound(self.config.jobs_queue.clone()));
             }
+            Ok(Err(ReceiverAttachError::RemoteClosedWithError(e))) if !is_timeout(&e) => {
+                let _ = amqp.end().await;
+                return Err(BrokerError::Refused(format!(
+                    "accepting a session of {}: {e:?}",
+                    self.config.jobs_queue
+                )));
+            }
             // No session became available: the broker answers the attach with no source and
-            // detaches it with `com.microsoft:timeout`.
+            // detaches it with `com.microsoft:timeout` (fe2o3 may report the null source, or
+            // the AMQP session it ended on the detach, before it reads the reason).
             Ok(Err(
                 ReceiverAttachError::RemoteClosedWithError(_)
                 | ReceiverAttachError::IncomingSourceIsNone
@@ -126,6 +134,12 @@ impl ServiceBusBroker {
             mgmt: Mutex::new(Some(mgmt)),
         }))
     }
+}
+
+/// Whether a refused attach means that no session became available in time.
+fn is_timeout(error: &fe2o3_amqp::types::definitions::Error) -> bool {
+    use fe2o3_amqp::types::definitions::ErrorCondition;
+    matches!(&error.condition, ErrorCondition::Custom(c) if c.0 == "com.microsoft:timeout")
 }
 
 /// The session id the broker wrote into the answering attach's filter.
