@@ -12,5 +12,6 @@ mod hostile;
 mod reply_policy;
 mod runner;
 mod servicebus;
+mod servicebus_sessions;
 mod sessions;
 mod storage;
