@@ -99,6 +99,7 @@ impl Engine {
         tracing::info!(concurrency = self.options.concurrency, queue = %self.options.queues.jobs, "The engine is receiving jobs from sessions.");
         loop {
             let permit = tokio::select! {
+                biased;
                 () = shutdown.cancelled() => break,
                 permit = slots.clone().acquire_owned() => match permit {
                     Ok(p) => p,
@@ -112,6 +113,7 @@ impl Engine {
                 }
             }
             let accepted = tokio::select! {
+                biased;
                 () = shutdown.cancelled() => break,
                 r = self.broker.accept_session(self.options.receive_wait) => r,
             };
@@ -218,7 +220,10 @@ impl SessionTask {
     /// Runs the session's jobs one after another; returns why it stopped.
     async fn jobs(&self, session: &dyn SessionReceiver, lock: &SessionLock) -> &'static str {
         loop {
+            // Biased: after a job that ran through the stop signal, the stop wins over a
+            // message that is already there.
             let next = tokio::select! {
+                biased;
                 () = self.shutdown.cancelled() => return "shutdown",
                 () = lock.lost.cancelled() => return "lock lost",
                 next = session.receive(self.idle_timeout) => next,

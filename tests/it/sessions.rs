@@ -187,3 +187,34 @@ async fn an_idle_session_is_let_go_so_another_gets_its_slot() {
     run.stop().await;
     assert_eq!(started_ids(&exec, ""), ["a1", "b1"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_finishes_the_running_job_then_releases_the_session() {
+    use hybrid_worker::broker::Broker;
+    let b = broker(30);
+    let exec = Arc::new(ScriptedExecutor::default());
+    keyed(&b, "k", "k1", json!({"ms": 5_000}));
+    keyed(&b, "k", "k2", json!({}));
+    let run = start_sessions(b.clone(), exec.clone(), 2);
+    wait_for(Duration::from_secs(10), "k1 started", || {
+        !exec.started().is_empty()
+    })
+    .await;
+    run.stop().await;
+    assert_eq!(
+        started_ids(&exec, "k"),
+        ["k1"],
+        "nothing new after the stop signal"
+    );
+    assert!(
+        replies(&b, RESULTS).contains_key("k1"),
+        "the running job finished"
+    );
+    assert_eq!(b.locked_count(), 0);
+    let session = b
+        .accept_session(Duration::ZERO)
+        .await
+        .expect("accept")
+        .expect("the session was released, not left to expire");
+    assert_eq!(session.session_id(), "k");
+}
