@@ -540,6 +540,25 @@ mod tests {
     }
 
     #[test]
+    fn session_keys_load_from_the_environment_and_are_checked() {
+        let s = load_env(&[]).expect("defaults");
+        assert!(!s.queues.jobs_sessions);
+        assert_eq!(s.queues.session_idle_timeout(), Duration::from_secs(5));
+        let s = load_env(&[
+            ("HYBRID__QUEUES__JOBS_SESSIONS", "true"),
+            ("HYBRID__QUEUES__SESSION_IDLE_TIMEOUT_S", "30"),
+        ])
+        .expect("valid");
+        assert!(s.queues.jobs_sessions);
+        assert_eq!(s.queues.session_idle_timeout_s, 30);
+        let err = load_env(&[("HYBRID__QUEUES__SESSION_IDLE_TIMEOUT_S", "0")]).expect_err("zero");
+        assert!(
+            err.to_string().contains("queues.session_idle_timeout_s"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn storage_loads_from_the_environment_and_its_key_is_redacted() {
         let s = load_env(&[
             ("HYBRID__STORAGE__INPUT_CONTAINERS", "uploads,exports"),
