@@ -174,8 +174,8 @@ impl SessionTask {
     async fn run(mut self, session: Arc<dyn SessionReceiver>, _slot: OwnedSemaphorePermit) {
         let span = tracing::info_span!("session", session_id = %session.session_id());
         async move {
-            // The expiry the accept gave is not kept by every client library: renewing at once
-            // both learns it and confirms the lock.
+            // fe2o3 does not keep the accepting attach's `com.microsoft:locked-until-utc`:
+            // renewing at once both learns the expiry and confirms the lock.
             let until = match session.renew().await {
                 Ok(until) => until,
                 Err(e) => {

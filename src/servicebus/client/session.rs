@@ -106,6 +106,19 @@ impl ServiceBusBroker {
                 ));
             }
         };
+        self.held_session(receiver, amqp, link_name, id)
+            .await
+            .map(Some)
+    }
+
+    /// The accepted link with the session's own management link beside it.
+    async fn held_session(
+        &self,
+        receiver: Receiver,
+        mut amqp: SessionHandle<()>,
+        link_name: String,
+        id: Uuid,
+    ) -> Result<ServiceBusSession, BrokerError> {
         let Some(session_id) = accepted_session_id(receiver.source()) else {
             let _ = receiver.close().await;
             let _ = amqp.end().await;
@@ -126,13 +139,13 @@ impl ServiceBusBroker {
                 return Err(connection_error("attaching to $management", e));
             }
         };
-        Ok(Some(ServiceBusSession {
+        Ok(ServiceBusSession {
             session_id,
             link_name,
             amqp: Mutex::new(amqp),
             receiver: Mutex::new(Some(receiver)),
             mgmt: Mutex::new(Some(mgmt)),
-        }))
+        })
     }
 }
 
