@@ -89,6 +89,11 @@ pub struct SubmitArgs {
     /// job's `input_blob` (needs `[storage]` configured here too).
     #[arg(long, value_name = "FILE")]
     pub upload: Option<std::path::PathBuf>,
+    /// The job's SessionId, for a jobs queue that requires sessions (`queues.jobs_sessions`):
+    /// jobs with the same KEY run one at a time, in the order sent. Without it, such a queue
+    /// gets the job id (a key of its own).
+    #[arg(long, value_name = "KEY")]
+    pub session: Option<String>,
     /// Wait for the reply on the job's reply session and print it (exit 1 if the job failed).
     #[arg(long)]
     pub wait: bool,

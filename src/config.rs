@@ -129,6 +129,16 @@ pub struct QueueSettings {
     pub results: String,
     /// Queues besides `results` that a job's ReplyTo may name.
     pub reply_allowed: Vec<String>,
+    /// The jobs queue requires sessions: run each session's jobs in order (`docs/sessions.md`).
+    pub jobs_sessions: bool,
+    /// How long a held session may go without a message before it is let go.
+    pub session_idle_timeout_s: u64,
+}
+
+impl QueueSettings {
+    pub fn session_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.session_idle_timeout_s)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -314,6 +324,14 @@ impl Settings {
     }
 
     fn validate_queues(&self) -> Result<(), ConfigError> {
+        let idle = self.queues.session_idle_timeout_s;
+        if idle == 0 || idle > 3600 {
+            return Err(invalid(
+                "queues.session_idle_timeout_s",
+                idle,
+                "must be between 1 and 3600",
+            ));
+        }
         for (key, name) in [
             ("queues.jobs", &self.queues.jobs),
             ("queues.results", &self.queues.results),
@@ -561,6 +579,25 @@ mod tests {
         assert_eq!(s.secrets.dir(), None);
         let s = load_env(&[("HYBRID__SECRETS__DIR", "/mnt/secrets")]).expect("valid");
         assert_eq!(s.secrets.dir(), Some(Path::new("/mnt/secrets")));
+    }
+
+    #[test]
+    fn session_keys_load_from_the_environment_and_are_checked() {
+        let s = load_env(&[]).expect("defaults");
+        assert!(!s.queues.jobs_sessions);
+        assert_eq!(s.queues.session_idle_timeout(), Duration::from_secs(5));
+        let s = load_env(&[
+            ("HYBRID__QUEUES__JOBS_SESSIONS", "true"),
+            ("HYBRID__QUEUES__SESSION_IDLE_TIMEOUT_S", "30"),
+        ])
+        .expect("valid");
+        assert!(s.queues.jobs_sessions);
+        assert_eq!(s.queues.session_idle_timeout_s, 30);
+        let err = load_env(&[("HYBRID__QUEUES__SESSION_IDLE_TIMEOUT_S", "0")]).expect_err("zero");
+        assert!(
+            err.to_string().contains("queues.session_idle_timeout_s"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,9 +1,14 @@
 //! An in-memory broker with Service Bus's peek-lock semantics: lock duration, lock expiry and
 //! redelivery, delivery count, scheduled messages and a dead-letter list. It runs on tokio's
 //! clock, so engine tests can pause time, and it records every operation for assertions.
+//! Sessions (`docs/sessions.md`) are in [`sessions`]: a broker made with
+//! [`MemoryBroker::shared`] accepts them.
+
+#[path = "memory_sessions.rs"]
+mod sessions;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -65,6 +70,9 @@ struct State {
     failing_queues: Vec<String>,
     /// The most messages ever locked at once (credit must never exceed free slots).
     peak_locked: usize,
+    /// Held session locks: session id → (holder, expiry).
+    session_locks: BTreeMap<String, (u64, Instant)>,
+    next_holder: u64,
 }
 
 /// The in-memory broker, receiving from one source queue.
@@ -75,6 +83,8 @@ pub struct MemoryBroker {
     max_delivery_count: u32,
     state: Mutex<State>,
     arrived: Notify,
+    /// Itself, for the sessions it hands out (set by [`MemoryBroker::shared`]).
+    this: Weak<MemoryBroker>,
 }
 
 impl MemoryBroker {
@@ -88,6 +98,7 @@ impl MemoryBroker {
                 ..Default::default()
             }),
             arrived: Notify::new(),
+            this: Weak::new(),
         }
     }
 
@@ -359,6 +370,13 @@ impl Broker for MemoryBroker {
         });
         self.enqueue(queue, message, Instant::now());
         Ok(())
+    }
+
+    async fn accept_session(
+        &self,
+        wait: Duration,
+    ) -> Result<Option<Box<dyn super::session::SessionReceiver>>, BrokerError> {
+        sessions::accept_session(self, wait).await
     }
 
     async fn schedule(

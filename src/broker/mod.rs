@@ -5,6 +5,7 @@
 //! their queue, because replies go wherever a job's `ReplyTo` points.
 
 pub mod memory;
+pub mod session;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -103,6 +104,17 @@ pub trait Broker: Send + Sync + 'static {
     /// Stops asking for messages (the engine is draining): no credit is left open, and
     /// messages that arrived but were never handed out are released at once.
     async fn stop_receiving(&self) {}
+    /// Accepts the next session that has messages, on a jobs queue that requires sessions;
+    /// `None` when none became available within `wait` (`docs/sessions.md`).
+    async fn accept_session(
+        &self,
+        wait: Duration,
+    ) -> Result<Option<Box<dyn session::SessionReceiver>>, BrokerError> {
+        let _ = wait;
+        Err(BrokerError::Refused(
+            "this broker does not receive sessions".into(),
+        ))
+    }
     /// Sends a message to `queue` that becomes visible after `delay`.
     async fn schedule(
         &self,

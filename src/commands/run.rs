@@ -12,6 +12,7 @@ use super::{UsageError, build_command, scan};
 use crate::broker::BrokerError;
 use crate::config::Settings;
 use crate::engine::executor::{ProcessExecutor, ReadyWorker};
+use crate::engine::sessions::SessionOptions;
 use crate::engine::settle::Queues;
 use crate::engine::{Engine, EngineOptions};
 use crate::servicebus::connection_string::ConnectionString;
@@ -122,6 +123,13 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
             receive_wait: settings.engine.receive_wait(),
         },
     );
+    let engine = if settings.queues.jobs_sessions {
+        engine.with_sessions(SessionOptions {
+            idle_timeout: settings.queues.session_idle_timeout(),
+        })
+    } else {
+        engine
+    };
     let stats = engine.run(shutdown).await;
     broker.close().await;
     if let Some(handle) = embedded {

@@ -1,7 +1,8 @@
 //! `hybrid-worker submit WORKER --input FILE [--wait]`: sends a job as a flow does — ReplyTo the
 //! results queue, ReplyToSessionId a fresh session — and, with `--wait`, takes the reply from
 //! that session and prints it. `--input-blob PATH` names a blob as the job's input; `--upload
-//! FILE` puts a local file into storage first; the blobs a reply lists are printed.
+//! FILE` puts a local file into storage first; the blobs a reply lists are printed. `--session
+//! KEY` sets the job's SessionId, so jobs with one key run in order (`docs/sessions.md`).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -21,9 +22,11 @@ pub async fn run(settings: &Settings, args: &SubmitArgs) -> anyhow::Result<ExitC
     if !crate::job::is_valid_worker_name(&args.worker) {
         return Err(UsageError(format!("{:?} is not a worker name", args.worker)).into());
     }
+    let session_id = job_session(settings, args)?;
     let target = Target::of(settings)?;
     let sb = client(settings, &target, &settings.queues.jobs)?;
     let job_id = uuid::Uuid::new_v4().to_string();
+    let session_id = session_id.or_else(|| settings.queues.jobs_sessions.then(|| job_id.clone()));
     let session = format!("submit-{}", uuid::Uuid::new_v4());
     let input_blob = match &args.upload {
         Some(file) => Some(upload(settings, file, &job_id).await?),
@@ -37,6 +40,7 @@ pub async fn run(settings: &Settings, args: &SubmitArgs) -> anyhow::Result<ExitC
         message_id: Some(job_id.clone()),
         correlation_id: Some(format!("submit-{job_id}")),
         reply_to: Some(settings.queues.results.clone()),
+        session_id,
         reply_to_session_id: Some(session.clone()),
         content_type: Some("application/json".into()),
         body: serde_json::to_vec(&body)?,
@@ -136,4 +140,26 @@ async fn upload(settings: &Settings, file: &Path, job_id: &str) -> anyhow::Resul
         written.sha256
     );
     Ok(blob.path())
+}
+
+/// Longest SessionId Service Bus accepts.
+const MAX_SESSION_ID: usize = 128;
+
+/// The `--session` key, checked: Service Bus refuses an empty one or one over 128 characters.
+fn job_session(settings: &Settings, args: &SubmitArgs) -> Result<Option<String>, UsageError> {
+    let Some(key) = &args.session else {
+        return Ok(None);
+    };
+    if key.is_empty() || key.chars().count() > MAX_SESSION_ID {
+        return Err(UsageError(format!(
+            "--session must be 1 to {MAX_SESSION_ID} characters, got {}",
+            key.chars().count()
+        )));
+    }
+    if !settings.queues.jobs_sessions {
+        eprintln!(
+            "note: --session is set but queues.jobs_sessions is false here; a jobs queue without sessions does not keep a key's order"
+        );
+    }
+    Ok(Some(key.clone()))
 }

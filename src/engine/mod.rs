@@ -7,19 +7,20 @@ pub mod executor;
 pub mod faults;
 pub mod lock;
 pub mod retry;
+pub mod sessions;
 pub mod settle;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use std::sync::atomic::Ordering;
 
-use crate::broker::{Broker, Delivery};
+use crate::broker::{Broker, BrokerError, Delivery};
 use crate::job::{Envelope, Job};
 use crate::runner::RunOutcome;
 use crate::telemetry::http::readiness;
@@ -54,6 +55,8 @@ pub struct Engine {
     options: EngineOptions,
     /// The daemon's own faults, which pause receiving while they go on.
     faults: Arc<Faults>,
+    /// Set when the jobs queue requires sessions ([`sessions`]).
+    sessions: Option<sessions::SessionOptions>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -75,12 +78,16 @@ impl Engine {
             executor,
             options,
             faults: Arc::default(),
+            sessions: None,
         }
     }
 
     /// The receive loop. Returns once `shutdown` was cancelled and every job ended: within the
     /// drain timeout on its own, or stopped and abandoned after it.
     pub async fn run(&self, shutdown: CancellationToken) -> EngineStats {
+        if let Some(options) = &self.sessions {
+            return self.run_sessions(shutdown, options).await;
+        }
         let slots = Arc::new(Semaphore::new(self.options.concurrency));
         let tracker = TaskTracker::new();
         // Cancelled when the drain timeout runs out: every running job is then stopped.
@@ -135,8 +142,13 @@ impl Engine {
                             options: self.options.clone(),
                             hard_stop: hard_stop.clone(),
                             faults: self.faults.clone(),
+                            session: None,
                         };
-                        tracker.spawn(job.handle(delivery, permit));
+                        tracker.spawn(async move {
+                            // Logged and counted by `handle`; the broker redelivers on failure.
+                            let _settled = job.handle(delivery).await;
+                            drop(permit);
+                        });
                     }
                 }
                 Err(e) => {
@@ -153,6 +165,12 @@ impl Engine {
         }
         readiness().draining.store(true, Ordering::SeqCst);
         self.broker.stop_receiving().await;
+        self.drain(&tracker, &hard_stop).await;
+        stats
+    }
+
+    /// Waits for the running tasks to end, within the drain timeout; then stops the rest.
+    async fn drain(&self, tracker: &TaskTracker, hard_stop: &CancellationToken) {
         tracker.close();
         let running = tracker.len();
         if running > 0 {
@@ -174,7 +192,6 @@ impl Engine {
             tracker.wait().await;
         }
         tracing::info!("The engine has stopped.");
-        stats
     }
 }
 
@@ -185,11 +202,14 @@ struct JobTask {
     options: EngineOptions,
     hard_stop: CancellationToken,
     faults: Arc<Faults>,
+    /// Set for a job of a session: retried in place ([`sessions`]).
+    session: Option<sessions::InSession>,
 }
 
 impl JobTask {
-    async fn handle(self, delivery: Delivery, _slot: OwnedSemaphorePermit) {
-        let envelope = Envelope::from_properties(&delivery.properties);
+    /// Runs and settles one message; returns what settlement did.
+    async fn handle(&self, delivery: Delivery) -> Result<Settled, BrokerError> {
+        let mut envelope = Envelope::from_properties(&delivery.properties);
         let span = tracing::info_span!(
             "job",
             job_id = %envelope.job_id,
@@ -214,7 +234,10 @@ impl JobTask {
             let concurrency = i64::try_from(self.options.concurrency).unwrap_or(i64::MAX);
             let running = m.in_flight.inc() + 1;
             m.free_slots.set(concurrency - running);
-            let outcome = self.outcome(&delivery, &envelope).await;
+            let outcome = match &self.session {
+                Some(session) => self.outcome_in_session(session, &delivery, &mut envelope).await,
+                None => self.outcome(&delivery, &envelope).await,
+            };
             // Only workers this daemon knows become label values: a body naming random workers
             // must not grow the metrics without bound.
             let label = match &outcome {
@@ -265,9 +288,10 @@ impl JobTask {
             m.job_ended(&label, ended);
             let running = m.in_flight.dec() - 1;
             m.free_slots.set(concurrency - running);
+            result
         }
         .instrument(span)
-        .await;
+        .await
     }
 
     /// Parses, checks and runs the job, with its lock kept while it runs.

@@ -15,4 +15,6 @@ mod python_pin;
 mod reply_policy;
 mod runner;
 mod servicebus;
+mod servicebus_sessions;
+mod sessions;
 mod storage;

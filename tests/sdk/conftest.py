@@ -45,6 +45,8 @@ QUEUES = {
     "emptysessions": {"RequiresSession": True},
     "sessionlock": {"RequiresSession": True},
     "shortsession": {"RequiresSession": True, "LockDuration": "PT2S"},
+    "sessioncover": {"RequiresSession": True, "LockDuration": "PT5S"},
+    "replysession": {"RequiresSession": True},
 }
 
 

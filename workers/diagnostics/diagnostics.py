@@ -74,6 +74,14 @@ def _fail(params: Params, ctx: Any) -> NoReturn:
     raise RuntimeError(_message(params, "diagnostics: requested failure"))
 
 
+def _flaky(params: Params, ctx: Any) -> Any:
+    """Fail (retryably) on the first `failures` attempts, then echo: retries, seen from outside."""
+    failures = _count(params, "failures", 100)
+    if ctx.attempt <= failures:
+        raise RuntimeError(f"diagnostics: flaky failure on attempt {ctx.attempt} of {failures}")
+    return {"echo": params.get("value"), "attempt": ctx.attempt}
+
+
 def _invalid(params: Params, ctx: Any) -> NoReturn:
     raise InvalidInput(_message(params, "diagnostics: requested invalid input"))
 
@@ -241,6 +249,7 @@ _ACTIONS: dict[str, tuple[Callable[[Params, Any], Any], tuple[str, ...]]] = {
     "echo": (_echo, ("value",)),
     "sleep": (_sleep, ("seconds", "ignore_sigterm")),
     "fail": (_fail, ("message",)),
+    "flaky": (_flaky, ("failures", "value")),
     "invalid": (_invalid, ("message",)),
     "print": (_print, ("bytes", "stream")),
     "alloc": (_alloc, ("mb",)),

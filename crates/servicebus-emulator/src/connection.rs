@@ -356,10 +356,15 @@ impl Conn {
 
     fn route(&mut self) {
         for r in std::mem::take(&mut self.routed) {
+            // The link named by `reply-to` first, in whichever session it is: a client with
+            // several sessions (one per Service Bus session it holds) has a reply link to the
+            // same node in each, and a response must reach the one that asked.
             let mut pending = Some(r);
-            for s in self.sessions.values_mut() {
-                if let Some(r) = pending.take() {
-                    pending = s.offer(r);
+            for by_node in [false, true] {
+                for s in self.sessions.values_mut() {
+                    if let Some(r) = pending.take() {
+                        pending = s.offer(r, by_node);
+                    }
                 }
             }
             if let Some(r) = pending {

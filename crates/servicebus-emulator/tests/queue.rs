@@ -300,3 +300,43 @@ fn forwarding_moves_messages_and_dead_letters() -> TestResult {
     );
     Ok(())
 }
+
+/// A message received under a held session lock is covered by it (as on Service Bus): its own
+/// lock does not run out and no failed delivery is counted while the session is renewed; once
+/// the session lock runs out, the message lock goes with it.
+#[test]
+fn session_messages_are_covered_by_the_session_lock() -> TestResult {
+    let mut cfg = QueueConfig::new("s");
+    cfg.requires_session = true;
+    cfg.lock_duration = Duration::from_secs(5);
+    let (b, clock) = broker_at(cfg)?;
+    let s = queue("s");
+    b.enqueue(&s, vec![msg("a1", Some("A"))?, msg("a2", Some("A"))?])?;
+    b.lock_session(&s, Some("A"), 1)?.ok_or("no session")?;
+    let first = b.acquire(&s, Some("A"), 1, true)?.ok_or("none")?;
+    for _ in 0..3 {
+        clock.advance(3_000);
+        b.renew_session_lock(&s, "A")?;
+        b.sweep()?;
+    }
+    b.settle(first.token.ok_or("token")?, Outcome::Complete)?;
+    let second = b.acquire(&s, Some("A"), 1, true)?.ok_or("none")?;
+    assert_eq!(delivery_count(&second.bytes)?, 0);
+    clock.advance(5_000);
+    b.sweep()?;
+    assert!(matches!(
+        b.settle(second.token.ok_or("token")?, Outcome::Complete),
+        Err(SbError::LockLost)
+    ));
+    b.lock_session(&s, Some("A"), 2)?
+        .ok_or("session not free")?;
+    let again = b
+        .acquire(&s, Some("A"), 2, true)?
+        .ok_or("not redelivered")?;
+    assert_eq!(
+        delivery_count(&again.bytes)?,
+        1,
+        "counted once, with the session"
+    );
+    Ok(())
+}

@@ -169,6 +169,14 @@ impl Broker for ServiceBusBroker {
         self.send_retried(queue, &to_amqp(&message, None)).await
     }
 
+    async fn accept_session(
+        &self,
+        wait: Duration,
+    ) -> Result<Option<Box<dyn crate::broker::session::SessionReceiver>>, BrokerError> {
+        let session = self.accept_next_session(wait).await?;
+        Ok(session.map(|s| Box::new(s) as Box<dyn crate::broker::session::SessionReceiver>))
+    }
+
     async fn schedule(
         &self,
         queue: &str,

@@ -46,6 +46,7 @@ use crate::broker::{Broker, BrokerError, Delivery, OutgoingMessage};
 mod broker;
 mod connection;
 mod operations;
+mod session;
 mod settle;
 
 /// How long connecting, authorising or attaching may take before it counts as failed.

@@ -53,9 +53,15 @@ impl Broker {
             let dl_on_expiry = q.cfg.dead_letter_on_expiration;
             for dlq in [false, true] {
                 let mut remove = Vec::new();
+                let session_locks = &q.session_locks;
                 let map = if dlq { &mut q.dlq } else { &mut q.active };
                 for live in map.values_mut() {
-                    if let Some(lock) = live.lock.take_if(|l| l.until_ms <= now) {
+                    let session = (!dlq).then(|| live.m.parts.session_id()).flatten();
+                    let ran_out = |l: &mut Lock| {
+                        l.until_ms <= now
+                            && !sessions::covered_by_session(session_locks, session, l, now)
+                    };
+                    if let Some(lock) = live.lock.take_if(ran_out) {
                         state.locks.remove(&lock.token);
                         live.m.delivery_count += 1;
                         changed = true;

@@ -500,12 +500,22 @@ impl Broker {
             .get_mut(&queue.to_ascii_lowercase())
             .ok_or_else(|| SbError::EntityNotFound(queue.clone()))?;
         let max = q.cfg.max_delivery_count;
-        let map = q.map(dlq);
+        let session_locks = &q.session_locks;
+        let map = if dlq { &mut q.dlq } else { &mut q.active };
         let current = map
             .get(&seq)
-            .filter(|l| {
-                l.lock.as_ref().is_some_and(|l| {
-                    l.token == token && (l.until_ms > now || outcome == Outcome::Release)
+            .filter(|live| {
+                live.lock.as_ref().is_some_and(|l| {
+                    l.token == token
+                        && (l.until_ms > now
+                            || outcome == Outcome::Release
+                            || (!dlq
+                                && sessions::covered_by_session(
+                                    session_locks,
+                                    live.m.parts.session_id(),
+                                    l,
+                                    now,
+                                )))
                 })
             })
             .map(|l| l.m.clone());

@@ -1,6 +1,22 @@
 //! Session locks and session state (§3.4, §7).
+//!
+//! A message received under a session lock is covered by that lock, as on Service Bus: its own
+//! lock neither runs out nor counts a failed delivery while its holder keeps the session, and
+//! it is released with the session (`docs/servicebus-protocol.md` §7).
 
 use super::*;
+
+/// Whether `lock` (on a message of session `sid`) is covered by a session lock its holder still
+/// has: such a message lock does not run out on its own.
+pub(super) fn covered_by_session(
+    session_locks: &HashMap<String, SessionLock>,
+    sid: Option<&str>,
+    lock: &Lock,
+    now: i64,
+) -> bool {
+    sid.and_then(|sid| session_locks.get(sid))
+        .is_some_and(|s| s.owner == lock.owner && s.until_ms > now)
+}
 
 impl Broker {
     /// Locks a session for `owner`: the named one, or the first one with available messages.

@@ -243,19 +243,17 @@ impl Session {
         self.send(ctx, Performative::End(End { error: None }), &[]);
     }
 
-    /// Places a response on this session's matching reply link; hands it back otherwise.
-    pub fn offer(&mut self, r: Routed) -> Option<Routed> {
+    /// Places a response on this session's reply link: the one whose target is the request's
+    /// `reply-to`, or with `by_node`, any link reading from the node that answered. Hands it
+    /// back when there is none.
+    pub fn offer(&mut self, r: Routed, by_node: bool) -> Option<Routed> {
         let reply_to = r.reply_to.as_deref().map(normalize);
-        let by_target = self.links.values_mut().find(|l| {
-            matches!(&l.kind, LinkKind::NodeOut { target: Some(t), .. } if Some(t) == reply_to.as_ref())
+        let link = self.links.values_mut().find(|l| match &l.kind {
+            LinkKind::NodeOut { target, source } => {
+                (target.is_some() && *target == reply_to) || (by_node && *source == r.node)
+            }
+            _ => false,
         });
-        let link = match by_target {
-            Some(l) => Some(l),
-            None => self
-                .links
-                .values_mut()
-                .find(|l| matches!(&l.kind, LinkKind::NodeOut { source, .. } if *source == r.node)),
-        };
         match link {
             Some(l) => {
                 l.outbox.push_back(r.bytes);

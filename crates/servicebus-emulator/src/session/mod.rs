@@ -356,7 +356,12 @@ impl Session {
 
     /// Refuses an attach: an attach with a null terminus, then a closing detach (§3.4).
     fn refuse(&mut self, a: Attach, err: SbError, ctx: &mut Ctx<'_>) {
-        tracing::info!(link = %a.name, error = %err, "Refused a link.");
+        // No session free within the wait is routine for a next-available receiver.
+        if matches!(err, SbError::Timeout(_)) {
+            tracing::debug!(link = %a.name, error = %err, "Refused a link.");
+        } else {
+            tracing::info!(link = %a.name, error = %err, "Refused a link.");
+        }
         let h = a.handle.clone();
         let ours = match a.role {
             Role::Sender => Role::Receiver,
