@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 
 use crate::broker::{Broker, BrokerError, Delivery};
 use crate::job::{Envelope, Job};
-use crate::runner::RunOutcome;
+use crate::runner::{RunOutcome, RunReport};
 use crate::telemetry::http::readiness;
 use crate::telemetry::metrics::{ReasonLabel, WorkerLabel, metrics};
 use executor::Executor;
@@ -298,13 +298,7 @@ impl JobTask {
     async fn outcome(&self, delivery: &Delivery, envelope: &Envelope) -> JobEnd {
         // Checked first: a job that asks for a reply where none may go never runs.
         if let Err(error) = settle::reply_queue(&self.options.queues, envelope) {
-            return JobEnd::Failed {
-                worker: None,
-                error,
-                policy: None,
-                duration: Duration::ZERO,
-                resources: Default::default(),
-            };
+            return JobEnd::refused(None, error);
         }
         let job = match Job::parse(
             envelope.clone(),
@@ -312,28 +306,12 @@ impl JobTask {
             self.options.max_body_bytes,
         ) {
             Ok(job) => job,
-            Err(error) => {
-                return JobEnd::Failed {
-                    worker: None,
-                    error,
-                    policy: None,
-                    duration: Duration::ZERO,
-                    resources: Default::default(),
-                };
-            }
+            Err(error) => return JobEnd::refused(None, error),
         };
         tracing::Span::current().record("worker", job.worker.as_str());
         let policy = match self.executor.policy(&job) {
             Ok(policy) => policy,
-            Err(error) => {
-                return JobEnd::Failed {
-                    worker: Some(job.worker),
-                    error,
-                    policy: None,
-                    duration: Duration::ZERO,
-                    resources: Default::default(),
-                };
-            }
+            Err(error) => return JobEnd::refused(Some(job.worker), error),
         };
         tracing::info!("The job started.");
         if let Some(waited) = delivery
@@ -342,43 +320,10 @@ impl JobTask {
         {
             metrics().observe_queue_wait(&job.worker, waited);
         }
-        let stop = self.hard_stop.child_token();
-        let job_ended = CancellationToken::new();
-        let keeper = tokio::spawn(
-            keep_lock(
-                self.broker.clone(),
-                delivery.lock_token,
-                delivery.locked_until,
-                self.options.max_lock_renewal,
-                job_ended.clone(),
-            )
-            .in_current_span(),
-        );
-        let run = self.executor.execute(&job, stop.clone());
-        let mut run = Box::pin(run);
-        let mut keeper = keeper;
-        let mut keeper_done = false;
-        let mut lock_lost = false;
-        let execution = loop {
-            tokio::select! {
-                execution = &mut run => break execution,
-                end = &mut keeper, if !keeper_done => {
-                    // After the ceiling the job runs on; its settlement may find the lock gone.
-                    keeper_done = true;
-                    if matches!(end, Ok(LockEnd::Lost)) {
-                        lock_lost = true;
-                        stop.cancel();
-                    }
-                }
-            }
-        };
-        drop(run);
-        job_ended.cancel();
-        keeper.abort();
-        if lock_lost {
+        let Some(execution) = self.run_locked(delivery, &job).await else {
             // Another delivery will run the job; nothing may be settled from this one.
             return JobEnd::LockLost;
-        }
+        };
         if let RunOutcome::DaemonFault(fault) = &execution.outcome {
             tracing::error!(stage = fault.stage.as_str(), error = %fault, "The daemon failed the job through its own fault.");
             self.faults.record(fault.stage);
@@ -402,5 +347,42 @@ impl JobTask {
                 resources: execution.resources,
             },
         }
+    }
+
+    /// Runs the job while its lock is renewed; `None` when the lock was lost (the job is
+    /// stopped then). Past the renewal ceiling the job runs on, and its settlement may find
+    /// the lock gone.
+    async fn run_locked(&self, delivery: &Delivery, job: &Job) -> Option<RunReport> {
+        let stop = self.hard_stop.child_token();
+        let job_ended = CancellationToken::new();
+        let mut keeper = tokio::spawn(
+            keep_lock(
+                self.broker.clone(),
+                delivery.lock_token,
+                delivery.locked_until,
+                self.options.max_lock_renewal,
+                job_ended.clone(),
+            )
+            .in_current_span(),
+        );
+        let mut run = Box::pin(self.executor.execute(job, stop.clone()));
+        let mut keeper_done = false;
+        let mut lock_lost = false;
+        let execution = loop {
+            tokio::select! {
+                execution = &mut run => break execution,
+                end = &mut keeper, if !keeper_done => {
+                    keeper_done = true;
+                    if matches!(end, Ok(LockEnd::Lost)) {
+                        lock_lost = true;
+                        stop.cancel();
+                    }
+                }
+            }
+        };
+        drop(run);
+        job_ended.cancel();
+        keeper.abort();
+        (!lock_lost).then_some(execution)
     }
 }

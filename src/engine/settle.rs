@@ -72,6 +72,20 @@ pub enum JobEnd {
     },
 }
 
+impl JobEnd {
+    /// A job refused before it ran (no reply allowed where it asked, a body that does not
+    /// parse, a worker that may not run): a permanent failure with nothing spent.
+    pub fn refused(worker: Option<String>, error: JobError) -> JobEnd {
+        JobEnd::Failed {
+            worker,
+            error,
+            policy: None,
+            duration: Duration::ZERO,
+            resources: Resources::default(),
+        }
+    }
+}
+
 /// What settlement did, for logs and metrics.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Settled {
