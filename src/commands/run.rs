@@ -11,10 +11,12 @@ use tokio_util::sync::CancellationToken;
 use super::{UsageError, build_command, scan};
 use crate::broker::BrokerError;
 use crate::config::Settings;
+use crate::emulator::EmulatorHandle;
 use crate::engine::executor::{ProcessExecutor, ReadyWorker};
 use crate::engine::sessions::SessionOptions;
 use crate::engine::settle::Queues;
 use crate::engine::{Engine, EngineOptions};
+use crate::servicebus::client::ServiceBusBroker;
 use crate::servicebus::connection_string::ConnectionString;
 use crate::servicebus::target::{Target, client, start_emulator};
 use crate::worker::Catalog;
@@ -65,64 +67,8 @@ pub async fn run(settings: &Settings) -> anyhow::Result<ExitCode> {
     }
     let executor = Arc::new(ProcessExecutor::new(ready, &catalog, runner).with_storage(storage));
 
-    let mut embedded = None;
-    let broker = match &target {
-        Target::Embedded => {
-            let handle = start_emulator(settings).await?;
-            let cs = handle.connection_string();
-            tracing::info!(
-                connection_string = %cs,
-                jobs = %settings.queues.jobs,
-                results = %settings.queues.results,
-                "No Service Bus is configured: running on the embedded emulator. Producers connect with this connection string."
-            );
-            let parsed = ConnectionString::parse(&cs).map_err(|e| anyhow::anyhow!(e))?;
-            let broker = client(
-                settings,
-                &Target::ConnectionString(parsed),
-                &settings.queues.jobs,
-            )?;
-            embedded = Some(handle);
-            broker
-        }
-        other => client(settings, other, &settings.queues.jobs)?,
-    };
-    let broker = Arc::new(broker);
-    match broker.connect().await {
-        Ok(()) => {
-            ready_state.broker_up.store(true, Ordering::SeqCst);
-            tracing::info!(queue = %settings.queues.jobs, "Connected; receiving jobs.");
-        }
-        Err(BrokerError::Refused(why)) => {
-            return Err(UsageError(format!("Service Bus refused the connection: {why}")).into());
-        }
-        Err(BrokerError::NotFound(entity)) => {
-            return Err(UsageError(format!(
-                "Service Bus has no entity {entity:?} (queues.jobs = {:?}); create it, or name the right queue",
-                settings.queues.jobs
-            ))
-            .into());
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "Service Bus is not reachable yet; retrying with backoff.")
-        }
-    }
-    let engine = Engine::new(
-        broker.clone(),
-        executor,
-        EngineOptions {
-            concurrency: settings.engine.concurrency,
-            queues: Queues {
-                jobs: settings.queues.jobs.clone(),
-                results: settings.queues.results.clone(),
-                reply_allowed: settings.queues.reply_allowed.clone(),
-            },
-            drain_timeout: settings.engine.drain_timeout(),
-            max_lock_renewal: settings.engine.max_lock_renewal(),
-            max_body_bytes: settings.engine.max_body_kb * 1024,
-            receive_wait: settings.engine.receive_wait(),
-        },
-    );
+    let (broker, embedded) = connect(settings, &target).await?;
+    let engine = Engine::new(broker.clone(), executor, engine_options(settings));
     let engine = if settings.queues.jobs_sessions {
         engine.with_sessions(SessionOptions {
             idle_timeout: settings.queues.session_idle_timeout(),
@@ -196,4 +142,72 @@ fn ready_workers(settings: &Settings, catalog: &Catalog) -> anyhow::Result<Vec<R
         }
     }
     Ok(ready)
+}
+
+/// The client of the configured Service Bus (the embedded emulator started first when nothing
+/// is configured), connected; a refusal or a missing queue is the operator's to fix (exit 2),
+/// an unreachable broker is retried with backoff by the engine.
+async fn connect(
+    settings: &Settings,
+    target: &Target,
+) -> anyhow::Result<(Arc<ServiceBusBroker>, Option<EmulatorHandle>)> {
+    let mut embedded = None;
+    let broker = match target {
+        Target::Embedded => {
+            let handle = start_emulator(settings).await?;
+            let cs = handle.connection_string();
+            tracing::info!(
+                connection_string = %cs,
+                jobs = %settings.queues.jobs,
+                results = %settings.queues.results,
+                "No Service Bus is configured: running on the embedded emulator. Producers connect with this connection string."
+            );
+            let parsed = ConnectionString::parse(&cs).map_err(|e| anyhow::anyhow!(e))?;
+            let broker = client(
+                settings,
+                &Target::ConnectionString(parsed),
+                &settings.queues.jobs,
+            )?;
+            embedded = Some(handle);
+            broker
+        }
+        other => client(settings, other, &settings.queues.jobs)?,
+    };
+    let broker = Arc::new(broker);
+    let ready_state = crate::telemetry::http::readiness();
+    match broker.connect().await {
+        Ok(()) => {
+            ready_state.broker_up.store(true, Ordering::SeqCst);
+            tracing::info!(queue = %settings.queues.jobs, "Connected; receiving jobs.");
+        }
+        Err(BrokerError::Refused(why)) => {
+            return Err(UsageError(format!("Service Bus refused the connection: {why}")).into());
+        }
+        Err(BrokerError::NotFound(entity)) => {
+            return Err(UsageError(format!(
+                "Service Bus has no entity {entity:?} (queues.jobs = {:?}); create it, or name the right queue",
+                settings.queues.jobs
+            ))
+            .into());
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Service Bus is not reachable yet; retrying with backoff.")
+        }
+    }
+    Ok((broker, embedded))
+}
+
+fn engine_options(settings: &Settings) -> EngineOptions {
+    EngineOptions {
+        concurrency: settings.engine.concurrency,
+        queues: Queues {
+            jobs: settings.queues.jobs.clone(),
+            results: settings.queues.results.clone(),
+            reply_allowed: settings.queues.reply_allowed.clone(),
+        },
+        drain_timeout: settings.engine.drain_timeout(),
+        max_lock_renewal: settings.engine.max_lock_renewal(),
+        max_body_bytes: settings.engine.max_body_kb * 1024,
+        receive_wait: settings.engine.receive_wait(),
+    }
 }
