@@ -5,7 +5,7 @@ use fe2o3_amqp_types::primitives::SimpleValue;
 
 use super::error::SbError;
 use super::jwt;
-use super::queue::{Broker, EntityRef, strip_authority};
+use super::queue::{EntityRef, Namespace, strip_authority};
 use super::request::Request;
 use super::sas::{SasRule, verify};
 
@@ -37,7 +37,7 @@ impl Authz {
     /// Handles a put-token request; returns the CBS status code and description.
     pub fn put_token(
         &mut self,
-        broker: &Broker,
+        broker: &Namespace,
         rules: &[SasRule],
         accept_jwt: bool,
         req: &Request,
@@ -51,7 +51,7 @@ impl Authz {
 
     fn try_put_token(
         &mut self,
-        broker: &Broker,
+        broker: &Namespace,
         rules: &[SasRule],
         accept_jwt: bool,
         req: &Request,

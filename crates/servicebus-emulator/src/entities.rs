@@ -161,12 +161,12 @@ struct File {
 #[serde(rename_all = "PascalCase")]
 struct UserConfig {
     #[serde(default)]
-    namespaces: Vec<Namespace>,
+    namespaces: Vec<NamespaceConfig>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct Namespace {
+struct NamespaceConfig {
     #[serde(default)]
     queues: Vec<QueueEntry>,
     #[serde(default)]

@@ -59,7 +59,7 @@ use admission::Admission;
 use clock::{Clock, SystemClock};
 use entities::{Entities, QueueConfig, TopicConfig};
 use error::SbError;
-use queue::{Broker, Counts, LinkId};
+use queue::{Counts, LinkId, Namespace};
 use sas::SasRule;
 use store::Store;
 
@@ -153,7 +153,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Shared {
     /// All queues.
-    pub broker: Broker,
+    pub broker: Namespace,
     /// Keys that may sign tokens.
     pub rules: Vec<SasRule>,
     /// Whether `$cbs` takes JWTs.
@@ -189,7 +189,7 @@ impl Emulator {
             queues: config.queues,
             topics: config.topics,
         };
-        let broker = Broker::with_entities(entities, store, config.clock.clone())?;
+        let broker = Namespace::with_entities(entities, store, config.clock.clone())?;
         let listener =
             TcpListener::bind(config.listen)
                 .await

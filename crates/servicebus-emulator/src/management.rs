@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::error::SbError;
 use super::message::MessageParts;
-use super::queue::{Broker, EntityRef, LinkId, Outcome};
+use super::queue::{EntityRef, LinkId, Namespace, Settlement};
 use super::request::{Request, as_i64, as_list, as_str, as_uuid, map_body};
 
 /// Most message bytes one peek response carries: it must fit the 1 MiB the response link
@@ -47,7 +47,7 @@ impl Reply {
 }
 
 /// Runs one management operation against `entity`.
-pub fn handle(broker: &Broker, entity: &EntityRef, owner: LinkId, req: &Request) -> Reply {
+pub fn handle(broker: &Namespace, entity: &EntityRef, owner: LinkId, req: &Request) -> Reply {
     match dispatch(broker, entity, owner, req) {
         Ok(r) => r,
         Err(e) => Reply {
@@ -60,7 +60,7 @@ pub fn handle(broker: &Broker, entity: &EntityRef, owner: LinkId, req: &Request)
 }
 
 fn dispatch(
-    broker: &Broker,
+    broker: &Namespace,
     e: &EntityRef,
     owner: LinkId,
     req: &Request,
@@ -134,7 +134,7 @@ fn dispatch(
 
 /// `schedule-message`: enqueues each message (visible at its ScheduledEnqueueTimeUtc) and
 /// answers their sequence numbers.
-fn schedule(broker: &Broker, e: &EntityRef, req: &Request) -> Result<Reply, SbError> {
+fn schedule(broker: &Namespace, e: &EntityRef, req: &Request) -> Result<Reply, SbError> {
     let list = req
         .field("messages")
         .and_then(as_list)
@@ -158,14 +158,14 @@ fn schedule(broker: &Broker, e: &EntityRef, req: &Request) -> Result<Reply, SbEr
 
 /// `update-disposition`: settles messages by lock token (the SDKs' path for deferred messages
 /// and after a reconnect).
-fn update_disposition(broker: &Broker, req: &Request) -> Result<Reply, SbError> {
+fn update_disposition(broker: &Namespace, req: &Request) -> Result<Reply, SbError> {
     let status = opt_str(req, "disposition-status").ok_or_else(|| missing("status"))?;
     let props = props_to_modify(req);
     let outcome = match status.as_str() {
-        "completed" => Outcome::Complete,
-        "abandoned" => Outcome::Abandon(props),
-        "defered" | "deferred" => Outcome::Defer(props),
-        "suspended" => Outcome::DeadLetter {
+        "completed" => Settlement::Complete,
+        "abandoned" => Settlement::Abandon(props),
+        "defered" | "deferred" => Settlement::Defer(props),
+        "suspended" => Settlement::DeadLetter {
             reason: opt_str(req, "deadletter-reason"),
             description: opt_str(req, "deadletter-description"),
             props,
@@ -183,7 +183,7 @@ fn update_disposition(broker: &Broker, req: &Request) -> Result<Reply, SbError> 
 }
 
 /// `get-message-sessions`: the ids of sessions with messages (or state), paged by skip/top.
-fn message_sessions(broker: &Broker, e: &EntityRef, req: &Request) -> Result<Reply, SbError> {
+fn message_sessions(broker: &Namespace, e: &EntityRef, req: &Request) -> Result<Reply, SbError> {
     let skip = req.field("skip").and_then(as_i64).unwrap_or(0).max(0) as usize;
     let top = req.field("top").and_then(as_i64).unwrap_or(100).max(0) as usize;
     // DateTime.MaxValue (year 10000) means "no filter" (Python and .NET send it).

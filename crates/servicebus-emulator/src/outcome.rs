@@ -6,24 +6,24 @@ use fe2o3_amqp_types::messaging::{Accepted, DeliveryState, Modified, Rejected, R
 use fe2o3_amqp_types::primitives::{SimpleValue, Symbol, Value};
 
 use super::error::SbError;
-use super::queue::Outcome;
+use super::queue::Settlement;
 
 const DEAD_LETTER: &str = "com.microsoft:dead-letter";
 
 /// The broker outcome of a client's delivery state; `None` for non-terminal states.
 /// `settled` without a state means the default outcome, `accepted`.
-pub fn outcome_of(state: Option<&DeliveryState>, settled: bool) -> Option<Outcome> {
+pub fn outcome_of(state: Option<&DeliveryState>, settled: bool) -> Option<Settlement> {
     Some(match state {
-        None if settled => Outcome::Complete,
+        None if settled => Settlement::Complete,
         None | Some(DeliveryState::Received(_)) => return None,
-        Some(DeliveryState::Accepted(_)) => Outcome::Complete,
-        Some(DeliveryState::Released(_)) => Outcome::Release,
+        Some(DeliveryState::Accepted(_)) => Settlement::Complete,
+        Some(DeliveryState::Released(_)) => Settlement::Release,
         Some(DeliveryState::Modified(m)) => {
             let props = annotation_props(m.message_annotations.as_ref());
             if m.undeliverable_here == Some(true) {
-                Outcome::Defer(props)
+                Settlement::Defer(props)
             } else {
-                Outcome::Abandon(props)
+                Settlement::Abandon(props)
             }
         }
         Some(DeliveryState::Rejected(r)) => dead_letter_of(r.error.as_ref()),
@@ -52,7 +52,7 @@ pub fn reply_state(sent: Option<&DeliveryState>, result: &Result<(), SbError>) -
     }
 }
 
-fn dead_letter_of(error: Option<&AmqpError>) -> Outcome {
+fn dead_letter_of(error: Option<&AmqpError>) -> Settlement {
     let mut reason = None;
     let mut description = None;
     if let Some(err) = error {
@@ -71,7 +71,7 @@ fn dead_letter_of(error: Option<&AmqpError>) -> Outcome {
             description = description.or_else(|| err.description.clone());
         }
     }
-    Outcome::DeadLetter {
+    Settlement::DeadLetter {
         reason,
         description,
         props: Vec::new(),
@@ -133,7 +133,7 @@ mod tests {
         });
         assert_eq!(
             outcome_of(Some(&abandon), false),
-            Some(Outcome::Abandon(Vec::new()))
+            Some(Settlement::Abandon(Vec::new()))
         );
         let defer = DeliveryState::Modified(Modified {
             delivery_failed: Some(true),
@@ -142,7 +142,7 @@ mod tests {
         });
         assert_eq!(
             outcome_of(Some(&defer), false),
-            Some(Outcome::Defer(Vec::new()))
+            Some(Settlement::Defer(Vec::new()))
         );
     }
 }

@@ -10,7 +10,7 @@ use servicebus_emulator::clock::ManualClock;
 use servicebus_emulator::entities::QueueConfig;
 use servicebus_emulator::error::SbError;
 use servicebus_emulator::message::MessageParts;
-use servicebus_emulator::queue::{Broker, EntityRef, Outcome};
+use servicebus_emulator::queue::{EntityRef, Namespace, Settlement};
 use servicebus_emulator::store::Store;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -34,15 +34,17 @@ fn queue(name: &str) -> EntityRef {
     }
 }
 
-fn broker(cfg: QueueConfig) -> Result<Broker, Box<dyn std::error::Error>> {
-    Ok(Broker::new(vec![cfg], Store::open(None)?)?)
+fn broker(cfg: QueueConfig) -> Result<Namespace, Box<dyn std::error::Error>> {
+    Ok(Namespace::new(vec![cfg], Store::open(None)?)?)
 }
 
 const T0: i64 = 1_800_000_000_000;
 
-fn broker_at(cfg: QueueConfig) -> Result<(Broker, Arc<ManualClock>), Box<dyn std::error::Error>> {
+fn broker_at(
+    cfg: QueueConfig,
+) -> Result<(Namespace, Arc<ManualClock>), Box<dyn std::error::Error>> {
     let clock = Arc::new(ManualClock::new(T0));
-    let b = Broker::with_clock(vec![cfg], Store::open(None)?, clock.clone())?;
+    let b = Namespace::with_clock(vec![cfg], Store::open(None)?, clock.clone())?;
     Ok((b, clock))
 }
 
@@ -56,10 +58,10 @@ fn release_does_not_count_abandon_does() -> TestResult {
     let b = broker(QueueConfig::new("q"))?;
     b.enqueue(&queue("q"), vec![msg("a", None)?])?;
     let d = b.acquire(&queue("q"), None, 1, true)?.ok_or("none")?;
-    b.settle(d.token.ok_or("token")?, Outcome::Release)?;
+    b.settle(d.token.ok_or("token")?, Settlement::Release)?;
     let d = b.acquire(&queue("q"), None, 1, true)?.ok_or("none")?;
     assert_eq!(delivery_count(&d.bytes)?, 0);
-    b.settle(d.token.ok_or("token")?, Outcome::Abandon(Vec::new()))?;
+    b.settle(d.token.ok_or("token")?, Settlement::Abandon(Vec::new()))?;
     let d = b.acquire(&queue("q"), None, 1, true)?.ok_or("none")?;
     assert_eq!(delivery_count(&d.bytes)?, 1);
     Ok(())
@@ -80,7 +82,7 @@ fn expired_lock_is_lost_and_redelivered() -> TestResult {
     );
     clock.advance(1_000);
     b.sweep()?;
-    let err = b.settle(d.token.ok_or("token")?, Outcome::Complete);
+    let err = b.settle(d.token.ok_or("token")?, Settlement::Complete);
     assert!(matches!(err, Err(SbError::LockLost)));
     let again = b.acquire(&queue("q"), None, 1, true)?.ok_or("none")?;
     assert_eq!(again.seq, d.seq);
@@ -98,7 +100,7 @@ fn max_delivery_count_dead_letters() -> TestResult {
     b.enqueue(&queue("q"), vec![msg("a", None)?])?;
     for _ in 0..2 {
         let d = b.acquire(&queue("q"), None, 1, true)?.ok_or("none")?;
-        b.settle(d.token.ok_or("token")?, Outcome::Abandon(Vec::new()))?;
+        b.settle(d.token.ok_or("token")?, Settlement::Abandon(Vec::new()))?;
     }
     assert!(b.acquire(&queue("q"), None, 1, true)?.is_none());
     let dlq = EntityRef {
@@ -233,11 +235,11 @@ fn deferred_messages_only_by_sequence_number() -> TestResult {
     let b = broker(QueueConfig::new("q"))?;
     b.enqueue(&queue("q"), vec![msg("d", None)?])?;
     let d = b.acquire(&queue("q"), None, 1, true)?.ok_or("none")?;
-    b.settle(d.token.ok_or("token")?, Outcome::Defer(Vec::new()))?;
+    b.settle(d.token.ok_or("token")?, Settlement::Defer(Vec::new()))?;
     assert!(b.acquire(&queue("q"), None, 1, true)?.is_none());
     let got = b.receive_deferred(&queue("q"), &[d.seq], true, 1)?;
     assert_eq!(got.len(), 1);
-    b.settle(got[0].token.ok_or("token")?, Outcome::Complete)?;
+    b.settle(got[0].token.ok_or("token")?, Settlement::Complete)?;
     assert!(matches!(
         b.receive_deferred(&queue("q"), &[d.seq], true, 1),
         Err(SbError::MessageNotFound(_))
@@ -257,7 +259,7 @@ fn forwarding_moves_messages_and_dead_letters() -> TestResult {
           {"Name":"dead","Properties":{}}],
         "Topics":[{"Name":"t","Properties":{},"Subscriptions":[
           {"Name":"s","Properties":{"ForwardTo":"out"}}]}]}]}}"#;
-    let b = Broker::with_entities(parse(text)?, Store::open(None)?, Arc::new(SystemClock))?;
+    let b = Namespace::with_entities(parse(text)?, Store::open(None)?, Arc::new(SystemClock))?;
     b.enqueue(&queue("in"), vec![msg("a", None)?])?;
     assert!(b.acquire(&queue("in"), None, 1, true)?.is_none());
     assert!(b.acquire(&queue("mid"), None, 1, true)?.is_none());
@@ -266,7 +268,7 @@ fn forwarding_moves_messages_and_dead_letters() -> TestResult {
         .ok_or("not forwarded")?;
     b.settle(
         d.token.ok_or("token")?,
-        Outcome::DeadLetter {
+        Settlement::DeadLetter {
             reason: Some("Bad".into()),
             description: None,
             props: Vec::new(),
@@ -319,13 +321,13 @@ fn session_messages_are_covered_by_the_session_lock() -> TestResult {
         b.renew_session_lock(&s, "A")?;
         b.sweep()?;
     }
-    b.settle(first.token.ok_or("token")?, Outcome::Complete)?;
+    b.settle(first.token.ok_or("token")?, Settlement::Complete)?;
     let second = b.acquire(&s, Some("A"), 1, true)?.ok_or("none")?;
     assert_eq!(delivery_count(&second.bytes)?, 0);
     clock.advance(5_000);
     b.sweep()?;
     assert!(matches!(
-        b.settle(second.token.ok_or("token")?, Outcome::Complete),
+        b.settle(second.token.ok_or("token")?, Settlement::Complete),
         Err(SbError::LockLost)
     ));
     b.lock_session(&s, Some("A"), 2)?

@@ -5,7 +5,7 @@ use fe2o3_amqp_types::messaging::{Data, Properties};
 use fe2o3_amqp_types::primitives::Binary;
 use servicebus_emulator::entities::QueueConfig;
 use servicebus_emulator::message::MessageParts;
-use servicebus_emulator::queue::{Broker, EntityRef, Outcome};
+use servicebus_emulator::queue::{EntityRef, Namespace, Settlement};
 use servicebus_emulator::store::Store;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -28,14 +28,14 @@ fn jobs() -> EntityRef {
     }
 }
 
-fn open(dir: &std::path::Path) -> Result<Broker, Box<dyn std::error::Error>> {
-    Ok(Broker::new(
+fn open(dir: &std::path::Path) -> Result<Namespace, Box<dyn std::error::Error>> {
+    Ok(Namespace::new(
         QueueConfig::defaults(),
         Store::open(Some(dir))?,
     )?)
 }
 
-fn subjects(broker: &Broker, e: &EntityRef) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+fn subjects(broker: &Namespace, e: &EntityRef) -> Result<Vec<String>, Box<dyn std::error::Error>> {
     let mut out = Vec::new();
     for bytes in broker.peek(e, 0, 100, None)? {
         let parts = MessageParts::parse(&bytes)?;
@@ -57,13 +57,13 @@ fn restart_mid_way_loses_no_accepted_message() -> TestResult {
         last_seq = *seqs.last().ok_or("no sequence numbers")?;
         // m0 completed, m1 dead-lettered, m2 abandoned, m3 locked when the "crash" comes.
         for outcome in [
-            Outcome::Complete,
-            Outcome::DeadLetter {
+            Settlement::Complete,
+            Settlement::DeadLetter {
                 reason: Some("Bad".into()),
                 description: None,
                 props: Vec::new(),
             },
-            Outcome::Abandon(Vec::new()),
+            Settlement::Abandon(Vec::new()),
         ] {
             let d = broker
                 .acquire(&jobs(), None, 1, true)?
@@ -95,7 +95,7 @@ fn restart_mid_way_loses_no_accepted_message() -> TestResult {
 
 #[test]
 fn in_memory_store_starts_empty() -> TestResult {
-    let broker = Broker::new(QueueConfig::defaults(), Store::open(None)?)?;
+    let broker = Namespace::new(QueueConfig::defaults(), Store::open(None)?)?;
     assert!(broker.peek(&jobs(), 0, 10, None)?.is_empty());
     Ok(())
 }
@@ -111,8 +111,8 @@ fn topic_copies_survive_restart_and_numbers_keep_rising() -> TestResult {
             "FilterType":"Sql","SqlFilter":{"SqlExpression":"sys.Label = 'm1'"}}}]}]}]}]}}"#;
     let entities: Entities = parse(text)?;
     let dir = tempfile::tempdir()?;
-    let open = |e: Entities| -> Result<Broker, Box<dyn std::error::Error>> {
-        Ok(Broker::with_entities(
+    let open = |e: Entities| -> Result<Namespace, Box<dyn std::error::Error>> {
+        Ok(Namespace::with_entities(
             e,
             Store::open(Some(dir.path()))?,
             std::sync::Arc::new(SystemClock),
@@ -179,7 +179,7 @@ fn duplicate_detection_remembers_message_ids_across_a_restart() -> TestResult {
         Ok(m)
     };
     {
-        let broker = Broker::new(vec![results.clone()], Store::open(Some(dir.path()))?)?;
+        let broker = Namespace::new(vec![results.clone()], Store::open(Some(dir.path()))?)?;
         assert_eq!(broker.enqueue(&queue, vec![with_id("reply-1")?])?.len(), 1);
         // A reply resent before the crash is dropped, as it always was.
         assert!(
@@ -188,7 +188,7 @@ fn duplicate_detection_remembers_message_ids_across_a_restart() -> TestResult {
                 .is_empty()
         );
     }
-    let broker = Broker::new(vec![results], Store::open(Some(dir.path()))?)?;
+    let broker = Namespace::new(vec![results], Store::open(Some(dir.path()))?)?;
     // ...and so is one resent after the restart (a daemon redelivered the job and answered again).
     assert!(
         broker

@@ -2,7 +2,7 @@
 
 use super::*;
 
-impl Broker {
+impl Namespace {
     /// Releases what a closing link holds: its session locks, and the message locks inside
     /// those sessions (without counting a failed delivery, §7).
     pub fn release_link(&self, owner: LinkId) {

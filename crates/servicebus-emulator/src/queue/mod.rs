@@ -60,7 +60,7 @@ pub enum EntityKind {
 
 /// What the client decided about a locked message (§5.1).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
+pub enum Settlement {
     /// Delete it.
     Complete,
     /// Unlock without counting a failed delivery.
@@ -82,7 +82,7 @@ pub enum Outcome {
 
 /// A message handed to a receiver.
 #[derive(Debug, Clone)]
-pub struct Delivery {
+pub struct Received {
     /// Lock token; `None` when the message was deleted on delivery.
     pub token: Option<Uuid>,
     /// Sequence number.
@@ -99,7 +99,7 @@ struct Lock {
 }
 
 #[derive(Debug)]
-struct Live {
+struct Entry {
     m: StoredMessage,
     lock: Option<Lock>,
 }
@@ -114,8 +114,8 @@ struct SessionLock {
 struct Queue {
     cfg: QueueConfig,
     next_seq: i64,
-    active: BTreeMap<i64, Live>,
-    dlq: BTreeMap<i64, Live>,
+    active: BTreeMap<i64, Entry>,
+    dlq: BTreeMap<i64, Entry>,
     dedupe: HashMap<String, i64>,
     /// Session state and when it was last set (Unix ms).
     session_state: HashMap<String, (Vec<u8>, i64)>,
@@ -188,7 +188,7 @@ impl Queue {
         )))
     }
 
-    fn map(&mut self, dlq: bool) -> &mut BTreeMap<i64, Live> {
+    fn map(&mut self, dlq: bool) -> &mut BTreeMap<i64, Entry> {
         if dlq { &mut self.dlq } else { &mut self.active }
     }
     fn lock_ms(&self) -> i64 {
@@ -206,7 +206,7 @@ struct State {
 
 /// The broker: all queues of the namespace, shared by every connection.
 #[derive(Debug)]
-pub struct Broker {
+pub struct Namespace {
     state: Mutex<State>,
     changed: watch::Sender<u64>,
     clock: Arc<dyn Clock>,
@@ -222,23 +222,23 @@ pub fn now_ms() -> i64 {
     SystemClock.now_ms()
 }
 
-impl Broker {
+impl Namespace {
     /// Builds the broker from queue definitions and whatever the store holds.
-    pub fn new(queues: Vec<QueueConfig>, store: Store) -> Result<Broker, SbError> {
-        Broker::with_clock(queues, store, Arc::new(SystemClock))
+    pub fn new(queues: Vec<QueueConfig>, store: Store) -> Result<Namespace, SbError> {
+        Namespace::with_clock(queues, store, Arc::new(SystemClock))
     }
 
-    /// Like [`Broker::new`] with another clock (tests move time instead of sleeping).
+    /// Like [`Namespace::new`] with another clock (tests move time instead of sleeping).
     pub fn with_clock(
         queues: Vec<QueueConfig>,
         store: Store,
         clock: Arc<dyn Clock>,
-    ) -> Result<Broker, SbError> {
+    ) -> Result<Namespace, SbError> {
         let entities = Entities {
             queues,
             topics: Vec::new(),
         };
-        Broker::with_entities(entities, store, clock)
+        Namespace::with_entities(entities, store, clock)
     }
 
     /// Builds the broker for queues and topics (each subscription becomes a receive-only queue).
@@ -246,7 +246,7 @@ impl Broker {
         entities: Entities,
         store: Store,
         clock: Arc<dyn Clock>,
-    ) -> Result<Broker, SbError> {
+    ) -> Result<Namespace, SbError> {
         let mut map = HashMap::new();
         let mut topics = HashMap::new();
         let subscriptions = entities
@@ -281,7 +281,7 @@ impl Broker {
             if let Some(q) = map.get_mut(&m.queue.to_ascii_lowercase()) {
                 q.next_seq = q.next_seq.max(m.seq + 1);
                 let dlq = m.dlq;
-                q.map(dlq).insert(m.seq, Live { m, lock: None });
+                q.map(dlq).insert(m.seq, Entry { m, lock: None });
             } else {
                 tracing::warn!(queue = %m.queue, seq = m.seq, "Stored message belongs to a queue that is no longer configured; it is kept but unreachable.");
             }
@@ -300,7 +300,7 @@ impl Broker {
             }
         }
         let (changed, _) = watch::channel(0);
-        Ok(Broker {
+        Ok(Namespace {
             state: Mutex::new(State {
                 queues: map,
                 topics,
@@ -421,7 +421,7 @@ impl Broker {
         }
         let seqs = stored.iter().map(|m| m.seq).collect();
         for m in stored {
-            q.active.insert(m.seq, Live { m, lock: None });
+            q.active.insert(m.seq, Entry { m, lock: None });
         }
         drop(guard);
         self.notify();
@@ -436,7 +436,7 @@ impl Broker {
         session: Option<&str>,
         owner: LinkId,
         peek_lock: bool,
-    ) -> Result<Option<Delivery>, SbError> {
+    ) -> Result<Option<Received>, SbError> {
         let now = self.clock.now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
@@ -471,7 +471,7 @@ impl Broker {
             });
             let bytes = render(&live.m, Some((token, until_ms)), false)?;
             state.locks.insert(token, (name, e.dlq, seq));
-            Ok(Some(Delivery {
+            Ok(Some(Received {
                 token: Some(token),
                 seq,
                 bytes,
@@ -481,7 +481,7 @@ impl Broker {
             let Some(live) = map.remove(&seq) else {
                 return Ok(None);
             };
-            Ok(Some(Delivery {
+            Ok(Some(Received {
                 token: None,
                 seq,
                 bytes: render(&live.m, None, false)?,
@@ -490,7 +490,7 @@ impl Broker {
     }
 
     /// Applies a client's outcome to the message locked under `token`.
-    pub fn settle(&self, token: Uuid, outcome: Outcome) -> Result<(), SbError> {
+    pub fn settle(&self, token: Uuid, outcome: Settlement) -> Result<(), SbError> {
         let now = self.clock.now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
@@ -508,7 +508,7 @@ impl Broker {
                 live.lock.as_ref().is_some_and(|l| {
                     l.token == token
                         && (l.until_ms > now
-                            || outcome == Outcome::Release
+                            || outcome == Settlement::Release
                             || (!dlq
                                 && sessions::covered_by_session(
                                     session_locks,
@@ -523,12 +523,12 @@ impl Broker {
             return Err(SbError::LockLost);
         };
         match outcome {
-            Outcome::Complete => {
+            Settlement::Complete => {
                 state.store.delete(&queue, seq)?;
                 map.remove(&seq);
             }
-            Outcome::Release => put_back(state, m),
-            Outcome::Abandon(props) => {
+            Settlement::Release => put_back(state, m),
+            Settlement::Abandon(props) => {
                 merge_props(&mut m.parts, props);
                 m.delivery_count += 1;
                 if !dlq && m.delivery_count >= max {
@@ -540,13 +540,13 @@ impl Broker {
                     put_back(state, m);
                 }
             }
-            Outcome::Defer(props) => {
+            Settlement::Defer(props) => {
                 merge_props(&mut m.parts, props);
                 m.state = MsgState::Deferred;
                 state.store.update(&m)?;
                 put_back(state, m);
             }
-            Outcome::DeadLetter {
+            Settlement::DeadLetter {
                 reason,
                 description,
                 props,
@@ -608,7 +608,7 @@ fn dead_letter(
     state.store.update(&m)?;
     if let Some(q) = state.queues.get_mut(&source_key) {
         q.active.remove(&m.seq);
-        q.dlq.insert(m.seq, Live { m, lock: None });
+        q.dlq.insert(m.seq, Entry { m, lock: None });
     }
     Ok(())
 }
@@ -636,7 +636,7 @@ fn forward_dead_letter(
         .insert(&dest.cfg.name, next, &copies.iter().collect::<Vec<_>>())?;
     dest.next_seq = next;
     for c in copies {
-        dest.active.insert(c.seq, Live { m: c, lock: None });
+        dest.active.insert(c.seq, Entry { m: c, lock: None });
     }
     state.store.delete(&m.queue, m.seq)?;
     if let Some(q) = state.queues.get_mut(source_key) {
@@ -687,7 +687,7 @@ fn dedupe(
 fn put_back(state: &mut State, m: StoredMessage) {
     if let Some(q) = state.queues.get_mut(&m.queue.to_ascii_lowercase()) {
         let dlq = m.dlq;
-        q.map(dlq).insert(m.seq, Live { m, lock: None });
+        q.map(dlq).insert(m.seq, Entry { m, lock: None });
     }
 }
 

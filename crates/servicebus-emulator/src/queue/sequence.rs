@@ -4,7 +4,7 @@ use uuid::Uuid;
 
 use super::*;
 
-impl Broker {
+impl Namespace {
     /// Extends locks; returns the new expiry of each, in order (§6.2 `renew-lock`).
     pub fn renew_locks(&self, tokens: &[Uuid]) -> Result<Vec<i64>, SbError> {
         let now = self.clock.now_ms();
@@ -110,7 +110,7 @@ impl Broker {
         seqs: &[i64],
         peek_lock: bool,
         owner: LinkId,
-    ) -> Result<Vec<Delivery>, SbError> {
+    ) -> Result<Vec<Received>, SbError> {
         let now = self.clock.now_ms();
         let mut guard = self.lock();
         let state = &mut *guard;
@@ -139,7 +139,7 @@ impl Broker {
                     owner,
                 });
                 state.locks.insert(token, (name.clone(), e.dlq, *seq));
-                out.push(Delivery {
+                out.push(Received {
                     token: Some(token),
                     seq: *seq,
                     bytes: render(&live.m, Some((token, until_ms)), false)?,
@@ -148,7 +148,7 @@ impl Broker {
                 let bytes = render(&live.m, None, false)?;
                 state.store.delete(&name, *seq)?;
                 map.remove(seq);
-                out.push(Delivery {
+                out.push(Received {
                     token: None,
                     seq: *seq,
                     bytes,

@@ -18,7 +18,7 @@ pub(super) fn covered_by_session(
         .is_some_and(|s| s.owner == lock.owner && s.until_ms > now)
 }
 
-impl Broker {
+impl Namespace {
     /// Locks a session for `owner`: the named one, or the first one with available messages.
     /// `Ok(None)` means no session is free right now.
     pub fn lock_session(

@@ -130,7 +130,7 @@ pub(super) fn fan_out(
                 q.next_seq = q.next_seq.max(next);
             }
             for m in stored {
-                q.active.insert(m.seq, Live { m, lock: None });
+                q.active.insert(m.seq, Entry { m, lock: None });
             }
         }
     }

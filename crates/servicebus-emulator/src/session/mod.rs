@@ -50,7 +50,7 @@ const LOCKED_UNTIL: &str = "com.microsoft:locked-until-utc";
 /// Everything a session handler may touch besides its own state.
 #[derive(Debug)]
 pub struct Ctx<'a> {
-    /// Broker, SAS rules, link ids.
+    /// The namespace (queues and topics), SAS rules, link ids.
     pub shared: &'a Shared,
     /// The connection's CBS grants.
     pub authz: &'a mut Authz,
