@@ -225,6 +225,12 @@ pub struct JobPass {
 }
 
 impl JobPass {
+    /// The job's credential for the proxy (in its proxy URL): scrubbed from what the job sends
+    /// back, like a secret, though it is worthless once the job has ended.
+    pub fn credential(&self) -> &str {
+        &self.password
+    }
+
     /// The variables that point the job's HTTP clients at the proxy.
     pub fn environment(&self) -> Vec<(String, String)> {
         PROXY_VARIABLES

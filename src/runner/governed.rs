@@ -71,6 +71,11 @@ impl JobGovernance {
     }
 
     /// The scrubber as it is now (tokens are added to it as they are handed out).
+    /// Scrubs `value` too, as `[redacted:<name>]` (the job's egress proxy credential).
+    pub fn also_scrub(&self, name: &str, value: &str) {
+        self.scrubber().add(name, value);
+    }
+
     fn scrubber(&self) -> std::sync::MutexGuard<'_, Scrubber> {
         self.scrubber.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -361,6 +361,9 @@ impl Runner {
             Ok(egress) => egress,
             Err(fault) => return failed(fault),
         };
+        if let Some((_, pass)) = &egress {
+            governed.also_scrub("egress-proxy", pass.credential());
+        }
         let (cgroup, started_job) = match self.start(&request, egress.as_ref()).await {
             Ok(pair) => pair,
             Err(fault) => return failed(fault),

@@ -160,6 +160,12 @@ async fn reaches_only_the_listed_server(mode: Isolation, mechanisms: Mechanisms,
         out["proxy_env"],
         json!(["HTTPS_PROXY", "HTTP_PROXY", "http_proxy", "https_proxy"])
     );
+    // The job's proxy credential does not leave the daemon in its result.
+    let url = out["proxy_url"].as_str().unwrap_or_default();
+    assert!(
+        url.starts_with("http://job:[redacted:egress-proxy]@127.0.0.1:"),
+        "{url}"
+    );
     assert_eq!(
         out["via_proxy"]["ok"], "listed saw GET /plain HTTP/1.1",
         "{out:#}"
