@@ -382,13 +382,13 @@ impl Runner {
         {
             Ok(path) => path,
             Err(message) => {
-                supervise::kill_all(&process, cgroup.as_ref());
-                let _ = exit.await;
-                drop((pipes, process));
-                let _ = workdir.close();
-                if let Some(cgroup) = cgroup {
-                    cgroup.finish().await;
-                }
+                let started_job = Started {
+                    process,
+                    pipes,
+                    workdir,
+                    exit,
+                };
+                abandon(started_job, cgroup).await;
                 return failed(DaemonFault::new(FaultStage::TempFolder, message));
             }
         };
@@ -434,20 +434,8 @@ impl Runner {
         };
         let mut report = report(&request, governed, watched, usage);
         report.duration = started.elapsed();
-        match kept {
-            Some(Err(TakeError::NotAFolder))
-                if matches!(report.outcome, RunOutcome::Succeeded(_)) =>
-            {
-                report.outcome = RunOutcome::Failed(
-                    JobError::new(
-                        ErrorKind::HandlerError,
-                        "ctx.output_dir was replaced by something that is not a folder",
-                    )
-                    .permanent(),
-                );
-            }
-            Some(Err(TakeError::Move(e))) => report.outputs_error = Some(e),
-            _ => {}
+        if let Some(Err(e)) = kept {
+            outputs_not_kept(&mut report, e);
         }
         report
     }
@@ -646,6 +634,37 @@ impl Runner {
             env: env::environment(request.worker, &request.python, workdir, job_env),
             cwd: workdir.to_path_buf(),
         }
+    }
+}
+
+/// Ends a started job before it was handed its document: killed, reaped, its folder and
+/// cgroup removed.
+async fn abandon(started: Started, cgroup: Option<JobCgroup>) {
+    supervise::kill_all(&started.process, cgroup.as_ref());
+    let _ = started.exit.await;
+    drop((started.pipes, started.process));
+    let _ = started.workdir.close();
+    if let Some(cgroup) = cgroup {
+        cgroup.finish().await;
+    }
+}
+
+/// The job's output folder could not be kept: a succeeded job whose `ctx.output_dir` was
+/// replaced fails (its outputs are gone); a move that failed is the daemon's, reported beside
+/// the outcome.
+fn outputs_not_kept(report: &mut RunReport, error: TakeError) {
+    match error {
+        TakeError::NotAFolder if matches!(report.outcome, RunOutcome::Succeeded(_)) => {
+            report.outcome = RunOutcome::Failed(
+                JobError::new(
+                    ErrorKind::HandlerError,
+                    "ctx.output_dir was replaced by something that is not a folder",
+                )
+                .permanent(),
+            );
+        }
+        TakeError::Move(e) => report.outputs_error = Some(e),
+        TakeError::NotAFolder => {}
     }
 }
 
