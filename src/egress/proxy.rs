@@ -227,6 +227,51 @@ async fn authorise(
     Some((job, parsed.request, rest))
 }
 
+/// Connects to `target` for the job (within [`CONNECT_TIMEOUT`], and not past the job's end);
+/// when that fails, the job is told why (`502`, `504`) and `None` comes back.
+async fn open_upstream(
+    client: &mut TcpStream,
+    job: &JobEntry,
+    target: &Target,
+    attempt: &mut Attempt,
+) -> Option<TcpStream> {
+    let connecting = tokio::select! {
+        () = job.ended.cancelled() => {
+            attempt.decision = "failed";
+            attempt.detail = "the job ended while the proxy connected".into();
+            return None;
+        }
+        c = tokio::time::timeout(CONNECT_TIMEOUT, dial(target)) => c,
+    };
+    match connecting {
+        Ok(Ok(upstream)) => Some(upstream),
+        Ok(Err(e)) => {
+            attempt.decision = "failed";
+            attempt.detail = e.to_string();
+            reply(
+                client,
+                "502 Bad Gateway",
+                "",
+                &format!("cannot reach {target}: {e}"),
+            )
+            .await;
+            None
+        }
+        Err(_) => {
+            attempt.decision = "failed";
+            attempt.detail = "connect timed out".into();
+            reply(
+                client,
+                "504 Gateway Timeout",
+                "",
+                &format!("{target} did not answer"),
+            )
+            .await;
+            None
+        }
+    }
+}
+
 /// Connects to the allowed target and relays until either side closes or the job ends.
 async fn connect_and_relay(
     mut client: TcpStream,
@@ -260,40 +305,8 @@ async fn connect_and_relay(
             (target, head, false)
         }
     };
-    let connecting = tokio::select! {
-        () = job.ended.cancelled() => {
-            attempt.decision = "failed";
-            attempt.detail = "the job ended while the proxy connected".into();
-            return;
-        }
-        c = tokio::time::timeout(CONNECT_TIMEOUT, dial(&target)) => c,
-    };
-    let mut upstream = match connecting {
-        Ok(Ok(upstream)) => upstream,
-        Ok(Err(e)) => {
-            attempt.decision = "failed";
-            attempt.detail = e.to_string();
-            reply(
-                &mut client,
-                "502 Bad Gateway",
-                "",
-                &format!("cannot reach {target}: {e}"),
-            )
-            .await;
-            return;
-        }
-        Err(_) => {
-            attempt.decision = "failed";
-            attempt.detail = "connect timed out".into();
-            reply(
-                &mut client,
-                "504 Gateway Timeout",
-                "",
-                &format!("{target} did not answer"),
-            )
-            .await;
-            return;
-        }
+    let Some(mut upstream) = open_upstream(&mut client, job, &target, attempt).await else {
+        return;
     };
     let ready = async {
         if is_connect {
