@@ -152,13 +152,8 @@ impl Engine {
                     }
                 }
                 Err(e) => {
-                    ready.broker_up.store(false, Ordering::SeqCst);
-                    failures += 1;
-                    let pause = Duration::from_millis(200 * 2u64.pow(failures.min(6)));
-                    tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "Receiving jobs failed.");
-                    tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(pause) => {}
+                    if !back_off(&mut failures, &e, "Receiving jobs failed.", &shutdown).await {
+                        break;
                     }
                 }
             }
@@ -384,5 +379,23 @@ impl JobTask {
         job_ended.cancel();
         keeper.abort();
         (!lock_lost).then_some(execution)
+    }
+}
+
+/// After a failed receive or session accept: the broker counts as down (`/readyz`) and the
+/// loop waits 200 ms × 2^failures, up to 12.8 s. `false` when shutdown came first.
+async fn back_off(
+    failures: &mut u32,
+    error: &(dyn std::fmt::Display + Sync),
+    what: &str,
+    shutdown: &CancellationToken,
+) -> bool {
+    readiness().broker_up.store(false, Ordering::SeqCst);
+    *failures += 1;
+    let pause = Duration::from_millis(200 * 2u64.pow((*failures).min(6)));
+    tracing::warn!(error = %error, retry_in_ms = pause.as_millis() as u64, "{what}");
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = tokio::time::sleep(pause) => true,
     }
 }

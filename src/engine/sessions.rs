@@ -141,13 +141,10 @@ impl Engine {
                     tracker.spawn(task.run(Arc::from(session), permit));
                 }
                 Err(e) => {
-                    readiness().broker_up.store(false, Ordering::SeqCst);
-                    failures += 1;
-                    let pause = Duration::from_millis(200 * 2u64.pow(failures.min(6)));
-                    tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "Accepting a session failed.");
-                    tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(pause) => {}
+                    if !super::back_off(&mut failures, &e, "Accepting a session failed.", &shutdown)
+                        .await
+                    {
+                        break;
                     }
                 }
             }

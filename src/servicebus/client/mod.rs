@@ -303,24 +303,7 @@ impl ServiceBusBroker {
         keep: &BTreeMap<String, String>,
     ) -> Result<(), BrokerError> {
         self.deliveries.forget(token);
-        let mut request = MgmtRequest::new("com.microsoft:update-disposition")
-            .with("disposition-status", Value::String(status.to_owned()))
-            .with("lock-tokens", lock_tokens(token));
-        if let Some((reason, description)) = dead_letter {
-            request = request
-                .with("deadletter-reason", Value::String(reason.to_owned()))
-                .with(
-                    "deadletter-description",
-                    Value::String(description.to_owned()),
-                );
-        }
-        if !keep.is_empty() {
-            let map = keep
-                .iter()
-                .map(|(k, v)| (Value::String(k.clone()), Value::String(v.clone())))
-                .collect();
-            request = request.with("properties-to-modify", Value::Map(map));
-        }
+        let request = update_disposition(token, status, dead_letter, keep);
         let response = self.management_retried(request).await?;
         status_result(&response)?;
         self.stats.settled_by_token.fetch_add(1, Ordering::Relaxed);
@@ -537,4 +520,33 @@ fn is_not_found(error: &fe2o3_amqp::types::definitions::Error) -> bool {
         error.condition,
         ErrorCondition::AmqpError(AmqpError::NotFound)
     )
+}
+
+/// The `update-disposition` request that settles one message by its lock token (§5): its new
+/// status, a dead letter's reason and description, and the properties to merge into it.
+fn update_disposition(
+    token: Uuid,
+    status: &str,
+    dead_letter: Option<(&str, &str)>,
+    keep: &BTreeMap<String, String>,
+) -> MgmtRequest {
+    let mut request = MgmtRequest::new("com.microsoft:update-disposition")
+        .with("disposition-status", Value::String(status.to_owned()))
+        .with("lock-tokens", lock_tokens(token));
+    if let Some((reason, description)) = dead_letter {
+        request = request
+            .with("deadletter-reason", Value::String(reason.to_owned()))
+            .with(
+                "deadletter-description",
+                Value::String(description.to_owned()),
+            );
+    }
+    if !keep.is_empty() {
+        let map = keep
+            .iter()
+            .map(|(k, v)| (Value::String(k.clone()), Value::String(v.clone())))
+            .collect();
+        request = request.with("properties-to-modify", Value::Map(map));
+    }
+    request
 }

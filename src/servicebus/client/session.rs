@@ -200,24 +200,7 @@ impl ServiceBusSession {
         dead_letter: Option<(&str, &str)>,
         keep: &BTreeMap<String, String>,
     ) -> Result<(), BrokerError> {
-        let mut request = MgmtRequest::new("com.microsoft:update-disposition")
-            .with("disposition-status", Value::String(status.to_owned()))
-            .with("lock-tokens", lock_tokens(token));
-        if let Some((reason, description)) = dead_letter {
-            request = request
-                .with("deadletter-reason", Value::String(reason.to_owned()))
-                .with(
-                    "deadletter-description",
-                    Value::String(description.to_owned()),
-                );
-        }
-        if !keep.is_empty() {
-            let map = keep
-                .iter()
-                .map(|(k, v)| (Value::String(k.clone()), Value::String(v.clone())))
-                .collect();
-            request = request.with("properties-to-modify", Value::Map(map));
-        }
+        let request = super::update_disposition(token, status, dead_letter, keep);
         status_result(&self.call(request).await?)
     }
 }
