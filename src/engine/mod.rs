@@ -13,7 +13,7 @@ pub mod settle;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -99,21 +99,9 @@ impl Engine {
             .set(i64::try_from(self.options.concurrency).unwrap_or(i64::MAX));
         tracing::info!(concurrency = self.options.concurrency, queue = %self.options.queues.jobs, "The engine is receiving jobs.");
         loop {
-            let first = tokio::select! {
-                () = shutdown.cancelled() => break,
-                permit = slots.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
+            let Some(first) = self.free_slot(&slots, &shutdown).await else {
+                break;
             };
-            // While the daemon cannot start jobs, each message taken would only be abandoned
-            // (and its delivery count raised): wait, leaving them to other replicas.
-            if let Some(pause) = self.faults.pause() {
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(pause) => {}
-                }
-            }
             let mut permits = vec![first];
             while let Ok(p) = slots.clone().try_acquire_owned() {
                 permits.push(p);
@@ -379,6 +367,31 @@ impl JobTask {
         job_ended.cancel();
         keeper.abort();
         (!lock_lost).then_some(execution)
+    }
+}
+
+impl Engine {
+    /// Waits for a free job slot, then, while the daemon's own faults last, for their pause:
+    /// each message taken then would only be abandoned (and its delivery count raised), so it
+    /// is left to other replicas. `None` when shutdown came first.
+    async fn free_slot(
+        &self,
+        slots: &Arc<Semaphore>,
+        shutdown: &CancellationToken,
+    ) -> Option<OwnedSemaphorePermit> {
+        let permit = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return None,
+            permit = slots.clone().acquire_owned() => permit.ok()?,
+        };
+        if let Some(pause) = self.faults.pause() {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+        Some(permit)
     }
 }
 

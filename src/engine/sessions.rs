@@ -98,20 +98,9 @@ impl Engine {
             .set(i64::try_from(self.options.concurrency).unwrap_or(i64::MAX));
         tracing::info!(concurrency = self.options.concurrency, queue = %self.options.queues.jobs, "The engine is receiving jobs from sessions.");
         loop {
-            let permit = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                permit = slots.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
+            let Some(permit) = self.free_slot(&slots, &shutdown).await else {
+                break;
             };
-            if let Some(pause) = self.faults.pause() {
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(pause) => {}
-                }
-            }
             let accepted = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
