@@ -73,6 +73,8 @@ struct State {
     /// Held session locks: session id → (holder, expiry).
     session_locks: BTreeMap<String, (u64, Instant)>,
     next_holder: u64,
+    /// Renewals by the holders up to this one never answer.
+    stalled_holders: u64,
 }
 
 /// The in-memory broker, receiving from one source queue.

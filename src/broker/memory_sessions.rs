@@ -38,6 +38,13 @@ impl MemoryBroker {
         self.arrived.notify_waiters();
     }
 
+    /// Session-lock renewals by the sessions held now get no answer, as from a broker that
+    /// stopped answering their management links; later holders renew as usual.
+    pub fn stall_session_renewals(&self) {
+        let mut st = self.state();
+        st.stalled_holders = st.next_holder;
+    }
+
     /// When waiting for a session (or a session's message) may end: the next scheduled
     /// message, message lock or session lock to come. Messages already visible do not count:
     /// those of held sessions stay where they are.
@@ -149,6 +156,9 @@ impl SessionReceiver for MemorySession {
 
     async fn renew(&self) -> Result<Instant, BrokerError> {
         let b = &self.broker;
+        if self.holder <= b.state().stalled_holders {
+            std::future::pending::<()>().await;
+        }
         let mut st = b.state();
         b.expire_locks(&mut st);
         self.held(&st)?;

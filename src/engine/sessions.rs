@@ -289,7 +289,8 @@ impl JobTask {
 }
 
 /// Renews the session lock at half its remaining time until `done`; cancels `lock.lost` and
-/// `stop_jobs` when it is gone. Transient errors are retried every second while the lock lasts.
+/// `stop_jobs` when it is gone, or when it runs out before a renewal is answered. Transient
+/// errors are retried every second while the lock lasts.
 async fn keep_session(
     session: Arc<dyn SessionReceiver>,
     lock: Arc<SessionLock>,
@@ -303,7 +304,14 @@ async fn keep_session(
             () = done.cancelled() => return,
             () = tokio::time::sleep_until(renew_at) => {}
         }
-        match session.renew().await {
+        // A renewal still unanswered when the lock runs out cannot save it: the job stops
+        // then, not when the request finally fails.
+        let renewed = tokio::select! {
+            () = done.cancelled() => return,
+            () = tokio::time::sleep_until(until) => Err(BrokerError::LockLost),
+            r = session.renew() => r,
+        };
+        match renewed {
             Ok(until) => {
                 metrics().lock_renewals.inc();
                 lock.set_until(until);
@@ -374,8 +382,9 @@ impl Broker for SessionBroker {
 
     /// Refused once the session lock is lost: the session's next holder runs the job again and
     /// replies in order; a late reply from here could overtake its later jobs' replies.
+    /// A lock that ran out before its keeper could renew it counts as lost too.
     async fn send(&self, queue: &str, message: OutgoingMessage) -> Result<(), BrokerError> {
-        if self.lock.lost.is_cancelled() {
+        if self.lock.lost.is_cancelled() || self.lock.until() <= Instant::now() {
             return Err(BrokerError::LockLost);
         }
         self.inner.send(queue, message).await

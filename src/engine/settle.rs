@@ -247,8 +247,12 @@ async fn send_reply(
     let Ok(queue) = reply_queue(queues, envelope) else {
         return Ok(None);
     };
-    let Err(e) = broker.send(queue, reply(envelope, result)).await else {
-        return Ok(None);
+    let e = match broker.send(queue, reply(envelope, result)).await {
+        Ok(()) => return Ok(None),
+        // A session's lock went before its reply: the session's next holder runs the job
+        // again and answers in order; nothing is settled from here.
+        Err(BrokerError::LockLost) => return Ok(Some(Settled::LeftToExpire)),
+        Err(e) => e,
     };
     // A JobResult of plain JSON values always serialises. It goes on the dead letter (access
     // controlled like the job), not into the log: outputs may hold the job's data.

@@ -47,6 +47,17 @@ fn started_ids(exec: &ScriptedExecutor, prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// The MessageIds of every message sent, in order.
+fn sent_ids(b: &MemoryBroker) -> Vec<String> {
+    b.events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Sent { message_id, .. } => message_id,
+            _ => None,
+        })
+        .collect()
+}
+
 async fn until_replied(b: &MemoryBroker, count: usize) {
     wait_for(Duration::from_secs(600), "every reply", || {
         b.messages(RESULTS).len() >= count && b.locked_count() == 0
@@ -140,11 +151,12 @@ async fn the_session_lock_is_renewed_for_a_job_longer_than_the_lock() {
     assert!(b.dead_letters().is_empty());
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_lost_session_lock_stops_the_job_and_the_next_holder_runs_it_again_in_order() {
-    let b = broker(30);
+/// k1 then k2 on one key; `lose` takes the session lock from the holder while k1 runs. The
+/// holder stops k1 and sends nothing; the next holder runs k1 again, then k2.
+async fn lose_the_lock_while_k1_runs(lock_s: u64, k1_ms: u64, lose: impl FnOnce(&MemoryBroker)) {
+    let b = broker(lock_s);
     let exec = Arc::new(ScriptedExecutor::default());
-    keyed(&b, "k", "k1", json!({"ms": 60_000}));
+    keyed(&b, "k", "k1", json!({"ms": k1_ms}));
     keyed(&b, "k", "k2", json!({}));
     let run = start_sessions(b.clone(), exec.clone(), 1);
     wait_for(Duration::from_secs(10), "k1 started", || {
@@ -152,24 +164,28 @@ async fn a_lost_session_lock_stops_the_job_and_the_next_holder_runs_it_again_in_
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    b.revoke_session("k");
+    lose(&b);
     until_replied(&b, 2).await;
     run.stop().await;
     assert_eq!(exec.stopped.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(started_ids(&exec, "k"), ["k1", "k1", "k2"]);
-    let replied: Vec<_> = b
-        .events()
-        .into_iter()
-        .filter_map(|e| match e {
-            Event::Sent { message_id, .. } => message_id,
-            _ => None,
-        })
-        .collect();
     assert_eq!(
-        replied,
+        sent_ids(&b),
         ["k1:result", "k2:result"],
-        "nothing sent by the lost holder"
+        "nothing sent by the holder that lost the lock"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_session_lock_stops_the_job_and_the_next_holder_runs_it_again_in_order() {
+    lose_the_lock_while_k1_runs(30, 60_000, |b| b.revoke_session("k")).await;
+}
+
+/// The broker stops answering renewals: the lock runs out 4 s after it was taken, while k1
+/// still has 2 s to go.
+#[tokio::test(start_paused = true)]
+async fn a_session_lock_that_runs_out_unrenewed_stops_the_job_before_it_replies() {
+    lose_the_lock_while_k1_runs(4, 6_000, MemoryBroker::stall_session_renewals).await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -307,6 +307,51 @@ fn forwarding_moves_messages_and_dead_letters() -> TestResult {
 /// lock does not run out and no failed delivery is counted while the session is renewed; once
 /// the session lock runs out, the message lock goes with it.
 #[test]
+fn a_lapsed_session_lock_gives_its_messages_back_in_order() -> TestResult {
+    let mut cfg = QueueConfig::new("s");
+    cfg.requires_session = true;
+    cfg.lock_duration = Duration::from_secs(5);
+    let (b, clock) = broker_at(cfg)?;
+    let s = queue("s");
+    b.enqueue(
+        &s,
+        vec![
+            msg("a1", Some("A"))?,
+            msg("a2", Some("A"))?,
+            msg("a3", Some("A"))?,
+        ],
+    )?;
+    b.lock_session(&s, Some("A"), 1)?.ok_or("no session")?;
+    let first = b.acquire(&s, Some("A"), 1, true)?.ok_or("none")?;
+    b.settle(first.token.ok_or("token")?, Settlement::Complete)?;
+    clock.advance(4_000);
+    // Taken a second before the session lock lapses: its own lock would last 4 s longer.
+    let second = b.acquire(&s, Some("A"), 1, true)?.ok_or("none")?;
+    clock.advance(2_000);
+    b.lock_session(&s, Some("A"), 2)?
+        .ok_or("the lapsed session was not free")?;
+    assert!(
+        b.acquire(&s, Some("A"), 2, true)?.is_none(),
+        "a3 must wait while a2 is still held by the lapsed holder"
+    );
+    b.sweep()?;
+    assert!(matches!(
+        b.settle(second.token.ok_or("token")?, Settlement::Complete),
+        Err(SbError::LockLost)
+    ));
+    let again = b
+        .acquire(&s, Some("A"), 2, true)?
+        .ok_or("a2 not given back")?;
+    assert_eq!(again.seq, second.seq, "the new holder starts at a2");
+    assert_eq!(
+        delivery_count(&again.bytes)?,
+        1,
+        "the lapse counts a delivery"
+    );
+    Ok(())
+}
+
+#[test]
 fn session_messages_are_covered_by_the_session_lock() -> TestResult {
     let mut cfg = QueueConfig::new("s");
     cfg.requires_session = true;

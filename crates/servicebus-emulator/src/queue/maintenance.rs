@@ -54,12 +54,19 @@ impl Namespace {
             for dlq in [false, true] {
                 let mut remove = Vec::new();
                 let session_locks = &q.session_locks;
+                let in_sessions = q.cfg.requires_session && !dlq;
                 let map = if dlq { &mut q.dlq } else { &mut q.active };
                 for live in map.values_mut() {
-                    let session = (!dlq).then(|| live.m.parts.session_id()).flatten();
+                    let session = live.m.parts.session_id();
+                    // A message of a session lives and lapses with its session lock (§7):
+                    // when that lapses, every message its holder had locked goes back, counted,
+                    // so the session's next holder starts again at the first of them.
                     let ran_out = |l: &mut Lock| {
-                        l.until_ms <= now
-                            && !sessions::covered_by_session(session_locks, session, l, now)
+                        if in_sessions {
+                            !sessions::covered_by_session(session_locks, session, l, now)
+                        } else {
+                            l.until_ms <= now
+                        }
                     };
                     if let Some(lock) = live.lock.take_if(ran_out) {
                         state.locks.remove(&lock.token);

@@ -445,17 +445,23 @@ impl Namespace {
         let lock_ms = q.lock_ms();
         let name = q.cfg.name.clone();
         let map = q.map(e.dlq);
-        let Some(seq) = map
-            .values()
-            .find(|l| {
-                l.lock.is_none()
-                    && l.m.state == MsgState::Active
-                    && l.m.visible_ms <= now
-                    && (e.dlq || l.m.expires_ms.is_none_or(|x| x > now))
-                    && (!session_queue || l.m.parts.session_id() == session)
-            })
-            .map(|l| l.m.seq)
-        else {
+        let mut candidates = map.values().filter(|l| {
+            l.m.state == MsgState::Active
+                && l.m.visible_ms <= now
+                && (e.dlq || l.m.expires_ms.is_none_or(|x| x > now))
+                && (!session_queue || l.m.parts.session_id() == session)
+        });
+        let next = if session_queue {
+            // In order inside a session: the holder's next message is the first it has not
+            // taken yet. One still locked by an earlier holder (its session lock lapsed, the
+            // sweep has not yet given it back) holds the session's later messages back.
+            candidates
+                .find(|l| l.lock.as_ref().is_none_or(|lock| lock.owner != owner))
+                .filter(|l| l.lock.is_none())
+        } else {
+            candidates.find(|l| l.lock.is_none())
+        };
+        let Some(seq) = next.map(|l| l.m.seq) else {
             return Ok(None);
         };
         if peek_lock {
