@@ -22,7 +22,7 @@ PER_KEY = 25
 
 
 def session_entities(path: pathlib.Path) -> pathlib.Path:
-    """Like the harness's queues, with a jobs queue that requires sessions (lock 3 s, so the
+    """Like the harness's queues, with a jobs queue that requires sessions (lock 5 s, so the
     session lock is renewed during longer jobs)."""
     config = {
         "UserConfig": {
@@ -34,7 +34,7 @@ def session_entities(path: pathlib.Path) -> pathlib.Path:
                             "Name": "jobs",
                             "Properties": {
                                 "RequiresSession": True,
-                                "LockDuration": "PT3S",
+                                "LockDuration": "PT5S",
                                 "MaxDeliveryCount": 10,
                             },
                         },
