@@ -143,20 +143,47 @@ pub(super) async fn serve(
         started: Some(Instant::now()),
         ..Attempt::default()
     };
-    let job = authorise(&mut client, &shared, &mut attempt).await;
+    let authorised = authorise(&mut client, &shared, &mut attempt).await;
     drop(pending);
-    if let Some((job, request, rest)) = job {
-        connect_and_relay(client, &shared, &job, request, rest, &mut attempt).await;
+    match authorised {
+        Ok((job, request, rest)) => {
+            connect_and_relay(client, &shared, &job, request, rest, &mut attempt).await;
+            record(&shared, &attempt);
+        }
+        // Counted before the answer: its lingering close may outlast the job.
+        Err(answer) => {
+            record(&shared, &attempt);
+            if let Some(answer) = answer {
+                reply(&mut client, answer.status, answer.extra, &answer.body).await;
+            }
+        }
     }
-    record(&shared, &attempt);
 }
 
-/// Reads and checks the head; answers and returns `None` when the connection goes no further.
+/// The answer to a refused request.
+struct Answer {
+    status: &'static str,
+    extra: &'static str,
+    body: String,
+}
+
+impl Answer {
+    fn new(status: &'static str, body: impl Into<String>) -> Option<Self> {
+        Some(Self {
+            status,
+            extra: "",
+            body: body.into(),
+        })
+    }
+}
+
+/// Reads and checks the head. A refusal is noted in `attempt` and comes back with the answer
+/// the job gets (none when it closed first).
 async fn authorise(
     client: &mut TcpStream,
     shared: &Shared,
     attempt: &mut Attempt,
-) -> Option<(Arc<JobEntry>, Request, Vec<u8>)> {
+) -> Result<(Arc<JobEntry>, Request, Vec<u8>), Option<Answer>> {
     let mut refuse = |decision, detail: String| {
         attempt.decision = decision;
         attempt.detail = detail;
@@ -165,37 +192,31 @@ async fn authorise(
         Ok(Ok(read)) => read,
         Ok(Err(HeadRead::TooLarge)) => {
             refuse("invalid", format!("request head over {MAX_HEAD} bytes"));
-            reply(
-                client,
+            return Err(Answer::new(
                 "431 Request Header Fields Too Large",
-                "",
                 "request head too large",
-            )
-            .await;
-            return None;
+            ));
         }
         Ok(Err(HeadRead::Closed(why))) => {
             refuse(
                 "invalid",
                 format!("closed before a complete request head ({why})"),
             );
-            return None;
+            return Err(None);
         }
         Err(_) => {
             refuse(
                 "invalid",
                 format!("no complete request head in {}s", HEAD_TIMEOUT.as_secs()),
             );
-            reply(client, "408 Request Timeout", "", "request head too slow").await;
-            return None;
+            return Err(Answer::new("408 Request Timeout", "request head too slow"));
         }
     };
     let parsed = match head::parse(&head) {
         Ok(parsed) => parsed,
         Err(e) => {
             refuse("invalid", e.to_string());
-            reply(client, "400 Bad Request", "", &e.to_string()).await;
-            return None;
+            return Err(Answer::new("400 Bad Request", e.to_string()));
         }
     };
     let target = match &parsed.request {
@@ -207,24 +228,19 @@ async fn authorise(
             "unauthenticated",
             "no valid job credential (Proxy-Authorization)".into(),
         );
-        let challenge = "Proxy-Authenticate: Basic realm=\"hybrid-worker\"\r\n";
-        reply(
-            client,
-            "407 Proxy Authentication Required",
-            challenge,
-            "use the proxy URL from HTTPS_PROXY",
-        )
-        .await;
-        return None;
+        return Err(Some(Answer {
+            status: "407 Proxy Authentication Required",
+            extra: "Proxy-Authenticate: Basic realm=\"hybrid-worker\"\r\n",
+            body: "use the proxy URL from HTTPS_PROXY".into(),
+        }));
     };
     attempt.job_id = Some(job.job_id.clone());
     if !rules::allowed(&job.rules, &target) {
         refuse("denied", "not on the worker's network list".into());
         let body = format!("{target} is not on worker {}'s network list", shared.worker);
-        reply(client, "403 Forbidden", "", &body).await;
-        return None;
+        return Err(Answer::new("403 Forbidden", body));
     }
-    Some((job, parsed.request, rest))
+    Ok((job, parsed.request, rest))
 }
 
 /// Connects to `target` for the job (within [`CONNECT_TIMEOUT`], and not past the job's end);
