@@ -22,6 +22,16 @@ pub enum LockEnd {
     CeilingReached,
 }
 
+/// The shortest wait between two renewals: an expiry that is already past on this host's clock
+/// (a clock far ahead of the broker's) must not turn renewing into a busy loop.
+const MIN_RENEW_GAP: Duration = Duration::from_millis(100);
+
+/// When to renew a lock with `remaining` time left: at half of it, and never sooner than
+/// [`MIN_RENEW_GAP`].
+pub(super) fn renew_after(remaining: Duration) -> Duration {
+    (remaining / 2).max(MIN_RENEW_GAP)
+}
+
 /// Renews `lock_token` until `done` is cancelled. Renews at half the remaining lock time, so a
 /// failed renewal still leaves time for another try; transient errors are retried every second
 /// while the lock lasts.
@@ -39,7 +49,7 @@ pub async fn keep_lock(
             return LockEnd::CeilingReached;
         }
         let remaining = locked_until.saturating_duration_since(now);
-        let renew_at = (now + remaining / 2).min(give_up);
+        let renew_at = (now + renew_after(remaining)).min(give_up);
         tokio::select! {
             () = done.cancelled() => return LockEnd::JobEnded,
             () = tokio::time::sleep_until(renew_at) => {}
@@ -70,5 +80,17 @@ pub async fn keep_lock(
                 return LockEnd::Lost;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewals_come_at_half_the_remaining_time_and_never_in_a_busy_loop() {
+        assert_eq!(renew_after(Duration::from_secs(30)), Duration::from_secs(15));
+        // An expiry already past here (a clock ahead of the broker's) still waits between tries.
+        assert_eq!(renew_after(Duration::ZERO), MIN_RENEW_GAP);
     }
 }

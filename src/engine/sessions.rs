@@ -299,7 +299,8 @@ async fn keep_session(
 ) {
     loop {
         let until = lock.until();
-        let renew_at = Instant::now() + until.saturating_duration_since(Instant::now()) / 2;
+        let renew_at = Instant::now()
+            + super::lock::renew_after(until.saturating_duration_since(Instant::now()));
         tokio::select! {
             () = done.cancelled() => return,
             () = tokio::time::sleep_until(renew_at) => {}
