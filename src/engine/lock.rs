@@ -89,7 +89,10 @@ mod tests {
 
     #[test]
     fn renewals_come_at_half_the_remaining_time_and_never_in_a_busy_loop() {
-        assert_eq!(renew_after(Duration::from_secs(30)), Duration::from_secs(15));
+        assert_eq!(
+            renew_after(Duration::from_secs(30)),
+            Duration::from_secs(15)
+        );
         // An expiry already past here (a clock ahead of the broker's) still waits between tries.
         assert_eq!(renew_after(Duration::ZERO), MIN_RENEW_GAP);
     }
