@@ -82,22 +82,28 @@ impl Engine {
         }
     }
 
+    /// The slots of `engine.concurrency` jobs (or sessions), all free, as the metric says; logs
+    /// `started`.
+    fn open_slots(&self, started: &'static str) -> Arc<Semaphore> {
+        metrics()
+            .free_slots
+            .set(i64::try_from(self.options.concurrency).unwrap_or(i64::MAX));
+        tracing::info!(concurrency = self.options.concurrency, queue = %self.options.queues.jobs, "{started}");
+        Arc::new(Semaphore::new(self.options.concurrency))
+    }
+
     /// The receive loop. Returns once `shutdown` was cancelled and every job ended: within the
     /// drain timeout on its own, or stopped and abandoned after it.
     pub async fn run(&self, shutdown: CancellationToken) -> EngineStats {
         if let Some(options) = &self.sessions {
             return self.run_sessions(shutdown, options).await;
         }
-        let slots = Arc::new(Semaphore::new(self.options.concurrency));
+        let slots = self.open_slots("The engine is receiving jobs.");
         let tracker = TaskTracker::new();
         // Cancelled when the drain timeout runs out: every running job is then stopped.
         let hard_stop = CancellationToken::new();
         let mut stats = EngineStats::default();
         let mut failures = 0u32;
-        metrics()
-            .free_slots
-            .set(i64::try_from(self.options.concurrency).unwrap_or(i64::MAX));
-        tracing::info!(concurrency = self.options.concurrency, queue = %self.options.queues.jobs, "The engine is receiving jobs.");
         loop {
             let Some(first) = self.free_slot(&slots, &shutdown).await else {
                 break;

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -88,15 +88,11 @@ impl Engine {
         shutdown: CancellationToken,
         options: &SessionOptions,
     ) -> EngineStats {
-        let slots = Arc::new(Semaphore::new(self.options.concurrency));
+        let slots = self.open_slots("The engine is receiving jobs from sessions.");
         let tracker = TaskTracker::new();
         let hard_stop = CancellationToken::new();
         let received = Arc::new(AtomicU64::new(0));
         let mut failures = 0u32;
-        metrics()
-            .free_slots
-            .set(i64::try_from(self.options.concurrency).unwrap_or(i64::MAX));
-        tracing::info!(concurrency = self.options.concurrency, queue = %self.options.queues.jobs, "The engine is receiving jobs from sessions.");
         loop {
             let Some(permit) = self.free_slot(&slots, &shutdown).await else {
                 break;

@@ -23,8 +23,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::sas::Permission;
 use super::{BlobRef, Storage, StorageError};
 
-/// Ranges fetched (or blocks sent) at once per transfer.
-const PARALLEL: NonZero<usize> = NonZero::new(2).expect("2 is not zero");
+/// Ranges fetched (or blocks sent) at once per transfer: two.
+const PARALLEL: NonZero<usize> = NonZero::<usize>::MIN.saturating_add(1);
 /// Size of one range or block.
 const PARTITION: usize = 4 * 1024 * 1024;
 

@@ -30,16 +30,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def entities(path: pathlib.Path, lock: str = "PT3S") -> pathlib.Path:
-    """The daemon's queues: `jobs` with a short lock (so renewal is exercised) and a
-    session-enabled `results` queue with duplicate detection (so a resent reply is dropped)."""
+def entities(path: pathlib.Path, lock: str = "PT3S", jobs_sessions: bool = False) -> pathlib.Path:
+    """The daemon's queues: `jobs` with a short lock (so renewal is exercised; with
+    `jobs_sessions`, requiring sessions) and a session-enabled `results` queue with duplicate
+    detection (so a resent reply is dropped)."""
+    jobs = {"LockDuration": lock, "MaxDeliveryCount": 10}
+    if jobs_sessions:
+        jobs["RequiresSession"] = True
     config = {
         "UserConfig": {
             "Namespaces": [
                 {
                     "Name": "sbemulatorns",
                     "Queues": [
-                        {"Name": "jobs", "Properties": {"LockDuration": lock, "MaxDeliveryCount": 10}},
+                        {"Name": "jobs", "Properties": jobs},
                         {
                             "Name": "results",
                             "Properties": {

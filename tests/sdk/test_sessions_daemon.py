@@ -15,50 +15,18 @@ import uuid
 
 import pytest
 
-from daemon_harness import Daemon, body, dead_letters, job
+from daemon_harness import Daemon, body, dead_letters, entities, job
 
 KEYS = ("alpha", "bravo", "charlie")
 PER_KEY = 25
 
 
-def session_entities(path: pathlib.Path) -> pathlib.Path:
-    """Like the harness's queues, with a jobs queue that requires sessions (lock 5 s, so the
-    session lock is renewed during longer jobs)."""
-    config = {
-        "UserConfig": {
-            "Namespaces": [
-                {
-                    "Name": "sbemulatorns",
-                    "Queues": [
-                        {
-                            "Name": "jobs",
-                            "Properties": {
-                                "RequiresSession": True,
-                                "LockDuration": "PT5S",
-                                "MaxDeliveryCount": 10,
-                            },
-                        },
-                        {
-                            "Name": "results",
-                            "Properties": {
-                                "RequiresSession": True,
-                                "RequiresDuplicateDetection": True,
-                                "DuplicateDetectionHistoryTimeWindow": "PT10M",
-                            },
-                        },
-                    ],
-                }
-            ],
-            "Logging": {"Type": "Console"},
-        }
-    }
-    path.write_text(json.dumps(config))
-    return path
-
-
 def session_daemon(tmp_path: pathlib.Path) -> Daemon:
     d = Daemon(tmp_path, {"HYBRID__QUEUES__JOBS_SESSIONS": "true", "HYBRID__QUEUES__SESSION_IDLE_TIMEOUT_S": "2"})
-    d.env["HYBRID__EMULATOR__ENTITIES"] = str(session_entities(tmp_path / "SessionConfig.json"))
+    # A jobs queue that requires sessions, lock 5 s: the slow key's 8 s job needs renewals.
+    d.env["HYBRID__EMULATOR__ENTITIES"] = str(
+        entities(tmp_path / "SessionConfig.json", lock="PT5S", jobs_sessions=True)
+    )
     return d
 
 
