@@ -14,6 +14,7 @@ import time
 import uuid
 
 import pytest
+from azure.servicebus import ServiceBusReceiveMode
 
 from daemon_harness import Daemon, body, dead_letters, entities, job
 
@@ -51,13 +52,18 @@ def send_interleaved(sb, jobs: dict[str, list]) -> None:
 
 
 def read_replies(sb, session: str, count: int, wait: float) -> list:
+    """Up to `count` replies of a reply session, in the order the broker holds them.
+
+    Receive-and-delete: in peek-lock with no prefetch, the SDK releases a reply that reaches the
+    link between two `receive_messages` calls. That reply goes back to the session after ones
+    already on their way, and the reader sees it late although the daemon sent it in order."""
     got = []
     deadline = time.monotonic() + wait
-    with sb.get_queue_receiver("results", session_id=session, max_wait_time=5) as receiver:
+    with sb.get_queue_receiver(
+        "results", session_id=session, max_wait_time=5, receive_mode=ServiceBusReceiveMode.RECEIVE_AND_DELETE
+    ) as receiver:
         while len(got) < count and time.monotonic() < deadline:
-            for msg in receiver.receive_messages(max_message_count=count - len(got), max_wait_time=2):
-                got.append(msg)
-                receiver.complete_message(msg)
+            got.extend(receiver.receive_messages(max_message_count=count - len(got), max_wait_time=2))
     return got
 
 
